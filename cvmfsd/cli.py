@@ -1,0 +1,172 @@
+"""The ``cvmfsd`` command line: parses arguments and maps errors to exit statuses.
+
+Sub-commands:
+
+* ``cvmfsd sim makedist|publish|fault`` manage the simulated CVMFS distribution
+  and stratum (see :mod:`cvmfsd.sim`);
+* ``cvmfsd demo`` builds a simulated distribution and runs cvmfsexec on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Callable
+
+from cvmfsd import __version__
+from cvmfsd.errors import CvmfsdError, SimError, UsageError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 <= value < 10**6:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected seconds from 0 to 999999")
+    return value
+
+
+def _loader_code(text: str) -> int | None:
+    if text == "none":
+        return None
+    from cvmfsd.loader import LoaderCode
+
+    try:
+        return int(LoaderCode(int(text)))
+    except ValueError:
+        pass
+    try:
+        return int(LoaderCode[text.upper()])
+    except KeyError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a cvmfs2 loader code: expected 1-25, a name such as "
+            "'catalog' or 'wpad', or 'none'"
+        ) from None
+
+
+def _cmd_makedist(args: argparse.Namespace) -> int:
+    from cvmfsd.sim.makedist import DistError, make_dist
+
+    try:
+        target = make_dist(
+            args.dir,
+            stratum=args.stratum,
+            config_repo=args.config_repo,
+            server_url=args.server_url,
+            proxy=args.proxy,
+        )
+    except DistError as exc:
+        raise SimError(str(exc)) from None
+    print(f"made simulated cvmfsexec distribution {target}")
+    return 0
+
+
+def _cmd_publish(args: argparse.Namespace) -> int:
+    from cvmfsd.sim import stratum
+
+    try:
+        revision = stratum.publish(args.stratum, args.repo, args.source, ttl=args.ttl)
+    except stratum.StratumError as exc:
+        raise SimError(str(exc)) from None
+    print(f"published {args.repo} revision {revision}")
+    return 0
+
+
+def _cmd_fault(args: argparse.Namespace) -> int:
+    from cvmfsd.sim import stratum
+
+    knobs: dict[str, object] = {}
+    if args.clear:
+        knobs = dict.fromkeys(("mount_fail", "mount_delay", "crash_after", "hang_after", "eio"))
+    for name in ("mount_fail", "mount_delay", "crash_after", "hang_after"):
+        value = getattr(args, name)
+        if value is not None:
+            knobs[name] = None if value == "none" else value
+    if args.eio_all:
+        knobs["eio"] = "*"
+    elif args.eio:
+        knobs["eio"] = list(args.eio)
+    if not knobs:
+        raise UsageError("cvmfsd sim fault: no knob given; see 'cvmfsd sim fault --help'")
+    try:
+        faults = stratum.set_faults(args.stratum, args.repo, **knobs)
+    except stratum.StratumError as exc:
+        raise SimError(str(exc)) from None
+    print(f"{args.repo}: {faults}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from cvmfsd.sim.demo import run_demo
+
+    return run_demo(args.workdir, keep=args.keep)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``cvmfsd``, each sub-command bound to its handler."""
+    parser = argparse.ArgumentParser(
+        prog="cvmfsd", description="Provide CVMFS to a grid pilot without root."
+    )
+    parser.add_argument("--version", action="version", version=f"cvmfsd {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = commands.add_parser("demo", help="run cvmfsexec on a simulated distribution")
+    demo.add_argument("--workdir", type=Path, help="where to build it (default: a temp dir)")
+    demo.add_argument("--keep", action="store_true", help="keep the work directory")
+    demo.set_defaults(handler=_cmd_demo)
+
+    sim = commands.add_parser("sim", help="the simulated CVMFS distribution and stratum")
+    simc = sim.add_subparsers(dest="sim_command", required=True, metavar="SIM_COMMAND")
+
+    mk = simc.add_parser("makedist", help="create a simulated cvmfsexec distribution")
+    mk.add_argument("dir", type=Path, help="directory to create (must not exist)")
+    mk.add_argument("--stratum", type=Path, required=True, help="the stratum to serve from")
+    mk.add_argument("--config-repo", default="config-sim.cvmfsd.test",
+                    help="CVMFS_CONFIG_REPOSITORY (default: %(default)s)")
+    mk.add_argument("--server-url", help="CVMFS_SERVER_URL (default: file://STRATUM/@fqrn@)")
+    mk.add_argument("--proxy", default="DIRECT", help="CVMFS_HTTP_PROXY (default: %(default)s)")
+    mk.set_defaults(handler=_cmd_makedist)
+
+    pub = simc.add_parser("publish", help="publish a directory tree as a new revision")
+    pub.add_argument("stratum", type=Path)
+    pub.add_argument("repo", help="repository name, e.g. software.example.org")
+    pub.add_argument("source", type=Path, help="directory whose contents become the repository")
+    pub.add_argument("--ttl", type=int, default=240,
+                     help="root catalog TTL in seconds (default: %(default)s)")
+    pub.set_defaults(handler=_cmd_publish)
+
+    fault = simc.add_parser("fault", help="set fault knobs of a repository in the stratum")
+    fault.add_argument("stratum", type=Path)
+    fault.add_argument("repo")
+    fault.add_argument("--mount-fail", type=_loader_code, metavar="CODE",
+                       help="cvmfs2 fails to mount with this loader code ('none' clears)")
+    for knob, text in (("--mount-delay", "seconds before the mount completes"),
+                       ("--crash-after", "seconds after mounting, cvmfs2 crashes (ENOTCONN)"),
+                       ("--hang-after", "seconds after mounting, FUSE requests stall")):
+        fault.add_argument(knob, type=_seconds, metavar="S", help=text)
+    fault.add_argument("--eio", action="append", metavar="PATH",
+                       help="reads of this repository path fail with EIO (repeatable)")
+    fault.add_argument("--eio-all", action="store_true", help="every read fails with EIO")
+    fault.add_argument("--clear", action="store_true", help="clear every knob first")
+    fault.set_defaults(handler=_cmd_fault)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``cvmfsd`` and return its exit status."""
+    args = build_parser().parse_args(argv)
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except CvmfsdError as exc:
+        print(f"cvmfsd: error: {exc}", file=sys.stderr)
+        if exc.hint:
+            print(f"cvmfsd: hint: {exc.hint}", file=sys.stderr)
+        return exc.exit_status
+    except KeyboardInterrupt:
+        return 130

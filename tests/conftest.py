@@ -1,0 +1,100 @@
+"""Shared fixtures: a simulated stratum and distribution, and process/mount probes.
+
+Tests marked ``fuse`` mount for real (user namespaces and /dev/fuse).  They run
+as whatever user pytest runs as; CI runs the whole suite as an unprivileged
+user, so nothing here may depend on being root.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cvmfsd.sim import makedist, stratum
+
+REPO_A = "repo.a"
+REPO_B = "repo.b"
+
+
+def _write_tree(root: Path, files: dict[str, str]) -> Path:
+    for rel, text in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return root
+
+
+@pytest.fixture(name="stratum_dir")
+def _stratum_dir(tmp_path: Path) -> Path:
+    """A stratum with repo.a (a file and a directory) and repo.b (a data file)."""
+    root = tmp_path / "stratum"
+    src = tmp_path / "src"
+    stratum.publish(root, REPO_A, _write_tree(src / "a", {
+        "hello.txt": "hello from repo.a\n",
+        "sub/deeper/file.txt": "deep\n",
+    }))
+    stratum.publish(root, REPO_B, _write_tree(src / "b", {
+        "data.csv": "x,y\n1,2\n",
+    }))
+    return root
+
+
+@pytest.fixture(name="dist")
+def _dist(tmp_path: Path, stratum_dir: Path) -> Iterator[Path]:
+    """A simulated cvmfsexec distribution on ``stratum_dir``.
+
+    At teardown, every cvmfs2 of this distribution still alive is killed (by
+    pid) and every mount left under it is reported as a test failure.
+    """
+    target = makedist.make_dist(tmp_path / "cvmfsexec", stratum=stratum_dir)
+    yield target
+    leftovers = cvmfs2_pids(target)
+    for pid in leftovers:
+        os.kill(pid, signal.SIGKILL)
+    mounts = mounts_under(target)
+    for mnt in mounts:
+        os.system(f"fusermount3 -u -z '{mnt}' 2>/dev/null")  # noqa: S605 - test clean-up
+    assert not leftovers, f"cvmfs2 processes left behind: {leftovers}"
+    assert not mounts, f"mounts left behind: {mounts}"
+
+
+def mounts_under(path: Path, mountinfo: Path = Path("/proc/self/mountinfo")) -> list[str]:
+    """Mount points at or below ``path`` in a mountinfo file."""
+    prefix = str(path)
+    found = []
+    for line in mountinfo.read_text().splitlines():
+        point = line.split()[4].replace("\\040", " ")
+        if point == prefix or point.startswith(prefix + "/"):
+            found.append(point)
+    return found
+
+
+def cvmfs2_pids(dist: Path) -> list[int]:
+    """Pids of simulated cvmfs2 processes serving mounts of ``dist``."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        text = [a.decode(errors="replace") for a in argv]
+        if "cvmfsd.sim.cvmfs2" in text and any(a.startswith(str(dist)) for a in text):
+            pids.append(int(entry.name))
+    return pids
+
+
+def wait_for(predicate: object, timeout: float = 10.0, interval: float = 0.02) -> None:
+    """Poll ``predicate()`` until it is true; fail the test after ``timeout`` s."""
+    assert callable(predicate)
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {predicate}")
+        time.sleep(interval)
