@@ -31,3 +31,15 @@ class UsageError(CvmfsdError):
 
 class SimError(CvmfsdError):
     """The simulated CVMFS distribution or stratum cannot do what was asked."""
+
+
+class ConfigError(CvmfsdError):
+    """Configuration (flags, environment, glidein_config) is missing or malformed."""
+
+
+class PolicyError(ConfigError):
+    """A GLIDEIN_CVMFS policy attribute has a value cvmfsd cannot act on."""
+
+
+class HostUnsupported(CvmfsdError):
+    """This node cannot provide CVMFS the way it was asked for (no usable mode or build)."""

@@ -59,7 +59,7 @@ class LoaderCode(enum.IntEnum):
 _CAUSES = {
     LoaderCode.OK: "success",
     LoaderCode.UNKNOWN: "unclassified failure",
-    LoaderCode.OPTIONS: "invalid or missing configuration (CVMFS_SERVER_URL, CVMFS_HTTP_PROXY, ...)",
+    LoaderCode.OPTIONS: "invalid or missing configuration (CVMFS_SERVER_URL, CVMFS_HTTP_PROXY)",
     LoaderCode.PERMISSION: "no permission to mount or to open /dev/fuse",
     LoaderCode.MOUNT: "the FUSE mount itself failed (mount point missing, busy or not permitted)",
     LoaderCode.FUSE_LOOP: "the FUSE event loop failed",

@@ -94,7 +94,9 @@ def make_dist(
         server_url = f"file://{stratum}/@fqrn@"
     for name, value in (("server URL", server_url), ("proxy", proxy), ("target", str(target))):
         if any(c in value for c in "\n\"'`$\\"):
-            raise DistError(f"{name} {value!r}: quotes, $, backslashes and newlines are not allowed")
+            raise DistError(
+                f"{name} {value!r}: quotes, $, backslashes and newlines are not allowed"
+            )
     if not (stratum / config_repo / ".cvmfspublished").exists():
         _publish_config_repo(stratum, config_repo)
 
@@ -107,9 +109,9 @@ def make_dist(
 
     package = resources.files("cvmfsd.sim")
     for name in SCRIPTS:
-        _install(target / name, package.joinpath("scripts", name).read_text(), 0o755)
+        _install(target / name, package.joinpath("scripts").joinpath(name).read_text(), 0o755)
     for name in LIBEXEC:
-        text = package.joinpath("libexec", name).read_text()
+        text = package.joinpath("libexec").joinpath(name).read_text()
         _install(dist / "usr/libexec/cvmfsexec-sim" / name, text, 0o644)
     _install(dist / "usr/bin/cvmfs2", _wrapper(python, "cvmfsd.sim.cvmfs2"), 0o755)
     _install(dist / "usr/bin/cvmfs_talk", _wrapper(python, "cvmfsd.sim.talk"), 0o755)

@@ -1,0 +1,86 @@
+"""cvmfsd's configuration: one frozen value built from flags, environment and glidein_config.
+
+Precedence, highest first: command-line flags, environment variables, the
+glidein_config file, defaults.  Nothing here performs I/O except reading the
+glidein_config file named by the caller.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cvmfsd.errors import UsageError
+
+#: Keys of glidein_config exported to the payload's environment, by prefix.
+EXPORT_PREFIXES = ("GLIDEIN_", "GWMS_", "CVMFS_", "CONDOR_VARS_FILE", "TMP_DIR")
+#: Keys that look like secrets are never exported (unless explicitly allowed).
+SECRET = re.compile(
+    r"(TOKEN|PASSW|SECRET|CREDENTIAL|PRIVATE|COOKIE|(^|_)KEY($|_)|(^|_)AUTH)", re.IGNORECASE
+)
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+MODES = ("auto", "host", "3", "2", "1")
+
+
+def is_secret(key: str) -> bool:
+    """Whether a configuration key looks like it holds a secret."""
+    return bool(SECRET.search(key))
+
+
+def exported_variables(values: Mapping[str, str], *, allow: Sequence[str] = ()) -> dict[str, str]:
+    """The glidein_config values the payload gets in its environment.
+
+    Keys with one of :data:`EXPORT_PREFIXES`, valid as environment names, and
+    not secret-looking unless named in ``allow``.  Values keep their spaces.
+    """
+    return {
+        key: value
+        for key, value in values.items()
+        if _ENV_NAME.fullmatch(key)
+        and key.startswith(EXPORT_PREFIXES)
+        and (key in allow or not is_secret(key))
+        and "\0" not in value
+    }
+
+
+def split_repos(text: str) -> tuple[str, ...]:
+    """Repositories from a comma- or colon-separated list (GWMS uses colons)."""
+    return tuple(dict.fromkeys(r.strip() for r in re.split(r"[,:\s]+", text) if r.strip()))
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything ``cvmfsd run`` needs to know before it starts."""
+
+    payload: tuple[str, ...]
+    repos: tuple[str, ...] = ()
+    dist: Path | None = None
+    glidein_config: Path | None = None
+    mode: str = "auto"
+    grace: float = 30.0
+    mount_timeout: float = 300.0
+    log_format: str = "console"
+    nonesting: bool = True
+    allow_keys: tuple[str, ...] = ()
+    environ: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
+
+    def __post_init__(self) -> None:
+        if not self.payload:
+            raise UsageError("cvmfsd run: no payload given; expected: cvmfsd run [OPTIONS] -- "
+                             "COMMAND [ARGS...]")
+        if self.mode not in MODES:
+            raise UsageError(f"--mode {self.mode!r}: expected one of {', '.join(MODES)}")
+        if self.grace < 0 or self.mount_timeout <= 0:
+            raise UsageError("--grace must be >= 0 and --mount-timeout > 0 seconds")
+        if self.log_format not in ("console", "json"):
+            raise UsageError(f"--log-format {self.log_format!r}: expected console or json")
+        from cvmfsd.sim.stratum import StratumError, validate_fqrn
+
+        for repo in self.repos:
+            try:
+                validate_fqrn(repo)
+            except StratumError as exc:
+                raise UsageError(f"--repos: {exc}") from None

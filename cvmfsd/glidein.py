@@ -1,0 +1,389 @@
+"""Read and update a GlideinWMS ``glidein_config`` file, and resolve its CVMFS policy.
+
+The file format is GlideinWMS's (``add_config_line.source``): one ``KEY value``
+per line, the key up to the first space and the value the rest of the line
+*with its spaces kept*; the last occurrence of a key wins.  Reading never fails
+on a bad line: the line is reported as a :class:`Problem` and everything else is
+read.  Writing follows ``gconfig_add``: log to ``<file>.history``, drop the old
+lines of the key, append the new line, rename a temporary file over the original.
+
+Concurrent writers are kept apart by the lock of ``gconfig_add_safe``, so cvmfsd
+and glidein scripts can write the same file: ``<file>.lock`` is a symlink (made
+atomically, also on NFS) and ``<file>.pid`` names the holder.  A holder whose
+process has been gone for ``stale_after`` seconds loses the lock, as in
+GlideinWMS.  One addition: a lock with *no* pid file that is older than
+``stale_after`` is also broken (GlideinWMS would wait for it until it times out;
+such a lock can only come from a writer killed between ``ln -s`` and writing the
+pid).  The lock is per process, not per thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import os
+import re
+import tempfile
+import time
+import types
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from cvmfsd.errors import ConfigError, PolicyError
+
+MAX_LINE_BYTES = 4096  # GlideinWMS's GWSM_CONFIG_LINE_MAX (4k)
+KEY_PATTERN = "[A-Za-z_][A-Za-z0-9_]*"
+_KEY = re.compile(KEY_PATTERN + r"\Z")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One line of a glidein_config that is malformed.
+
+    Attributes:
+        where: the file (or other source) the line came from.
+        line: its 1-based line number.
+        message: what is wrong and what was expected.
+        skipped: True if the line was left out of the values; False if it was
+            read anyway (an over-long line is still a valid ``KEY value``).
+    """
+
+    where: str
+    line: int
+    message: str
+    skipped: bool
+
+    def __str__(self) -> str:
+        outcome = "line ignored" if self.skipped else "line read anyway"
+        return f"{self.where}:{self.line}: {self.message} ({outcome})"
+
+
+@dataclass(frozen=True)
+class GlideinConfig:
+    """The values of a glidein_config (last occurrence of each key) and its problems."""
+
+    values: Mapping[str, str]
+    problems: tuple[Problem, ...] = ()
+    path: Path | None = None
+
+    def get(self, key: str, default: str | None = None) -> str | None:
+        """Return the value of *key*, or *default* if the file does not set it."""
+        return self.values.get(key, default)
+
+
+def parse_glidein_config(data: bytes, *, where: str) -> GlideinConfig:
+    """Parse the bytes of a glidein_config; *where* names the source in problems."""
+    values: dict[str, str] = {}
+    problems: list[Problem] = []
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()  # the newline that ends the last line starts no new one
+    for number, raw in enumerate(lines, start=1):
+        if b"\0" in raw:
+            problems.append(Problem(where, number, "contains a NUL byte; expected a text "
+                                    "line 'KEY value'", skipped=True))
+            continue
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            problems.append(Problem(where, number, f"is not valid UTF-8 (byte {exc.start}); "
+                                    "expected a text line 'KEY value'", skipped=True))
+            continue
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        key, _, value = line.partition(" ")
+        if not _KEY.match(key):
+            shown = key if len(key) <= 40 else key[:37] + "..."
+            problems.append(Problem(where, number, f"key {shown!r} is not a valid name; "
+                                    f"expected 'KEY value' with KEY {KEY_PATTERN}", skipped=True))
+            continue
+        if len(raw) > MAX_LINE_BYTES:
+            problems.append(Problem(where, number, f"is {len(raw)} bytes, over GlideinWMS's "
+                                    f"{MAX_LINE_BYTES}-byte limit", skipped=False))
+        values[key] = value
+    return GlideinConfig(types.MappingProxyType(values), tuple(problems))
+
+
+def read_glidein_config(path: Path | str) -> GlideinConfig:
+    """Read a glidein_config file as GlideinWMS does (see :func:`parse_glidein_config`).
+
+    Raises:
+        ConfigError: the file cannot be read.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read glidein_config {path}: {exc.strerror}") from None
+    config = parse_glidein_config(data, where=str(path))
+    return GlideinConfig(config.values, config.problems, path)
+
+
+def _encode_line(key: str, value: str) -> bytes:
+    if not _KEY.match(key):
+        raise ConfigError(f"cannot write glidein_config key {key!r}: expected {KEY_PATTERN}")
+    bad = next((c for c in ("\n", "\r", "\0") if c in value), None)
+    if bad is not None:
+        raise ConfigError(
+            f"cannot write glidein_config {key}: the value contains {bad!r}; "
+            "expected a single line (glidein_config has one 'KEY value' per line)"
+        )
+    try:
+        line = f"{key} {value}".encode()
+    except UnicodeEncodeError:
+        raise ConfigError(f"cannot write glidein_config {key}: the value is not "
+                          "encodable as UTF-8") from None
+    if len(line) > MAX_LINE_BYTES:
+        raise ConfigError(f"cannot write glidein_config {key}: the line would be {len(line)} "
+                          f"bytes, over GlideinWMS's {MAX_LINE_BYTES}-byte limit")
+    return line + b"\n"
+
+
+def render_update(data: bytes, updates: Mapping[str, str]) -> bytes:
+    """Return *data* without the lines of the updated keys, plus one new line per key.
+
+    Every other line, malformed ones included, is kept byte for byte.
+
+    Raises:
+        ConfigError: a key is not a valid name, or a value is not a single line.
+    """
+    new = [_encode_line(key, value) for key, value in updates.items()]
+    keys = {key.encode() for key in updates}
+    # Split on "\n" only, exactly as the reader does, so "key" means the same here.
+    chunks = data.split(b"\n")
+    tail = chunks.pop()  # what follows the last newline: b"" for a well-ended file
+    lines = [chunk + b"\n" for chunk in chunks] + ([tail + b"\n"] if tail else [])
+    kept = [raw for raw in lines if raw[:-1].partition(b" ")[0] not in keys]
+    return b"".join(kept + new)
+
+
+def update_glidein_config(path: Path | str, updates: Mapping[str, str], *,
+                          lock_timeout: float = 300.0, stale_after: float = 60.0) -> None:
+    """Set *updates* in the glidein_config at *path*, atomically and under its lock.
+
+    This blocks (on the lock, and on the file system): call it from a worker
+    thread in async code.
+
+    Args:
+        path: the glidein_config; it must exist (GlideinWMS creates it).
+        updates: the keys to set and their single-line values.
+        lock_timeout: how long to wait for another writer (GlideinWMS: 300 s).
+        stale_after: how long a dead holder keeps the lock (GlideinWMS: 60 s).
+
+    Raises:
+        ConfigError: bad key or value, the lock cannot be had, or the file
+            cannot be read or written.
+    """
+    path = Path(path)
+    for key, value in updates.items():
+        _encode_line(key, value)  # reject bad input before touching anything
+    if not path.is_file():
+        raise ConfigError(f"cannot update glidein_config {path}: no such file",
+                          hint="glidein_startup.sh creates it; check the path")
+    with _symlink_lock(path, timeout=lock_timeout, stale_after=stale_after):
+        try:
+            mode = path.stat().st_mode & 0o7777
+            data = path.read_bytes()
+            with path.with_name(path.name + ".history").open("ab") as history:
+                history.write(b"".join(f"CVMFSD{os.getpid()} ".encode() + _encode_line(k, v)
+                                       for k, v in updates.items()))
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            try:
+                with os.fdopen(fd, "wb") as out:
+                    out.write(render_update(data, updates))
+                    os.fchmod(out.fileno(), mode)
+                    out.flush()
+                    os.fsync(out.fileno())
+                Path(tmp).replace(path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    Path(tmp).unlink()
+                raise
+        except OSError as exc:
+            raise ConfigError(f"cannot update glidein_config {path}: "
+                              f"{exc.strerror} ({exc.filename})") from None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, it just is not ours
+    return True
+
+
+def _read_pid(pidfile: Path) -> int | None:
+    try:
+        return int(pidfile.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _break_lock(lock: Path, pidfile: Path) -> None:
+    # The rename is what makes breaking atomic: of two breakers only one wins it.
+    with contextlib.suppress(FileNotFoundError):
+        pidfile.unlink()
+    gone = lock.with_name(lock.name[: -len(".lock")] + ".deleteme")
+    with contextlib.suppress(FileNotFoundError):
+        lock.rename(gone)
+        gone.unlink()
+
+
+@contextlib.contextmanager
+def _symlink_lock(path: Path, *, timeout: float, stale_after: float,
+                  poll: float = 0.05) -> Iterator[None]:
+    lock = path.with_name(path.name + ".lock")
+    pidfile = path.with_name(path.name + ".pid")
+    deadline = time.monotonic() + timeout
+    dead: tuple[int | None, float] | None = None  # (holder, when first seen gone)
+    while True:
+        try:
+            lock.symlink_to(path.name)  # relative: resolves to the file itself
+            break
+        except FileExistsError:
+            pass
+        now = time.monotonic()
+        holder = _read_pid(pidfile)
+        if holder is None:
+            with contextlib.suppress(FileNotFoundError):
+                if time.time() - os.lstat(lock).st_mtime > stale_after:
+                    _break_lock(lock, pidfile)
+                    continue
+        elif holder == os.getpid() or not _pid_alive(holder):
+            # Not us holding it: this lock is not reentrant, so our pid is a leftover.
+            if dead is None or dead[0] != holder:
+                dead = (holder, now)
+            elif now - dead[1] >= stale_after:
+                _break_lock(lock, pidfile)
+                continue
+        if now >= deadline:
+            raise ConfigError(
+                f"cannot lock glidein_config {path}: {lock} held by "
+                f"{'pid ' + str(holder) if holder else 'an unknown writer'} for over {timeout:g} s",
+                hint=f"if no glidein script is running, remove {lock} and {pidfile}",
+            )
+        time.sleep(poll)
+    try:
+        pidfile.write_text(f"{os.getpid()}\n")
+        yield
+    finally:
+        _break_lock(lock, pidfile)
+
+
+class Policy(enum.Enum):
+    """How much the glidein wants CVMFS (GlideinWMS's GLIDEIN_CVMFS values)."""
+
+    REQUIRED = "required"  # no CVMFS fails the glidein
+    PREFERRED = "preferred"  # try; continue without CVMFS on failure
+    OPTIONAL = "optional"  # like PREFERRED (GlideinWMS documents them alike)
+    NEVER = "never"  # do not mount
+
+
+@dataclass(frozen=True)
+class PolicyDecision:
+    """The resolved policy and which attributes decided it.
+
+    Attributes:
+        policy: the policy to follow.
+        use_cvmfs: whether to try to provide CVMFS at all (False only for NEVER).
+        source: a sentence naming the attributes and values that decided.
+    """
+
+    policy: Policy
+    use_cvmfs: bool
+    source: str
+
+    def __post_init__(self) -> None:
+        if self.use_cvmfs != (self.policy is not Policy.NEVER):
+            raise ValueError(f"use_cvmfs={self.use_cvmfs} contradicts policy {self.policy.name}")
+
+    @property
+    def failure_is_fatal(self) -> bool:
+        """Whether failing to provide CVMFS must fail the glidein (REQUIRED only)."""
+        return self.policy is Policy.REQUIRED
+
+
+def _decide(policy: Policy, source: str) -> PolicyDecision:
+    return PolicyDecision(policy, policy is not Policy.NEVER, source)
+
+
+def _policy_value(values: Mapping[str, str], key: str, accepted: tuple[Policy, ...]) -> Policy:
+    raw = values.get(key, "").strip()
+    if not raw:
+        return Policy.PREFERRED
+    for policy in accepted:
+        if raw.lower() == policy.value:
+            return policy
+    names = "|".join(p.value for p in accepted)
+    raise PolicyError(f"glidein_config {key}={raw!r} is not valid; expected one of {names} "
+                      "(any case), or empty", hint="fix the attribute in the Factory entry")
+
+
+def resolve_policy(values: Mapping[str, str]) -> PolicyDecision:
+    """Resolve the CVMFS policy from glidein_config *values*.
+
+    Theory of operation.  Two attribute sets exist, and both are read case-insensitively:
+
+    * released GlideinWMS: ``GLIDEIN_USE_CVMFSEXEC`` (an integer; only 1 turns
+      on-demand CVMFS on, any other number turns it off) and ``GLIDEIN_CVMFS``
+      (required|preferred|optional|never);
+    * PR #631 (mode 3): ``GLIDEIN_USE_CVMFS`` (Frontend, 0|1; empty is unset)
+      and ``GLIDEIN_CVMFS_REQUIRE`` (Factory, required|preferred|never, and
+      optional as well, because released GlideinWMS documents it as preferred and
+      entries carried over from GLIDEIN_CVMFS may still say it).  They combine as
+      in #631: USE=1 makes it REQUIRED, and USE=1 with never is a conflict.
+
+    If any attribute of the newer set is non-empty, the newer set decides and
+    the older one is ignored (and not validated): a configuration with both is
+    mid-migration, and only the newer names were designed with mode 3 in mind.
+    An unset policy value means PREFERRED (as #631 defaults), and with no
+    attribute at all the policy is PREFERRED too: cvmfsd was started on purpose,
+    so it tries, but it never fails a glidein that did not ask for CVMFS.
+
+    Raises:
+        PolicyError: an attribute of the deciding set has an invalid value.
+    """
+    def get(key: str) -> str:
+        return values.get(key, "").strip()
+
+    use, require = get("GLIDEIN_USE_CVMFS"), get("GLIDEIN_CVMFS_REQUIRE")
+    old_use, old_policy = get("GLIDEIN_USE_CVMFSEXEC"), get("GLIDEIN_CVMFS")
+    if use or require:
+        decision = _resolve_new(values, use, require)
+        if old_use or old_policy:
+            decision = _decide(decision.policy, decision.source + "; GLIDEIN_USE_CVMFSEXEC/"
+                               "GLIDEIN_CVMFS ignored: the newer attributes take precedence")
+        return decision
+    if old_use or old_policy:
+        return _resolve_old(values, old_use, old_policy)
+    return _decide(Policy.PREFERRED, "no CVMFS policy attribute set: cvmfsd was started "
+                   "explicitly, so it tries and continues without CVMFS (preferred)")
+
+
+def _resolve_new(values: Mapping[str, str], use: str, require: str) -> PolicyDecision:
+    if use not in ("", "0", "1"):
+        raise PolicyError(f"glidein_config GLIDEIN_USE_CVMFS={use!r} is not valid; expected 0 "
+                          "or 1, or empty", hint="fix the attribute in the Frontend group")
+    policy = _policy_value(values, "GLIDEIN_CVMFS_REQUIRE", (
+        Policy.REQUIRED, Policy.PREFERRED, Policy.OPTIONAL, Policy.NEVER))
+    said = f"GLIDEIN_USE_CVMFS={use or '(unset)'}, GLIDEIN_CVMFS_REQUIRE={require or '(unset)'}"
+    if use == "1":
+        if policy is Policy.NEVER:
+            raise PolicyError(f"glidein_config {said} conflict: the VO requires CVMFS but the "
+                              "site forbids it", hint="change one of the two attributes")
+        return _decide(Policy.REQUIRED, f"{said}: the VO mandates CVMFS (required)")
+    return _decide(policy, f"{said}: the Factory's policy decides ({policy.value})")
+
+
+def _resolve_old(values: Mapping[str, str], use: str, policy_text: str) -> PolicyDecision:
+    if use and not re.fullmatch(r"[+-]?[0-9]+", use):
+        raise PolicyError(f"glidein_config GLIDEIN_USE_CVMFSEXEC={use!r} is not valid; expected "
+                          "an integer (1 turns on-demand CVMFS on), or empty")
+    said = f"GLIDEIN_USE_CVMFSEXEC={use or '(unset)'}, GLIDEIN_CVMFS={policy_text or '(unset)'}"
+    if use and int(use) != 1:
+        return _decide(Policy.NEVER, f"{said}: on-demand CVMFS is turned off (never)")
+    policy = _policy_value(values, "GLIDEIN_CVMFS", tuple(Policy))
+    return _decide(policy, f"{said}: GLIDEIN_CVMFS decides ({policy.value})")

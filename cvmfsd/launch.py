@@ -1,0 +1,204 @@
+"""Launch plans and the pure parts of talking to cvmfsexec.
+
+A :class:`LaunchPlan` is everything needed to start CVMFS and the payload,
+decided before anything runs.  This module also reads what cvmfsexec and
+mountrepo print (progress and failures) and walks /proc to find namespace
+PID 1.  No trio here; :mod:`cvmfsd.session` runs the plans.
+
+Theory of operation (mode 3): the supervisor starts ::
+
+    <dist>/cvmfsexec [-N] REPOS -- <python> -m cvmfsd.shim --channel-fd C
+        --stdio-fds I,O,E --repos REPOS -- PAYLOAD
+
+with stdin /dev/null and stdout/stderr on pipes, so that mount chatter is
+parsed (progress, failures) instead of mixing with the payload's output.  The
+pilot's own stdin/stdout/stderr travel as the inherited fds I, O, E, and the
+shim hands them to the payload.  C is one end of a socketpair; the kernel
+stamps the shim's messages with its pid as seen by the supervisor
+(SCM_CREDENTIALS), and the shim's parent is namespace PID 1.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cvmfsd.errors import CvmfsdError
+from cvmfsd.loader import LoaderCode
+
+_MOUNTED = re.compile(r"^CernVM-FS: mounted cvmfs on (?P<path>.+)$")
+_FAILED = re.compile(r"^mountrepo (?P<repo>\S+) failed$")
+LOG_TAIL_LINES = 10
+
+
+class LaunchError(CvmfsdError):
+    """CVMFS could not be provided.
+
+    Attributes:
+        repo: the repository that failed, if one did.
+        code: the loader exit code, if one was reported.
+        log_tail: the last lines of the repository's log.
+    """
+
+    exit_status = 69  # EX_UNAVAILABLE: CVMFS is required and could not be had
+
+    def __init__(self, message: str, *, repo: str | None = None, code: int | None = None,
+                 log_tail: Sequence[str] = (), hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.repo = repo
+        self.code = code
+        self.log_tail = tuple(log_tail)
+
+
+@dataclass(frozen=True)
+class Dist:
+    """A cvmfsexec distribution directory (the one holding ``cvmfsexec``)."""
+
+    root: Path
+
+    @property
+    def mount_dir(self) -> Path:
+        """Where mountrepo mounts: ``dist/cvmfs``."""
+        return self.root / "dist" / "cvmfs"
+
+    def log_file(self, repo: str) -> Path:
+        """The repository's cvmfs2 log (``CVMFS_USYSLOG`` as mountrepo sets it)."""
+        return self.root / "log" / f"{repo}.log"
+
+    def config_repo(self) -> str | None:
+        """CVMFS_CONFIG_REPOSITORY as cvmfsexec finds it: the last one in default.d."""
+        found = None
+        for conf in sorted((self.root / "dist/etc/cvmfs/default.d").glob("*.conf")):
+            for line in conf.read_text(errors="replace").splitlines():
+                if line.startswith("CVMFS_CONFIG_REPOSITORY="):
+                    found = line.split("=", 1)[1].strip().strip("\"'")
+        return found
+
+    def check(self) -> None:
+        """Raise :class:`LaunchError` unless this looks like a cvmfsexec distribution."""
+        missing = [rel for rel in ("cvmfsexec", "mountrepo", "umountrepo",
+                                   "dist/usr/bin/cvmfs2", "dist/etc/cvmfs/default.conf")
+                   if not (self.root / rel).exists()]
+        if missing:
+            raise LaunchError(
+                f"{self.root} is not a cvmfsexec distribution: missing {', '.join(missing)}",
+                hint="point --dist at the directory that holds cvmfsexec, mountrepo and dist/",
+            )
+
+
+def mount_order(dist: Dist, repos: Iterable[str]) -> list[str]:
+    """The repositories in the order cvmfsexec mounts them: config repo first, no repeats."""
+    order = list(dict.fromkeys(repos))
+    config = dist.config_repo()
+    if config and config not in order:
+        order.insert(0, config)
+    return order
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """How to start CVMFS and the payload in mode 3 (cvmfsexec plus the shim)."""
+
+    dist: Dist
+    repos: tuple[str, ...]
+    payload: tuple[str, ...]
+    nonesting: bool = True
+    python: str = sys.executable
+    env: Mapping[str, str] = field(default_factory=dict)
+
+    def argv(self, *, channel_fd: int, stdio_fds: Sequence[int]) -> list[str]:
+        """cvmfsexec's command line, with the shim wrapped around the payload."""
+        flags = ["-N"] if self.nonesting else []
+        shim = [self.python, "-m", "cvmfsd.shim", "--channel-fd", str(channel_fd),
+                "--stdio-fds", ",".join(map(str, stdio_fds)), "--repos", ",".join(self.repos)]
+        return [str(self.dist.root / "cvmfsexec"), *flags, *self.repos, "--",
+                *shim, "--", *self.payload]
+
+
+@dataclass(frozen=True)
+class MountEvent:
+    """Something cvmfsexec or mountrepo said about a repository."""
+
+    repo: str
+    ok: bool
+
+
+def parse_mount_line(line: str, dist: Dist) -> MountEvent | None:
+    """Recognise mountrepo's success and cvmfsexec's failure lines; None otherwise."""
+    mounted = _MOUNTED.match(line)
+    if mounted:
+        path = Path(mounted["path"])
+        if path.parent == dist.mount_dir:
+            return MountEvent(path.name, ok=True)
+        return None
+    failed = _FAILED.match(line)
+    if failed:
+        return MountEvent(failed["repo"], ok=False)
+    return None
+
+
+def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> list[str]:
+    """The last ``lines`` lines of a log file, or [] if it cannot be read."""
+    try:
+        with path.open("rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - 64 * 1024))
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return []
+    return text.splitlines()[-lines:]
+
+
+def mount_failure(dist: Dist, repo: str | None, status: int, output: Sequence[str]) -> LaunchError:
+    """Explain a failed mount: the loader code's name and cause, the log's tail."""
+    if repo is None:
+        detail = "; ".join(output[-3:]) or "no output"
+        return LaunchError(f"cvmfsexec exited with status {status} before CVMFS was ready "
+                           f"({detail})", code=None)
+    tail = log_tail(dist.log_file(repo))
+    return LaunchError(
+        f"mounting {repo} failed: {LoaderCode.describe(status)}",
+        repo=repo, code=status, log_tail=tail,
+        hint=f"see {dist.log_file(repo)}" if tail else None,
+    )
+
+
+def _status_fields(proc_root: Path, pid: int) -> dict[str, str]:
+    try:
+        text = (proc_root / str(pid) / "status").read_text()
+    except OSError:
+        return {}
+    return dict(line.split(":\t", 1) for line in text.splitlines() if ":\t" in line)
+
+
+def parent_pid(pid: int, proc_root: Path = Path("/proc")) -> int | None:
+    """The parent of ``pid`` as this pid namespace sees it, or None if gone."""
+    ppid = _status_fields(proc_root, pid).get("PPid")
+    return int(ppid) if ppid else None
+
+
+def is_namespace_init(pid: int, proc_root: Path = Path("/proc")) -> bool:
+    """Whether ``pid`` is PID 1 of a pid namespace below ours (NSpid ends in 1)."""
+    nspid = _status_fields(proc_root, pid).get("NSpid", "").split()
+    return len(nspid) > 1 and nspid[-1] == "1"
+
+
+def descendants(pid: int, proc_root: Path = Path("/proc")) -> list[int]:
+    """Every live descendant of ``pid``, parents before children."""
+    found: list[int] = []
+    queue = [pid]
+    while queue:
+        current = queue.pop(0)
+        try:
+            tasks = (proc_root / str(current) / "task").iterdir()
+            children = {int(c) for t in tasks
+                        for c in (t / "children").read_text().split()}
+        except OSError:
+            continue
+        for child in sorted(children):
+            found.append(child)
+            queue.append(child)
+    return found

@@ -1,0 +1,366 @@
+"""Find out what this node allows: the only module that reads host capabilities.
+
+Every fact is a :class:`Fact`: a value and the evidence it came from, so a
+report can say *why* cvmfsd believes the node can or cannot do something.  Facts
+come from files under injectable roots (``proc_root``, ``etc_root``, ...), so
+tests run on canned trees, and, when ``run_checks`` is set, from doing the real
+thing in a child process with a deadline: creating a user namespace, mounting
+FUSE inside one.  Anything that may touch a FUSE file system (``/cvmfs``) is
+also done in a child with a deadline, because a stuck FUSE daemon makes even
+``stat`` hang in D state (cvmfs-facts.md part B §6).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import pwd
+import re
+import shlex
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Generic, TypeVar, Union
+
+T_co = TypeVar("T_co", covariant=True)
+JsonValue = Union[str, int, bool, None, list[str]]
+
+GWMS_PROBE_REPO = "oasis.opensciencegrid.org"  # GlideinWMS's test for a host /cvmfs
+
+
+@dataclass(frozen=True)
+class Fact(Generic[T_co]):
+    """A value and how it was found (``"read /proc/sys/...: 96365"``)."""
+
+    value: T_co
+    evidence: str
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    """What :func:`probe_host` found.  A value of None means "could not tell"."""
+
+    kernel_release: Fact[str | None]
+    os_id: Fact[str | None]
+    os_id_like: Fact[tuple[str, ...]]
+    os_version_id: Fact[str | None]
+    arch: Fact[str]
+    max_user_namespaces: Fact[int | None]
+    userns: Fact[bool | None]  # `unshare -rm true` works
+    fuse_in_userns: Fact[bool | None]  # a FUSE mount(2) inside `unshare -rm` works
+    cvmfsexec_userfuse: Fact[bool | None]  # cvmfsexec's kernel rule says mode 3
+    dev_fuse: Fact[bool]  # /dev/fuse opens read-write for us
+    fusermount: Fact[tuple[str, ...]]  # usable fusermount programs (setuid root, or we are root)
+    fuse_group: Fact[bool | None]  # we are in group fuse (None: no such group)
+    proc_masked: Fact[bool]  # docker/k8s masked /proc: cvmfsexec skips its pid namespace
+    container_runtime: Fact[str | None]  # apptainer/singularity for mode 4
+    host_cvmfs: Fact[bool]  # GlideinWMS's test for an existing /cvmfs
+    repos_present: Fact[tuple[str, ...]]  # the wanted repos found under cvmfs_root
+    repos_wanted: tuple[str, ...] = ()
+
+    def facts(self) -> dict[str, Fact[object]]:
+        """Every fact by name, in declaration order."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name != "repos_wanted"}
+
+    def to_json(self) -> dict[str, object]:
+        """A JSON-ready dict: ``{name: {"value": ..., "evidence": ...}, "repos_wanted": [...]}``."""
+        out: dict[str, object] = {
+            name: {"value": _jsonable(fact.value), "evidence": fact.evidence}
+            for name, fact in self.facts().items()
+        }
+        out["repos_wanted"] = list(self.repos_wanted)
+        return out
+
+    def render(self) -> str:
+        """One line per fact, ``name: value (evidence)``, for humans."""
+        lines = []
+        for name, fact in self.facts().items():
+            value = _jsonable(fact.value)
+            shown = " ".join(value) or "(none)" if isinstance(value, list) else str(value)
+            lines.append(f"{name}: {shown} ({fact.evidence})")
+        return "\n".join(lines)
+
+
+def _jsonable(value: object) -> JsonValue:
+    if isinstance(value, tuple):
+        return [str(v) for v in value]
+    assert value is None or isinstance(value, (str, int, bool))  # noqa: S101 - Fact invariant
+    return value
+
+
+def cvmfsexec_userfuse(release: str) -> Fact[bool | None]:
+    """Apply cvmfsexec's own rule (it reads ``uname -r`` only) for mode 3 vs mode 2.
+
+    USERFUSE is true when the major version is above 4, or it is 4.x with x >= 18,
+    or 3.10 with a revision (after the ``-``) of at least 1127 (RHEL 7.8).
+    """
+    match = re.match(r"(\d+)\.(\d+)", release)
+    if not match:
+        return Fact(None, f"kernel release {release!r} not understood")
+    major, minor = int(match[1]), int(match[2])
+    rev_match = re.match(r"[^-]*-(\d+)", release)
+    rev = int(rev_match[1]) if rev_match else -1
+    if major > 4 or (major == 4 and minor >= 18):
+        return Fact(True, f"kernel {release} >= 4.18: cvmfsexec would use mode 3")
+    if (major, minor) == (3, 10) and rev >= 1127:
+        return Fact(True, f"kernel {release} is 3.10 with revision {rev} >= 1127 (RHEL 7.8+): "
+                          "cvmfsexec would use mode 3")
+    return Fact(False, f"kernel {release} is older than 4.18 and 3.10.0-1127: "
+                       "cvmfsexec would use mode 2")
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _os_release(etc_root: Path) -> dict[str, str]:
+    values: dict[str, str] = {}
+    for line in (_read(etc_root / "os-release") or "").splitlines():
+        key, sep, raw = line.partition("=")
+        if sep and key.strip() and not key.startswith("#"):
+            try:
+                values[key.strip()] = " ".join(shlex.split(raw))
+            except ValueError:  # unbalanced quotes: keep what is there
+                values[key.strip()] = raw.strip("\"' ")
+    return values
+
+
+def _mount_points(proc_root: Path) -> list[tuple[str, str]]:
+    """(mount point, fs type) of each line of ``proc_root/self/mountinfo``."""
+    points = []
+    for line in (_read(proc_root / "self" / "mountinfo") or "").splitlines():
+        left, _, right = line.partition(" - ")
+        fields = left.split(" ")
+        if len(fields) >= 5 and right:
+            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[4])
+            points.append((point, right.split(" ")[0]))
+    return points
+
+
+@dataclass(frozen=True)
+class _Ran:
+    status: int | None  # None: did not start, or timed out
+    output: str
+    what: str  # "exit 0", "timed out after 5 s", "cannot run: ..."
+
+
+def _run(argv: Sequence[str], timeout: float) -> _Ran:
+    # A new session lets us kill the whole tree on timeout (unshare's children too).
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    except OSError as exc:
+        return _Ran(None, "", f"cannot run: {exc.strerror}")
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        try:
+            out, _ = proc.communicate(timeout=1.0)
+        except subprocess.TimeoutExpired:  # stuck in D state: leave it, report the hang
+            out = ""
+        return _Ran(None, out, f"timed out after {timeout:g} s")
+    return _Ran(proc.returncode, out, f"exit {proc.returncode}")
+
+
+# Runs inside `unshare -rm`: mount(2) a FUSE file system on /dev/fuse with no daemon
+# behind it (mounting needs none), then close the fd (aborting the connection so
+# nothing can block on it) and detach the mount.
+_FUSE_CHECK = """
+import ctypes, errno, json, os, tempfile
+libc = ctypes.CDLL(None, use_errno=True)
+def done(ok, step, err=0):
+    print(json.dumps([ok, step, errno.errorcode.get(err, str(err))]))
+    raise SystemExit(0)
+try:
+    fd = os.open("/dev/fuse", os.O_RDWR)
+except OSError as exc:
+    done(False, "open /dev/fuse", exc.errno)
+d = tempfile.mkdtemp(prefix="cvmfsd-fuse-check.")
+opts = "fd=%d,rootmode=40000,user_id=0,group_id=0" % fd
+rc = libc.mount(b"cvmfsd-probe", d.encode(), b"fuse", 6, opts.encode())  # nosuid,nodev
+err = ctypes.get_errno()
+os.close(fd)
+if rc == 0:
+    libc.umount2(d.encode(), 2)  # MNT_DETACH
+os.rmdir(d)
+done(rc == 0, "mount", err)
+"""
+
+# Looks at each repository under sys.argv[1]; one JSON line per repository as it goes,
+# so after a timeout the parent knows which one hung.
+_REPO_CHECK = """
+import json, os, sys
+for repo in sys.argv[2:]:
+    path = os.path.join(sys.argv[1], repo)
+    try:
+        dirtab = os.path.exists(os.path.join(path, ".cvmfsdirtab"))
+        with os.scandir(path) as entries:
+            state = "present" if dirtab or next(entries, None) else "empty"
+    except OSError as exc:
+        state = os.strerror(exc.errno) if exc.errno else str(exc)
+    print(json.dumps([repo, state]), flush=True)
+"""
+
+
+def _fuse_in_userns(timeout: float) -> Fact[bool | None]:
+    ran = _run(["unshare", "-rm", sys.executable, "-I", "-S", "-c", _FUSE_CHECK], timeout)
+    how = "ran `unshare -rm python -c <FUSE mount check>`"
+    try:
+        ok, step, err = json.loads(ran.output.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return Fact(False if ran.status is not None else None,
+                    f"{how}: {ran.what}: {ran.output.strip()[:200]!r}")
+    detail = "mounted and unmounted FUSE" if ok else f"{step} failed: {err}"
+    return Fact(bool(ok), f"{how}: {detail}")
+
+
+def _repos(cvmfs_root: Path, wanted: tuple[str, ...], proc_root: Path,
+           timeout: float) -> tuple[Fact[bool], Fact[tuple[str, ...]]]:
+    names = list(dict.fromkeys((GWMS_PROBE_REPO, *wanted)))
+    ran = _run([sys.executable, "-I", "-S", "-c", _REPO_CHECK, str(cvmfs_root), *names], timeout)
+    states: dict[str, str] = {}
+    for line in ran.output.splitlines():
+        try:
+            repo, state = json.loads(line)
+            states[str(repo)] = str(state)
+        except ValueError:
+            continue
+    for repo in names:
+        if repo not in states:  # the first silent one is the one that hung
+            states[repo] = ran.what if ran.status is None else "not checked"
+            break
+    fuse = {p for p, fstype in _mount_points(proc_root) if fstype.startswith("fuse")}
+
+    def evidence(repo: str) -> str:
+        mounted = ", a FUSE mount in mountinfo" if str(cvmfs_root / repo) in fuse else ""
+        return f"{cvmfs_root / repo}: {states.get(repo, 'not checked')}{mounted}"
+
+    how = f"checked in a child process (timeout {timeout:g} s)"
+    host = Fact(states.get(GWMS_PROBE_REPO) == "present",
+                f"{how}: {evidence(GWMS_PROBE_REPO)}")
+    present = tuple(r for r in wanted if states.get(r) == "present")
+    said = "; ".join(evidence(r) for r in wanted) or "no repositories wanted"
+    return host, Fact(present, f"{how}: {said}")
+
+
+def _dev_fuse(dev_root: Path) -> Fact[bool]:
+    path = dev_root / "fuse"
+    try:
+        st = path.stat()
+    except OSError as exc:
+        return Fact(False, f"{path}: {exc.strerror}")
+    kind = (f"char device {os.major(st.st_rdev)},{os.minor(st.st_rdev)}"
+            if stat.S_ISCHR(st.st_mode) else "not a char device")
+    desc = f"{path} ({kind}, mode {stat.S_IMODE(st.st_mode):04o}, uid {st.st_uid})"
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_CLOEXEC))
+    except OSError as exc:
+        return Fact(False, f"cannot open {desc} read-write: {exc.strerror}")
+    return Fact(True, f"opened {desc} read-write")
+
+
+def _fusermount(search_path: str | None) -> Fact[tuple[str, ...]]:
+    usable, notes = [], []
+    for name in ("fusermount3", "fusermount"):
+        found = shutil.which(name, path=search_path)
+        if found is None:
+            notes.append(f"{name}: not on PATH")
+            continue
+        st = Path(found).stat()
+        setuid = bool(st.st_mode & stat.S_ISUID) and st.st_uid == 0
+        if setuid or os.geteuid() == 0:
+            usable.append(found)
+        notes.append(f"{found}: {'setuid root' if setuid else 'not setuid root'}")
+    return Fact(tuple(usable), "; ".join(notes))
+
+
+def _fuse_group(etc_root: Path) -> Fact[bool | None]:
+    for line in (_read(etc_root / "group") or "").splitlines():
+        fields = line.split(":")
+        if len(fields) == 4 and fields[0] == "fuse" and fields[2].isdigit():
+            gid = int(fields[2])
+            try:
+                user = pwd.getpwuid(os.getuid()).pw_name
+            except KeyError:
+                user = str(os.getuid())
+            member = gid in os.getgroups() or user in fields[3].split(",")
+            return Fact(member, f"group fuse (gid {gid}) in {etc_root / 'group'}; "
+                                f"{user} is {'' if member else 'not '}a member")
+    return Fact(None, f"no group fuse in {etc_root / 'group'}")
+
+
+def probe_host(*, proc_root: Path = Path("/proc"), sys_root: Path = Path("/sys"),
+               etc_root: Path = Path("/etc"), dev_root: Path = Path("/dev"),
+               cvmfs_root: Path = Path("/cvmfs"), repos: Sequence[str] = (),
+               run_checks: bool = True, timeout: float = 5.0,
+               search_path: str | None = None) -> HostFacts:
+    """Probe the node; this blocks for up to a few times *timeout* seconds.
+
+    Args:
+        proc_root, sys_root, etc_root, dev_root: where to read those trees.
+        cvmfs_root: where a host CVMFS would be mounted.
+        repos: the repositories wanted; each is looked for under *cvmfs_root*.
+        run_checks: create a user namespace and mount FUSE in one for real;
+            False leaves those facts None (for tests on canned trees).
+        timeout: the deadline of each check run in a child process.
+        search_path: the PATH to look for fusermount and apptainer in
+            (default: the environment's).
+    """
+    osrel_path = proc_root / "sys" / "kernel" / "osrelease"
+    release = _read(osrel_path)
+    os_release = _os_release(etc_root)
+    where = f"read {etc_root / 'os-release'}"
+    arch_file = _read(proc_root / "sys" / "kernel" / "arch")
+    max_ns_path = proc_root / "sys" / "user" / "max_user_namespaces"
+    max_ns = _read(max_ns_path)
+    skipped: Fact[bool | None] = Fact(None, "not checked (run_checks=False)")
+    userns, fuse_ns = skipped, skipped
+    if run_checks:
+        ran = _run(["unshare", "-rm", "true"], timeout)
+        userns = Fact(ran.status == 0 if ran.status is not None else None,
+                      f"ran `unshare -rm true`: {ran.what} {ran.output.strip()[:200]}".rstrip())
+        fuse_ns = _fuse_in_userns(timeout)
+    masked = [p for p, _ in _mount_points(proc_root)
+              if p == "/proc/sys" or p.startswith("/proc/driver")]
+    runtime = next(filter(None, (shutil.which(n, path=search_path)
+                                 for n in ("apptainer", "singularity"))), None)
+    host_cvmfs, present = _repos(cvmfs_root, tuple(repos), proc_root, timeout)
+    return HostFacts(
+        kernel_release=Fact(release, f"read {osrel_path}: {release}"),
+        os_id=Fact(os_release.get("ID"), f"{where}: ID={os_release.get('ID')}"),
+        os_id_like=Fact(tuple(os_release.get("ID_LIKE", "").split()),
+                        f"{where}: ID_LIKE={os_release.get('ID_LIKE')}"),
+        os_version_id=Fact(os_release.get("VERSION_ID"),
+                           f"{where}: VERSION_ID={os_release.get('VERSION_ID')}"),
+        arch=Fact(arch_file, f"read {proc_root}/sys/kernel/arch") if arch_file
+        else Fact(platform.machine(), "platform.machine() (uname)"),
+        max_user_namespaces=Fact(int(max_ns) if max_ns and max_ns.isdigit() else None,
+                                 f"read {max_ns_path}: {max_ns}"),
+        userns=userns,
+        fuse_in_userns=fuse_ns,
+        cvmfsexec_userfuse=cvmfsexec_userfuse(release) if release
+        else Fact(None, f"no kernel release in {osrel_path}"),
+        dev_fuse=_dev_fuse(dev_root),
+        fusermount=_fusermount(search_path),
+        fuse_group=_fuse_group(etc_root),
+        proc_masked=Fact(bool(masked), f"mount points {', '.join(masked)} in mountinfo"
+                         if masked else f"no /proc/sys or /proc/driver mount in "
+                         f"{proc_root}/self/mountinfo"),
+        container_runtime=Fact(runtime, f"found {runtime} on PATH" if runtime
+                               else "no apptainer or singularity on PATH"),
+        host_cvmfs=host_cvmfs,
+        repos_present=present,
+        repos_wanted=tuple(repos),
+    )

@@ -1,0 +1,406 @@
+"""Run a launch plan under trio: mount, run the payload, stop, clean up.
+
+Every source of news -- cvmfsexec's output lines, the shim's messages, the
+exit of cvmfsexec, a stop request -- becomes an event on one memory channel,
+and one loop (:meth:`Mode3Session._run`) reacts to them in order.  The state
+is therefore only ever changed in one place.
+
+Stopping mode 3: SIGTERM to the shim, which forwards it to the payload; after
+the grace period, SIGKILL to namespace PID 1 (it ignores HUP/INT/QUIT/TERM),
+which makes the kernel kill everything in the namespace, every cvmfs2
+included.  Killing cvmfsexec or unshare instead would leave the namespace
+running.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Union
+
+import structlog
+import trio
+
+from cvmfsd import launch
+from cvmfsd.launch import Dist, LaunchError, LaunchPlan
+
+log = structlog.get_logger("cvmfsd.session")
+
+KILL_WAIT = 5.0  # seconds to wait for cvmfsexec after SIGKILL of namespace PID 1
+_CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+@dataclass(frozen=True)
+class Line:
+    stream: str
+    text: str
+
+
+@dataclass(frozen=True)
+class Message:
+    body: Mapping[str, object]
+    pid: int | None
+
+
+@dataclass(frozen=True)
+class Exited:
+    status: int
+
+
+@dataclass(frozen=True)
+class Stop:
+    reason: str
+
+
+Event = Union[Line, Message, Exited, Stop]
+ReadyCallback = Callable[["ReadyInfo"], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class ReadyInfo:
+    """What is known once every repository is verified."""
+
+    repos: Mapping[str, Mapping[str, object]]
+    shim_pid: int | None = None
+    ns_init_pid: int | None = None
+
+
+@dataclass
+class Outcome:
+    """How a session ended: the exit status cvmfsd should return, and why."""
+
+    status: int
+    reason: str
+    stopped: bool = False
+    details: dict[str, object] = field(default_factory=dict)
+
+
+def _exit_status(returncode: int) -> int:
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def _kill(pid: int | None, signum: int, what: str) -> None:
+    if pid is None:
+        return
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        return
+    log.info("signal sent", target=what, pid=pid, signal=signal.Signals(signum).name)
+
+
+class Mode3Session:
+    """cvmfsexec in mode 3 with the shim and the payload inside.
+
+    Args:
+        plan: what to run.
+        grace: seconds the payload gets between SIGTERM and SIGKILL.
+        mount_timeout: seconds allowed from start until every repository is verified.
+        on_ready: awaited once, when every repository is verified.
+        on_progress: called with (index, total, repo) as each mount starts.
+    """
+
+    def __init__(self, plan: LaunchPlan, *, grace: float, mount_timeout: float,
+                 on_ready: ReadyCallback,
+                 on_progress: Callable[[int, int, str], None]) -> None:
+        self.plan = plan
+        self.grace = grace
+        self.mount_timeout = mount_timeout
+        self.on_ready = on_ready
+        self.on_progress = on_progress
+        self.order = launch.mount_order(plan.dist, plan.repos)
+        self.send_event, self._events = trio.open_memory_channel[Event](256)
+        self.process: trio.Process | None = None
+        self.shim_pid: int | None = None
+        self.ns_init_pid: int | None = None
+        self._channel: trio.socket.SocketType | None = None
+        self._output: list[str] = []
+        self._failed_repo: str | None = None
+        self._payload_status: int | None = None
+        self._stopping = False
+
+    # --- plumbing -------------------------------------------------------------
+    async def _pump_lines(self, stream: trio.abc.ReceiveStream, name: str) -> None:
+        buffer = b""
+        async for chunk in stream:
+            buffer += chunk
+            *lines, buffer = buffer.split(b"\n")
+            for line in lines:
+                await self.send_event.send(Line(name, line.decode(errors="replace")))
+        if buffer:
+            await self.send_event.send(Line(name, buffer.decode(errors="replace")))
+
+    async def _pump_channel(self, sock: trio.socket.SocketType) -> None:
+        buffer = b""
+        pid = None
+        while True:
+            data, ancdata, _flags, _addr = await sock.recvmsg(65536, socket.CMSG_SPACE(_CRED.size))
+            if not data:
+                return
+            for level, kind, payload in ancdata:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                    pid = _CRED.unpack(payload[: _CRED.size])[0]
+            buffer += data
+            *lines, buffer = buffer.split(b"\n")
+            for line in lines:
+                try:
+                    body = json.loads(line)
+                except ValueError:
+                    log.warning("unreadable message from the shim", line=line[:200])
+                    continue
+                if isinstance(body, dict):
+                    await self.send_event.send(Message(body, pid))
+
+    async def _wait_exit(self, process: trio.Process) -> None:
+        status = await process.wait()
+        await self.send_event.send(Exited(status))
+
+    async def _send(self, **body: object) -> None:
+        if self._channel is None:
+            raise RuntimeError("the shim channel is not open")  # a bug, not a user error
+        await self._channel.send(json.dumps(body).encode() + b"\n")
+
+    # --- the session ------------------------------------------------------------
+    async def run(self) -> Outcome:
+        """Start cvmfsexec, react to events until it has exited, return the outcome."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        stdio = [os.dup(fd) for fd in (0, 1, 2)]
+        try:
+            argv = self.plan.argv(channel_fd=theirs.fileno(), stdio_fds=stdio)
+            log.info("starting cvmfsexec", argv=argv)
+            self.process = await trio.lowlevel.open_process(
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE, pass_fds=(theirs.fileno(), *stdio),
+                env=dict(self.plan.env),
+            )
+        finally:
+            theirs.close()
+            for fd in stdio:
+                os.close(fd)
+        self._channel = trio.socket.from_stdlib_socket(ours)
+        async with trio.open_nursery() as nursery:
+            for name, stream in (("stdout", self.process.stdout),
+                                 ("stderr", self.process.stderr)):
+                if stream is not None:
+                    nursery.start_soon(self._pump_lines, stream, name)
+            nursery.start_soon(self._pump_channel, self._channel)
+            nursery.start_soon(self._wait_exit, self.process)
+            self.on_progress(1, len(self.order), self.order[0])
+            try:
+                outcome = await self._run(nursery)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await self._ensure_gone()
+            nursery.cancel_scope.cancel()
+        self._channel.close()
+        return outcome
+
+    async def _run(self, nursery: trio.Nursery) -> Outcome:
+        ready = False
+        mount_deadline = trio.current_time() + self.mount_timeout
+        kill_deadline: float | None = None
+        while True:
+            deadline = kill_deadline if kill_deadline is not None else (
+                mount_deadline if not ready else float("inf"))
+            with trio.move_on_at(deadline) as scope:
+                event = await self._events.receive()
+            if scope.cancelled_caught:
+                if kill_deadline is not None:
+                    self._kill_namespace("grace period over")
+                    kill_deadline = trio.current_time() + KILL_WAIT
+                    continue
+                log.error("mount timeout", seconds=self.mount_timeout)
+                self._failed_repo = self._failed_repo or "timeout"
+                self._kill_namespace("repositories not ready in time")
+                kill_deadline = trio.current_time() + KILL_WAIT
+                continue
+            if isinstance(event, Line):
+                self._on_line(event)
+            elif isinstance(event, Message):
+                ready = await self._on_message(event) or ready
+            elif isinstance(event, Stop):
+                if not self._stopping:
+                    kill_deadline = self._begin_stop(event.reason)
+            else:
+                return self._finish(event.status, ready)
+
+    def _on_line(self, line: Line) -> None:
+        self._output.append(line.text)
+        del self._output[:-50]
+        parsed = launch.parse_mount_line(line.text, self.plan.dist)
+        if parsed is None:
+            log.debug("cvmfsexec", stream=line.stream, line=line.text)
+        elif parsed.ok:
+            log.info("mounted", repo=parsed.repo)
+            if parsed.repo in self.order:
+                index = self.order.index(parsed.repo) + 1
+                if index < len(self.order):
+                    self.on_progress(index + 1, len(self.order), self.order[index])
+        else:
+            self._failed_repo = parsed.repo
+
+    async def _on_message(self, message: Message) -> bool:
+        body = message.body
+        if body.get("event") == "verified":
+            self.shim_pid = message.pid
+            if message.pid is not None:
+                parent = launch.parent_pid(message.pid)
+                if parent is not None and launch.is_namespace_init(parent):
+                    self.ns_init_pid = parent
+            repos = body.get("repos")
+            checks = repos if isinstance(repos, dict) else {}
+            bad = {r: c.get("error") for r, c in checks.items()
+                   if not (isinstance(c, dict) and c.get("ok"))}
+            if bad:
+                self._failed_repo = next(iter(bad))
+                log.error("repository failed verification", problems=bad)
+                await self._send(event="abort", reason=f"verification failed: {bad}")
+                return False
+            log.info("repositories verified", shim_pid=self.shim_pid,
+                     ns_init_pid=self.ns_init_pid, repos=checks)
+            await self.on_ready(ReadyInfo(checks, self.shim_pid, self.ns_init_pid))
+            await self._send(event="start", env=dict(self.plan.env))
+            return True
+        if body.get("event") == "exited":
+            status = body.get("status")
+            self._payload_status = status if isinstance(status, int) else None
+            log.info("payload exited", status=self._payload_status)
+        return False
+
+    def _begin_stop(self, reason: str) -> float:
+        self._stopping = True
+        log.info("stopping", reason=reason, grace=self.grace)
+        if self.shim_pid is not None:
+            _kill(self.shim_pid, signal.SIGTERM, "shim (forwards to the payload)")
+            return trio.current_time() + self.grace
+        self._kill_namespace(reason)
+        return trio.current_time() + KILL_WAIT
+
+    def _find_ns_init(self) -> int | None:
+        if self.ns_init_pid is None and self.process is not None:
+            for pid in launch.descendants(self.process.pid):
+                if launch.is_namespace_init(pid):
+                    self.ns_init_pid = pid
+                    break
+        return self.ns_init_pid
+
+    def _kill_namespace(self, reason: str) -> None:
+        pid = self._find_ns_init()
+        log.warning("ending the namespace", reason=reason, ns_init_pid=pid)
+        if pid is not None:
+            _kill(pid, signal.SIGKILL, "namespace PID 1")
+        elif self.process is not None:
+            # No pid namespace yet (or none at all): end the whole tree we know.
+            for child in reversed(launch.descendants(self.process.pid)):
+                _kill(child, signal.SIGKILL, "cvmfsexec descendant")
+            _kill(self.process.pid, signal.SIGKILL, "cvmfsexec")
+
+    async def _ensure_gone(self) -> None:
+        if self.process is None or self.process.returncode is not None:
+            return
+        self._kill_namespace("supervisor leaving")
+        with trio.move_on_after(KILL_WAIT):
+            await self.process.wait()
+
+    def _finish(self, status: int, ready: bool) -> Outcome:
+        status = _exit_status(status)
+        if self._payload_status is not None:
+            return Outcome(self._payload_status, "payload exited", stopped=self._stopping)
+        if self._stopping:
+            return Outcome(status, "stopped", stopped=True)
+        if not ready or self._failed_repo is not None:
+            failed = self._failed_repo if self._failed_repo != "timeout" else None
+            raise launch.mount_failure(self.plan.dist, failed, status, self._output)
+        return Outcome(status, "cvmfsexec exited")
+
+
+async def run_direct(argv: Sequence[str], env: Mapping[str, str], *, grace: float,
+                     stops: trio.MemoryReceiveChannel[Stop]) -> Outcome:
+    """Run the payload in this namespace (host /cvmfs, modes 1/2, or no CVMFS)."""
+    try:
+        process = await trio.lowlevel.open_process(list(argv), env=dict(env))
+    except OSError as exc:
+        raise LaunchError(f"cannot run the payload {argv[0]!r}: {exc.strerror}") from None
+    stopped = False
+    async with trio.open_nursery() as nursery:
+
+        async def stop_on_request() -> None:
+            nonlocal stopped
+            stop = await stops.receive()
+            stopped = True
+            log.info("stopping", reason=stop.reason, grace=grace)
+            _kill(process.pid, signal.SIGTERM, "payload")
+            await trio.sleep(grace)
+            _kill(process.pid, signal.SIGKILL, "payload")
+
+        nursery.start_soon(stop_on_request)
+        status = await process.wait()
+        nursery.cancel_scope.cancel()
+    return Outcome(_exit_status(status), "payload exited", stopped=stopped)
+
+
+async def mount_on_host(dist: Dist, repos: Sequence[str], *, repo_timeout: float,
+                        on_progress: Callable[[int, int, str], None]) -> list[str]:
+    """Modes 1 and 2: mountrepo each repository in turn and verify it.
+
+    Returns:
+        The repositories mounted, config repository first.
+
+    Raises:
+        LaunchError: a mount failed; whatever was mounted is unmounted again.
+    """
+    order = launch.mount_order(dist, repos)
+    mounted: list[str] = []
+    try:
+        for index, repo in enumerate(order, 1):
+            on_progress(index, len(order), repo)
+            with trio.fail_after(repo_timeout):
+                result = await trio.run_process(
+                    [str(dist.root / "mountrepo"), repo], check=False, capture_stdout=True,
+                    capture_stderr=True, stdin=subprocess.DEVNULL)
+            output = (result.stdout + result.stderr).decode(errors="replace").splitlines()
+            if result.returncode != 0:
+                raise launch.mount_failure(dist, repo, result.returncode, output)
+            mounted.append(repo)
+            problem = await verify_host_mount(dist, repo, probe_timeout=repo_timeout)
+            if problem:
+                raise LaunchError(f"mounting {repo}: {problem}", repo=repo)
+            log.info("mounted", repo=repo)
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await unmount_on_host(dist, mounted)
+        raise
+    return mounted
+
+
+async def verify_host_mount(dist: Dist, repo: str, *, probe_timeout: float) -> str | None:
+    """None if ``dist/cvmfs/<repo>`` is a cvmfs2 mount serving ``repo``, else the problem."""
+    from cvmfsd import shim
+
+    path = str(dist.mount_dir / repo)
+    mounts = shim._fuse_mounts()
+    if path not in mounts:
+        return f"{path} is not a FUSE mount after mountrepo reported success"
+    result = await trio.to_thread.run_sync(
+        shim.verify_repo, repo, path, mounts, probe_timeout,
+        abandon_on_cancel=True)
+    return None if result.get("ok") else str(result.get("error"))
+
+
+async def unmount_on_host(dist: Dist, mounted: Sequence[str]) -> None:
+    """umountrepo each repository, newest first (the config repository last)."""
+    for repo in reversed(mounted):
+        with trio.move_on_after(KILL_WAIT * 2):
+            result = await trio.run_process(
+                [str(dist.root / "umountrepo"), repo], check=False, capture_stdout=True,
+                capture_stderr=True, stdin=subprocess.DEVNULL)
+            if result.returncode:
+                log.error("umountrepo failed", repo=repo, status=result.returncode,
+                          output=result.stderr.decode(errors="replace").strip())

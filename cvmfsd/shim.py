@@ -1,0 +1,168 @@
+"""The in-namespace helper: verify the mounts, report ready, run the payload.
+
+``cvmfsd run`` starts ``<dist>/cvmfsexec REPOS -- python -m cvmfsd.shim ... --
+PAYLOAD``.  Inside the namespace the shim
+
+1. checks every repository itself -- a FUSE mount of ``cvmfs2`` at
+   ``/cvmfs/<repo>`` in its own mount table *and* a root that answers with the
+   right ``user.fqrn`` within a deadline -- because cvmfsexec's exit statuses
+   cannot be trusted for that (a failed ``$CVMFSMOUNT`` may report 0);
+2. tells the supervisor the result over the socket it inherited (the
+   supervisor learns the shim's host pid from the kernel, through
+   SCM_CREDENTIALS, and from it namespace PID 1: the shim's parent);
+3. waits for the supervisor's go, which carries the payload's environment;
+4. runs the payload with the pilot's own stdout/stderr, HUP/INT/QUIT/TERM back
+   to their defaults (namespace PID 1 ignores them, and ignored signals are
+   inherited), forwards those signals to it, and reports how it ended.
+
+It imports nothing but the standard library: it starts inside every namespace,
+and its start-up is part of cvmfsd's overhead.
+
+Messages are JSON objects, one per line (see :mod:`cvmfsd.launch`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Sequence
+
+FORWARDED = (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM)
+CHECK_TIMEOUT = 10.0
+
+
+def _fuse_mounts(mountinfo: str = "/proc/self/mountinfo") -> dict[str, str]:
+    """Mount point -> file-system source, for FUSE mounts in this namespace."""
+    found = {}
+    with open(mountinfo, encoding="utf-8", errors="replace") as lines:
+        for line in lines:
+            fields = line.split()
+            sep = fields.index("-")
+            fstype, source = fields[sep + 1], fields[sep + 2]
+            if fstype == "fuse" or fstype.startswith("fuse."):
+                found[fields[4].replace("\\040", " ")] = source
+    return found
+
+
+def _check_root(path: str, repo: str, result: dict[str, object]) -> None:
+    try:
+        os.stat(path)
+        fqrn = os.getxattr(path, "user.fqrn").decode()
+        revision = os.getxattr(path, "user.revision").decode()
+    except OSError as exc:
+        result["error"] = f"{path}: {exc.strerror or exc}"
+        return
+    if fqrn != repo:
+        result["error"] = f"{path}: serves {fqrn!r}, expected {repo!r}"
+        return
+    result.update(ok=True, revision=revision)
+
+
+def verify_repo(repo: str, path: str, mounts: dict[str, str],
+                timeout: float = CHECK_TIMEOUT) -> dict[str, object]:
+    """Check that ``path`` is a cvmfs2 mount serving ``repo``; return ``{"ok": bool, ...}``.
+
+    The root is read in a daemon thread so that a hung FUSE daemon costs a
+    timeout, not the shim: a thread stuck in the kernel cannot be cancelled,
+    but it can be left behind.
+    """
+    if path not in mounts:
+        return {"ok": False, "error": f"{path} is not a FUSE mount in this namespace"}
+    if mounts[path] != "cvmfs2":
+        return {"ok": False, "error": f"{path} is a FUSE mount of {mounts[path]!r}, not cvmfs2"}
+    result: dict[str, object] = {"ok": False}
+    worker = threading.Thread(target=_check_root, args=(path, repo, result), daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        return {"ok": False, "error": f"{path} did not answer within {timeout:g} s (hung?)"}
+    return result
+
+
+class Channel:
+    """The line-delimited JSON connection to the supervisor."""
+
+    def __init__(self, fd: int) -> None:
+        self._sock = socket.socket(fileno=fd)
+        self._buffer = b""
+
+    def send(self, **message: object) -> None:
+        self._sock.sendall(json.dumps(message).encode() + b"\n")
+
+    def receive(self) -> dict[str, object]:
+        while b"\n" not in self._buffer:
+            chunk = self._sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("the supervisor closed the connection")
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        message = json.loads(line)
+        if not isinstance(message, dict):
+            raise ConnectionError(f"unexpected message from the supervisor: {line!r}")
+        return message
+
+
+def _exit_status(returncode: int) -> int:
+    # A payload killed by signal N ends the shim as a shell would report it.
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def run_payload(argv: Sequence[str], env: dict[str, str], stdio: Sequence[int]) -> int:
+    """Run the payload with default signal dispositions; forward signals to it."""
+
+    def restore() -> None:
+        for signum in FORWARDED:
+            signal.signal(signum, signal.SIG_DFL)
+
+    stdin, stdout, stderr = stdio
+    try:
+        payload = subprocess.Popen(
+            list(argv), env=env, stdin=stdin, stdout=stdout, stderr=stderr,
+            preexec_fn=restore,  # noqa: PLW1509 - only resets signal dispositions
+        )
+    except OSError as exc:
+        print(f"cvmfsd shim: cannot run {argv[0]!r}: {exc.strerror}", file=sys.stderr)
+        return 127 if isinstance(exc, FileNotFoundError) else 126
+
+    def forward(signum: int, _frame: object) -> None:
+        payload.send_signal(signum)
+
+    for signum in FORWARDED:
+        signal.signal(signum, forward)
+    return _exit_status(payload.wait())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m cvmfsd.shim``."""
+    parser = argparse.ArgumentParser(prog="cvmfsd-shim")
+    parser.add_argument("--channel-fd", type=int, required=True)
+    parser.add_argument("--stdio-fds", required=True, help="stdin,stdout,stderr for the payload")
+    parser.add_argument("--repos", default="", help="comma-separated repositories to verify")
+    parser.add_argument("payload", nargs="+")
+    args = parser.parse_args(argv)
+    stdio = [int(fd) for fd in args.stdio_fds.split(",")]
+    channel = Channel(args.channel_fd)
+
+    mounts = _fuse_mounts()
+    repos = [r for r in args.repos.split(",") if r]
+    checks = {repo: verify_repo(repo, f"/cvmfs/{repo}", mounts) for repo in repos}
+    channel.send(event="verified", ns_pid=os.getpid(), repos=checks)
+    go = channel.receive()
+    if go.get("event") != "start":
+        print(f"cvmfsd shim: not starting the payload: {go.get('reason', go)}", file=sys.stderr)
+        return 1
+    env = go.get("env")
+    assert isinstance(env, dict)  # noqa: S101 - the supervisor's own message
+    status = run_payload(args.payload, {str(k): str(v) for k, v in env.items()}, stdio)
+    channel.send(event="exited", status=status)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
