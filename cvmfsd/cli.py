@@ -101,6 +101,43 @@ def _cmd_fault(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_probe(args: argparse.Namespace) -> int:
+    import json
+
+    from cvmfsd import probe
+
+    facts = probe.probe_host(repos=args.repos)
+    if args.json:
+        print(json.dumps(facts.to_json(), indent=2, sort_keys=True))
+    else:
+        print(facts.render())
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from cvmfsd import daemon
+    from cvmfsd.config import Config
+    from cvmfsd.log import configure_logging
+
+    payload = list(args.payload)
+    if payload and payload[0] == "--":
+        payload = payload[1:]
+    config = Config(
+        payload=tuple(payload), repos=args.repos, dist=args.dist,
+        glidein_config=args.glidein_config, mode=args.mode, grace=args.grace,
+        mount_timeout=args.mount_timeout, log_format=args.log_format,
+        nonesting=not args.allow_nesting, allow_keys=tuple(args.allow_key or ()),
+    )
+    configure_logging(config.log_format, level=args.log_level)
+    return daemon.run(config)
+
+
+def _repos(text: str) -> tuple[str, ...]:
+    from cvmfsd.config import split_repos
+
+    return split_repos(text)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from cvmfsd.sim.demo import run_demo
 
@@ -119,6 +156,37 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workdir", type=Path, help="where to build it (default: a temp dir)")
     demo.add_argument("--keep", action="store_true", help="keep the work directory")
     demo.set_defaults(handler=_cmd_demo)
+
+    run = commands.add_parser(
+        "run", help="provide CVMFS and run the payload where it is",
+        description="Probe the node, provide CVMFS the best way it allows (cvmfsexec mode 3, "
+        "mode 1/2, or the host's /cvmfs), run PAYLOAD there, and clean up.")
+    run.add_argument("--repos", type=_repos, default=(), metavar="A,B",
+                     help="repositories to mount (commas or colons)")
+    run.add_argument("--dist", type=Path, metavar="DIR",
+                     help="cvmfsexec distribution (the directory holding cvmfsexec)")
+    run.add_argument("--glidein-config", type=Path, metavar="FILE",
+                     help="GlideinWMS glidein_config to read the policy from and write back to")
+    run.add_argument("--mode", default="auto", choices=("auto", "host", "3", "2", "1"),
+                     help="force a mode instead of choosing one (default: %(default)s)")
+    run.add_argument("--grace", type=_seconds, default=30.0, metavar="S",
+                     help="seconds between SIGTERM and SIGKILL at shutdown (default: %(default)s)")
+    run.add_argument("--mount-timeout", type=_seconds, default=300.0, metavar="S",
+                     help="seconds allowed for mounting (default: %(default)s)")
+    run.add_argument("--allow-nesting", action="store_true",
+                     help="let the payload use $CVMFSMOUNT (cvmfsexec without -N)")
+    run.add_argument("--allow-key", action="append", metavar="KEY",
+                     help="export this secret-looking glidein_config key anyway")
+    run.add_argument("--log-format", default="console", choices=("console", "json"))
+    run.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    run.add_argument("payload", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
+    run.set_defaults(handler=_cmd_run)
+
+    probe = commands.add_parser("probe", help="report what this node allows, with evidence")
+    probe.add_argument("--json", action="store_true", help="machine-readable output")
+    probe.add_argument("--repos", type=_repos, default=(), metavar="A,B",
+                       help="repositories to look for under the host's /cvmfs")
+    probe.set_defaults(handler=_cmd_probe)
 
     sim = commands.add_parser("sim", help="the simulated CVMFS distribution and stratum")
     simc = sim.add_subparsers(dest="sim_command", required=True, metavar="SIM_COMMAND")

@@ -1,0 +1,195 @@
+"""``cvmfsd run``: from configuration to the payload's exit status.
+
+The steps follow the data: configuration and glidein_config -> policy -> host
+probe -> mode decision -> launch -> supervise -> report.  This module owns the
+session's nursery and the one task that receives SIGTERM, SIGINT and SIGHUP.
+
+Exit statuses: the payload's own status when it ran; 69 (EX_UNAVAILABLE) when
+CVMFS could not be provided and the policy says that fails the pilot; 2 for a
+bad command line; 1 for any other cvmfsd error.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import sys
+import tempfile
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+
+import structlog
+import trio
+
+from cvmfsd import glidein, launch, mode, probe, session
+from cvmfsd.config import Config, exported_variables
+from cvmfsd.errors import ConfigError
+from cvmfsd.launch import Dist, LaunchError
+
+log = structlog.get_logger("cvmfsd.daemon")
+
+FORCED = {"host": mode.Mode.HOST, "3": mode.Mode.MODE3, "2": mode.Mode.MODE2,
+          "1": mode.Mode.MODE1}
+
+
+def progress(index: int, total: int, repo: str) -> None:
+    """Print a progress line for a pilot's log (stderr; stdout is the payload's)."""
+    print(f"cvmfsd: mounting {index}/{total}: {repo}", file=sys.stderr, flush=True)
+
+
+def userns_status(facts: probe.HostFacts) -> str:
+    """HAS_UNPRIVILEGED_USER_NAMESPACES as GlideinWMS spells it."""
+    if facts.userns.value:
+        return "enabled"
+    if facts.max_user_namespaces.value == 0:
+        return "unavailable"
+    if facts.userns.value is False:
+        return "disabled"
+    return "error"
+
+
+class Supervisor:
+    """One ``cvmfsd run``: decides, launches, supervises and reports."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.values: Mapping[str, str] = {}
+        if config.glidein_config is not None:
+            parsed = glidein.read_glidein_config(config.glidein_config)
+            for problem in parsed.problems:
+                log.warning("glidein_config", problem=str(problem))
+            self.values = parsed.values
+        self.payload_tmp = Path(tempfile.mkdtemp(
+            prefix="cvmfsd-payload-", dir=config.environ.get("TMPDIR") or None))
+
+    async def record(self, **updates: str) -> None:
+        """Write attributes back to glidein_config (if there is one) and log them."""
+        log.info("glidein_config update", **updates)
+        if self.config.glidein_config is not None:
+            await trio.to_thread.run_sync(
+                glidein.update_glidein_config, self.config.glidein_config, updates)
+
+    def payload_env(self, extra: Mapping[str, str]) -> dict[str, str]:
+        """The payload's environment: ours, the exported glidein values, ``extra``."""
+        env = dict(self.config.environ)
+        env.update(exported_variables(self.values, allow=self.config.allow_keys))
+        env["TMPDIR"] = str(self.payload_tmp)
+        env.update(extra)
+        return env
+
+    def decide(self) -> mode.Decision:
+        """Resolve the policy, probe the node and choose a mode."""
+        policy = glidein.resolve_policy({**self.values, **_policy_env(self.config.environ)})
+        facts = probe.probe_host(repos=self.config.repos)
+        self.facts = facts
+        forced = FORCED.get(self.config.mode)
+        decision = mode.select_mode(policy, facts, forced=forced)
+        for line in decision.explain().splitlines():
+            log.info("mode decision", detail=line)
+        return decision
+
+    async def run(self) -> int:
+        try:
+            return await self._run()
+        finally:
+            shutil.rmtree(self.payload_tmp, ignore_errors=True)
+
+    async def _run(self) -> int:
+        decision = await trio.to_thread.run_sync(self.decide)
+        await self.record(HAS_UNPRIVILEGED_USER_NAMESPACES=userns_status(self.facts))
+        chosen = decision.mode
+        if chosen in (mode.Mode.MODE3, mode.Mode.MODE2, mode.Mode.MODE1):
+            try:
+                return await self._run_with_dist(decision)
+            except LaunchError as exc:
+                if decision.policy.failure_is_fatal:
+                    await self.record(GWMS_IS_CVMFS="no")
+                    raise
+                log.warning("continuing without CVMFS", error=str(exc),
+                            policy=decision.policy.policy.value,
+                            log_tail=list(exc.log_tail))
+                chosen = mode.Mode.NONE
+        if chosen is mode.Mode.NONE and decision.fatal:
+            raise LaunchError(f"no way to provide CVMFS here: {decision.reason}",
+                              hint="run 'cvmfsd probe' for the evidence")
+        is_cvmfs = "yes" if chosen is mode.Mode.HOST else "no"
+        if chosen is mode.Mode.NONE:
+            log.warning("running the payload without CVMFS",
+                        policy=decision.policy.policy.value)
+        await self.record(GWMS_IS_CVMFS=is_cvmfs, GWMS_CVMFSEXEC_MODE="0",
+                          CVMFS_MOUNT_DIR="")
+        return await self._run_direct(self.payload_env({}))
+
+    def _dist(self) -> Dist:
+        if self.config.dist is None:
+            raise ConfigError("no cvmfsexec distribution given",
+                              hint="pass --dist DIR (the directory holding cvmfsexec)")
+        dist = Dist(self.config.dist.absolute())
+        dist.check()
+        return dist
+
+    async def _run_with_dist(self, decision: mode.Decision) -> int:
+        dist = self._dist()
+        number = str(decision.mode.cvmfsexec_mode)
+        if decision.mode is mode.Mode.MODE3:
+            return await self._run_mode3(dist)
+        # Modes 1 and 2: cvmfsd mounts on the host itself and unmounts after.
+        mounted = await session.mount_on_host(
+            dist, self.config.repos, repo_timeout=self.config.mount_timeout,
+            on_progress=progress)
+        try:
+            await self.record(GWMS_IS_CVMFS="yes", GWMS_CVMFSEXEC_MODE=number,
+                              CVMFS_MOUNT_DIR=str(dist.mount_dir))
+            env = self.payload_env({"CVMFS_MOUNT_DIR": str(dist.mount_dir)})
+            return await self._run_direct(env)
+        finally:
+            with trio.CancelScope(shield=True):
+                await session.unmount_on_host(dist, mounted)
+
+    async def _run_mode3(self, dist: Dist) -> int:
+        plan = launch.LaunchPlan(
+            dist=dist, repos=self.config.repos, payload=self.config.payload,
+            nonesting=self.config.nonesting, env=self.payload_env({"CVMFS_MOUNT_DIR": ""}))
+
+        async def ready(info: session.ReadyInfo) -> None:
+            await self.record(GWMS_IS_CVMFS="yes", GWMS_CVMFSEXEC_MODE="3", CVMFS_MOUNT_DIR="")
+            print("cvmfsd: ready: " + ", ".join(
+                f"{repo} r{check.get('revision')}" for repo, check in info.repos.items()),
+                file=sys.stderr, flush=True)
+
+        runner = session.Mode3Session(plan, grace=self.config.grace,
+                                      mount_timeout=self.config.mount_timeout,
+                                      on_ready=ready, on_progress=progress)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_relay_signals, runner.send_event.send)
+            outcome = await runner.run()
+            nursery.cancel_scope.cancel()
+        log.info("done", status=outcome.status, reason=outcome.reason, stopped=outcome.stopped)
+        return outcome.status
+
+    async def _run_direct(self, env: Mapping[str, str]) -> int:
+        send, receive = trio.open_memory_channel[session.Stop](1)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_relay_signals, send.send)
+            outcome = await session.run_direct(self.config.payload, env,
+                                               grace=self.config.grace, stops=receive)
+            nursery.cancel_scope.cancel()
+        return outcome.status
+
+
+def _policy_env(environ: Mapping[str, str]) -> dict[str, str]:
+    names = ("GLIDEIN_USE_CVMFSEXEC", "GLIDEIN_CVMFS", "GLIDEIN_USE_CVMFS",
+             "GLIDEIN_CVMFS_REQUIRE")
+    return {name: environ[name] for name in names if name in environ}
+
+
+async def _relay_signals(send: Callable[[session.Stop], Awaitable[None]]) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("signal received", signal=signal.Signals(signum).name)
+            await send(session.Stop(f"received {signal.Signals(signum).name}"))
+
+
+def run(config: Config) -> int:
+    """Run the supervisor to completion; return cvmfsd's exit status."""
+    return trio.run(Supervisor(config).run)
