@@ -17,16 +17,30 @@ from cvmfsd.sim import makedist
 
 def run(argv: list[str], **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        argv, capture_output=True, text=True, check=False, timeout=30,
-        stdin=subprocess.DEVNULL, env={**os.environ, **env},
+        argv,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=30,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, **env},
     )
 
 
 def test_layout_matches_a_real_distribution(dist: Path) -> None:
     """makedist creates every path a real cvmfsexec distribution has."""
-    for rel in ("cvmfsexec", "mountrepo", "umountrepo", "dist/usr/bin/cvmfs2",
-                "dist/etc/cvmfs/default.conf", "dist/etc/cvmfs/default.local",
-                "dist/.cvmfsexecdist", "dist/cvmfs", "dist/var/lib/cvmfs", "log"):
+    for rel in (
+        "cvmfsexec",
+        "mountrepo",
+        "umountrepo",
+        "dist/usr/bin/cvmfs2",
+        "dist/etc/cvmfs/default.conf",
+        "dist/etc/cvmfs/default.local",
+        "dist/.cvmfsexecdist",
+        "dist/cvmfs",
+        "dist/var/lib/cvmfs",
+        "log",
+    ):
         assert (dist / rel).exists(), rel
     conf = "".join(p.read_text() for p in (dist / "dist/etc/cvmfs/default.d").glob("*.conf"))
     assert f"CVMFS_CONFIG_REPOSITORY={makedist.DEFAULT_CONFIG_REPO}\n" in conf
@@ -87,7 +101,8 @@ def test_mountrepo_needs_a_cvmfs_dist(dist: Path) -> None:
 @pytest.mark.parametrize("script", ["mountrepo", "umountrepo"])
 def test_nested_request_needs_the_interface(dist: Path, script: str) -> None:
     """Inside cvmfsexec, [u]mountrepo must be called through $CVMFS[U]MOUNT."""
-    result = run([str(dist / script), "repo.a"], CVMFSEXEC_CMDFD="9",
-                 CVMFSEXEC_WAITFIFO="/nonexistent")
+    result = run(
+        [str(dist / script), "repo.a"], CVMFSEXEC_CMDFD="9", CVMFSEXEC_WAITFIFO="/nonexistent"
+    )
     assert result.returncode == 1
     assert "only works through $CVMFS" in result.stderr

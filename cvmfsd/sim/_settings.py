@@ -126,9 +126,7 @@ def make_settings(
         raise SettingsError(LoaderCode.WPAD, "Failed to discover HTTP proxy servers")
     cache_base = Path(config.get("CVMFS_CACHE_BASE") or "/var/lib/cvmfs")
     shared = _is_on(config.get("CVMFS_SHARED_CACHE", "yes"))
-    cache_dir = Path(
-        config.get("CVMFS_CACHE_DIR") or (cache_base / ("shared" if shared else fqrn))
-    )
+    cache_dir = Path(config.get("CVMFS_CACHE_DIR") or (cache_base / ("shared" if shared else fqrn)))
     workspace = Path(config.get("CVMFS_WORKSPACE") or cache_dir)
     talk = Path(config.get("CVMFS_TALK_SOCKET") or workspace / f"cvmfs_io.{fqrn}")
     debuglog = config.get("CVMFS_DEBUGLOG", "")

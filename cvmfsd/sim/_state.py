@@ -100,7 +100,9 @@ class Log:
         """Log an event to the user syslog, the debug log and the buffer."""
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         with self._lock:
-            self.buffer.append(f"[{time.strftime('%m %d %Y %H:%M:%S UTC', time.gmtime())}] {message}")
+            self.buffer.append(
+                f"[{time.strftime('%m %d %Y %H:%M:%S UTC', time.gmtime())}] {message}"
+            )
             self._write(self.usyslog, f"{stamp} ({self.fqrn}) {message}")
             self._write(self.debuglog, f"{stamp} ({self.fqrn}) {message}")
 

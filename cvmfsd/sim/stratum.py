@@ -31,9 +31,32 @@ import stat
 import tempfile
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
+
+from cvmfsd.sim._faults import Faults, StratumError, make_faults, parse_faults
+
+__all__ = [
+    "CATALOG_SUFFIX",
+    "FAULTS",
+    "MANIFEST",
+    "Catalog",
+    "Entry",
+    "Faults",
+    "Manifest",
+    "StratumError",
+    "load_catalog",
+    "object_path",
+    "parse_catalog",
+    "parse_faults",
+    "parse_manifest",
+    "publish",
+    "read_faults",
+    "read_manifest",
+    "set_faults",
+    "validate_fqrn",
+]
 
 MANIFEST = ".cvmfspublished"
 FAULTS = ".cvmfsfaults"
@@ -45,10 +68,6 @@ Catalog = Mapping[str, Entry]
 
 _FQRN = re.compile(r"[a-z0-9][a-z0-9-]*(\.[a-z0-9][a-z0-9-]*)+")
 _HASH = re.compile(r"[0-9a-f]{40}")
-
-
-class StratumError(ValueError):
-    """A stratum operation got bad input or found bad data; the message says where."""
 
 
 def validate_fqrn(fqrn: str) -> str:
@@ -83,7 +102,9 @@ def object_path(content_hash: str, suffix: str = "") -> str:
         StratumError: ``content_hash`` is not 40 lowercase hex digits.
     """
     if not _HASH.fullmatch(content_hash):
-        raise StratumError(f"invalid object hash {content_hash!r}: expected 40 lowercase hex digits")
+        raise StratumError(
+            f"invalid object hash {content_hash!r}: expected 40 lowercase hex digits"
+        )
     return f"data/{content_hash[:2]}/{content_hash[2:]}{suffix}"
 
 
@@ -134,90 +155,6 @@ def parse_manifest(text: str, *, where: str = "manifest") -> Manifest:
     return manifest
 
 
-@dataclass(frozen=True)
-class Faults:
-    """Fault knobs of one repository; ``None`` means the knob is off.
-
-    Attributes:
-        mount_fail: cvmfs2 exits with this loader code instead of mounting.
-        mount_delay: seconds the mount takes before it completes (or fails).
-        crash_after: seconds after the mount at which cvmfs2 aborts (ENOTCONN).
-        hang_after: seconds after the mount from which every FUSE request stalls.
-        eio: repository-relative paths whose reads fail with EIO, or ``"*"``.
-    """
-
-    mount_fail: int | None = None
-    mount_delay: float | None = None
-    crash_after: float | None = None
-    hang_after: float | None = None
-    eio: tuple[str, ...] | str | None = None
-
-    def __post_init__(self) -> None:
-        if self.mount_fail is not None and (
-            isinstance(self.mount_fail, bool)
-            or not isinstance(self.mount_fail, int)
-            or not 1 <= self.mount_fail <= 255
-        ):
-            raise StratumError(f"fault mount_fail={self.mount_fail!r}: expected an int in 1..255")
-        for name in ("mount_delay", "crash_after", "hang_after"):
-            value = getattr(self, name)
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0
-            ):
-                raise StratumError(f"fault {name}={value!r}: expected seconds >= 0")
-        eio = self.eio
-        if eio is not None and eio != "*":
-            if isinstance(eio, str) or not all(isinstance(p, str) for p in eio):
-                raise StratumError(f"fault eio={eio!r}: expected '*' or a list of paths")
-            object.__setattr__(self, "eio", tuple(p.strip("/") for p in eio))
-
-    def eio_matches(self, path: str) -> bool:
-        """Whether reads of repository path ``path`` must fail with EIO."""
-        return self.eio == "*" or (isinstance(self.eio, tuple) and path in self.eio)
-
-    def to_json(self) -> dict[str, object]:
-        """The knobs that are set, as a JSON-ready mapping."""
-        out: dict[str, object] = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if value is not None:
-                out[f.name] = list(value) if isinstance(value, tuple) else value
-        return out
-
-
-_KNOBS = frozenset(f.name for f in fields(Faults))
-
-
-def parse_faults(text: str, *, where: str = "faults") -> Faults:
-    """Parse the JSON fault file; an empty text means no faults.
-
-    Raises:
-        StratumError: not a JSON object, an unknown knob or a bad value.
-    """
-    if not text.strip():
-        return Faults()
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise StratumError(f"{where}: not JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise StratumError(f"{where}: expected a JSON object of fault knobs")
-    return _make_faults(data, where)
-
-
-def _make_faults(knobs: Mapping[str, object], where: str) -> Faults:
-    unknown = sorted(set(knobs) - _KNOBS)
-    if unknown:
-        raise StratumError(f"{where}: unknown fault knob(s) {unknown}; expected {sorted(_KNOBS)}")
-    eio = knobs.get("eio")
-    if isinstance(eio, list):
-        knobs = {**knobs, "eio": tuple(eio)}
-    try:
-        return Faults(**knobs)  # type: ignore[arg-type]  # values are checked in __post_init__
-    except TypeError as exc:
-        raise StratumError(f"{where}: {exc}") from None
-
-
 def repo_dir(stratum: Path, fqrn: str) -> Path:
     """Return ``stratum/<fqrn>`` after validating the name."""
     return Path(stratum) / validate_fqrn(fqrn)
@@ -256,7 +193,7 @@ def _scan(source: Path, repo: Path) -> dict[str, dict[str, object]]:
             "mtime": int(st.st_mtime),
         }
         if stat.S_ISLNK(st.st_mode):
-            target = os.readlink(path)
+            target = str(path.readlink())
             entry.update(type="l", target=target, size=len(os.fsencode(target)))
         elif stat.S_ISDIR(st.st_mode):
             entry.update(type="d", size=4096)
@@ -380,6 +317,6 @@ def set_faults(stratum: Path, fqrn: str, **knobs: object) -> Faults:
     path = repo_dir(stratum, fqrn) / FAULTS
     merged = {**read_faults(stratum, fqrn).to_json(), **knobs}
     merged = {k: v for k, v in merged.items() if v is not None}
-    faults = _make_faults(merged, str(path))
+    faults = make_faults(merged, str(path))
     _write_atomic(path, json.dumps(faults.to_json(), sort_keys=True).encode())
     return faults
