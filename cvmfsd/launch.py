@@ -30,7 +30,9 @@ from cvmfsd.errors import CvmfsdError
 from cvmfsd.loader import LoaderCode
 
 _MOUNTED = re.compile(r"^CernVM-FS: mounted cvmfs on (?P<path>.+)$")
-_FAILED = re.compile(r"^mountrepo (?P<repo>\S+) failed$")
+# cvmfs2 leaves "loading Fuse module... " unterminated when it fails, so
+# cvmfsexec's verdict may share that line.
+_FAILED = re.compile(r"(?:^|\.\.\. )mountrepo (?P<repo>\S+) failed$")
 LOG_TAIL_LINES = 10
 
 
@@ -134,7 +136,7 @@ def parse_mount_line(line: str, dist: Dist) -> MountEvent | None:
         if path.parent == dist.mount_dir:
             return MountEvent(path.name, ok=True)
         return None
-    failed = _FAILED.match(line)
+    failed = _FAILED.search(line)
     if failed:
         return MountEvent(failed["repo"], ok=False)
     return None

@@ -8,7 +8,9 @@ user, so nothing here may depend on being root.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,11 +31,24 @@ def _write_tree(root: Path, files: dict[str, str]) -> Path:
     return root
 
 
+@pytest.fixture(name="short_tmp")
+def _short_tmp() -> Iterator[Path]:
+    """A temporary directory with a short path.
+
+    The cvmfs_talk socket lives under the distribution, and a unix socket path
+    must stay under 108 bytes; pytest's tmp_path is too deep for that.
+    """
+    path = Path(tempfile.mkdtemp(prefix="cvs", dir="/tmp"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture(name="stratum_dir")
-def _stratum_dir(tmp_path: Path) -> Path:
+def _stratum_dir(short_tmp: Path) -> Path:
     """A stratum with repo.a (a file and a directory) and repo.b (a data file)."""
-    root = tmp_path / "stratum"
-    src = tmp_path / "src"
+    root = short_tmp / "st"
+    src = short_tmp / "src"
     stratum.publish(root, REPO_A, _write_tree(src / "a", {
         "hello.txt": "hello from repo.a\n",
         "sub/deeper/file.txt": "deep\n",
@@ -45,13 +60,13 @@ def _stratum_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture(name="dist")
-def _dist(tmp_path: Path, stratum_dir: Path) -> Iterator[Path]:
+def _dist(short_tmp: Path, stratum_dir: Path) -> Iterator[Path]:
     """A simulated cvmfsexec distribution on ``stratum_dir``.
 
     At teardown, every cvmfs2 of this distribution still alive is killed (by
     pid) and every mount left under it is reported as a test failure.
     """
-    target = makedist.make_dist(tmp_path / "cvmfsexec", stratum=stratum_dir)
+    target = makedist.make_dist(short_tmp / "d", stratum=stratum_dir)
     yield target
     leftovers = cvmfs2_pids(target)
     for pid in leftovers:
