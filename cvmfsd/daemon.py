@@ -21,9 +21,12 @@ from pathlib import Path
 import structlog
 import trio
 
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
+
 from cvmfsd import glidein, launch, mode, probe, session
 from cvmfsd.config import Config, exported_variables
-from cvmfsd.errors import ConfigError
+from cvmfsd.errors import ConfigError, CvmfsdError
 from cvmfsd.launch import Dist, LaunchError
 
 log = structlog.get_logger("cvmfsd.daemon")
@@ -160,10 +163,16 @@ class Supervisor:
         runner = session.Mode3Session(plan, grace=self.config.grace,
                                       mount_timeout=self.config.mount_timeout,
                                       on_ready=ready, on_progress=progress)
+        failure: LaunchError | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_relay_signals, runner.send_event.send)
-            outcome = await runner.run()
+            try:
+                outcome = await runner.run()
+            except LaunchError as exc:
+                failure = exc  # re-raised below, outside the nursery's exception group
             nursery.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
         log.info("done", status=outcome.status, reason=outcome.reason, stopped=outcome.stopped)
         return outcome.status
 
@@ -190,6 +199,25 @@ async def _relay_signals(send: Callable[[session.Stop], Awaitable[None]]) -> Non
             await send(session.Stop(f"received {signal.Signals(signum).name}"))
 
 
+def _leaves(error: BaseException) -> list[BaseException]:
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for inner in error.exceptions for leaf in _leaves(inner)]
+    return [error]
+
+
 def run(config: Config) -> int:
-    """Run the supervisor to completion; return cvmfsd's exit status."""
-    return trio.run(Supervisor(config).run)
+    """Run the supervisor to completion; return cvmfsd's exit status.
+
+    Raises:
+        CvmfsdError: the one deliberate error that ended the run, unwrapped from
+            the exception groups trio's nurseries put around it.
+    """
+    try:
+        return trio.run(Supervisor(config).run)
+    except BaseExceptionGroup as group:
+        leaves = _leaves(group)
+        deliberate = [e for e in leaves if isinstance(e, CvmfsdError)]
+        if len(deliberate) == 1 and all(
+                isinstance(e, (CvmfsdError, KeyboardInterrupt)) for e in leaves):
+            raise deliberate[0] from None
+        raise

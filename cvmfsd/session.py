@@ -193,13 +193,20 @@ class Mode3Session:
             nursery.start_soon(self._pump_channel, self._channel)
             nursery.start_soon(self._wait_exit, self.process)
             self.on_progress(1, len(self.order), self.order[0])
+            # A LaunchError leaves the nursery by itself, not wrapped in an
+            # exception group, so that callers can apply the policy to it.
+            failure: LaunchError | None = None
             try:
                 outcome = await self._run(nursery)
+            except LaunchError as exc:
+                failure = exc
             finally:
                 with trio.CancelScope(shield=True):
                     await self._ensure_gone()
             nursery.cancel_scope.cancel()
         self._channel.close()
+        if failure is not None:
+            raise failure
         return outcome
 
     async def _run(self, nursery: trio.Nursery) -> Outcome:

@@ -1,0 +1,154 @@
+"""``cvmfsd run`` end to end on the simulated distribution (real namespaces and FUSE)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cvmfsd import glidein
+from cvmfsd.sim import stratum
+from tests.conftest import REPO_A, REPO_B, cvmfs2_pids, mounts_under, wait_for
+
+pytestmark = pytest.mark.fuse
+
+CVMFSD = [sys.executable, "-m", "cvmfsd"]
+
+
+def cvmfsd_run(dist: Path, *args: str, glidein_config: Path | None = None,
+               timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    extra = ["--glidein-config", str(glidein_config)] if glidein_config else []
+    return subprocess.run(
+        [*CVMFSD, "run", "--dist", str(dist), *extra, *args], capture_output=True,
+        text=True, check=False, timeout=timeout, stdin=subprocess.DEVNULL,
+    )
+
+
+@pytest.fixture(name="gconfig")
+def _gconfig(short_tmp: Path) -> Path:
+    path = short_tmp / "glidein_config"
+    path.write_text("GLIDEIN_Site Some Site With Spaces\nGLIDEIN_CVMFS required\n"
+                    "GLIDEIN_TOKEN_SECRET s3cr3t\n")
+    return path
+
+
+def test_payload_reads_cvmfs_and_its_status_is_returned(dist: Path, gconfig: Path) -> None:
+    """mode 3: the payload reads /cvmfs, and its exit status becomes cvmfsd's."""
+    result = cvmfsd_run(dist, "--repos", f"{REPO_A},{REPO_B}", "--",
+                        "sh", "-c", f"cat /cvmfs/{REPO_A}/hello.txt; exit 7",
+                        glidein_config=gconfig)
+    assert result.returncode == 7, result.stderr
+    assert result.stdout == "hello from repo.a\n"  # mount chatter stays out of it
+    assert "mounting 2/3: repo.a" in result.stderr
+    values = glidein.read_glidein_config(gconfig).values
+    assert values["GWMS_IS_CVMFS"] == "yes"
+    assert values["GWMS_CVMFSEXEC_MODE"] == "3"
+    assert values["HAS_UNPRIVILEGED_USER_NAMESPACES"] == "enabled"
+    assert not mounts_under(dist)
+
+
+def test_payload_environment(dist: Path, gconfig: Path, short_tmp: Path) -> None:
+    """Glidein values reach the payload intact, secrets do not, and TMPDIR is its own."""
+    script = 'printf "%s|%s|%s|%s\\n" "$GLIDEIN_Site" "${GLIDEIN_TOKEN_SECRET-unset}" ' \
+             '"$TMPDIR" "$(trap -p TERM)"'
+    result = cvmfsd_run(dist, "--repos", REPO_A, "--", "sh", "-c", script,
+                        glidein_config=gconfig)
+    site, secret, tmpdir, trap = result.stdout.rstrip("\n").split("|")
+    assert (site, secret, trap) == ("Some Site With Spaces", "unset", "")
+    assert Path(tmpdir).name.startswith("cvmfsd-payload-")
+    assert not Path(tmpdir).exists(), "the payload's TMPDIR is removed at the end"
+
+
+def test_required_mount_failure_names_the_loader_code(dist: Path, gconfig: Path,
+                                                      stratum_dir: Path) -> None:
+    """required: a failed mount fails cvmfsd (69), naming the loader code."""
+    stratum.set_faults(stratum_dir, REPO_B, mount_fail=23)
+    result = cvmfsd_run(dist, "--repos", f"{REPO_A},{REPO_B}", "--", "echo", "payload ran",
+                        glidein_config=gconfig)
+    assert result.returncode == 69
+    assert "payload ran" not in result.stdout
+    assert "mounting repo.b failed: wpad (23)" in result.stderr
+    assert glidein.read_glidein_config(gconfig).values["GWMS_IS_CVMFS"] == "no"
+
+
+def test_preferred_mount_failure_runs_the_payload_without_cvmfs(
+        dist: Path, gconfig: Path, stratum_dir: Path) -> None:
+    """preferred: the payload runs anyway, and GWMS_IS_CVMFS says no."""
+    with gconfig.open("a") as f:
+        f.write("GLIDEIN_CVMFS PREFERRED\n")  # the last occurrence wins, any case
+    stratum.set_faults(stratum_dir, REPO_B, mount_fail=16)
+    result = cvmfsd_run(dist, "--repos", REPO_B, "--", "sh", "-c",
+                        f"test -e /cvmfs/{REPO_B} || echo no-cvmfs", glidein_config=gconfig)
+    assert (result.returncode, result.stdout) == (0, "no-cvmfs\n"), result.stderr
+    assert "continuing without CVMFS" in result.stderr
+    assert glidein.read_glidein_config(gconfig).values["GWMS_IS_CVMFS"] == "no"
+
+
+def test_mode1_mounts_on_the_host_and_unmounts(dist: Path, gconfig: Path) -> None:
+    """--mode 1: mountrepo on the host, CVMFS_MOUNT_DIR for the payload, unmounted after."""
+    result = cvmfsd_run(dist, "--mode", "1", "--repos", REPO_A, "--", "sh", "-c",
+                        f'cat "$CVMFS_MOUNT_DIR/{REPO_A}/hello.txt"', glidein_config=gconfig)
+    assert (result.returncode, result.stdout) == (0, "hello from repo.a\n"), result.stderr
+    values = glidein.read_glidein_config(gconfig).values
+    assert values["CVMFS_MOUNT_DIR"] == str(dist / "dist/cvmfs")
+    assert values["GWMS_CVMFSEXEC_MODE"] == "1"
+    assert not mounts_under(dist)
+    wait_for(lambda: not cvmfs2_pids(dist))
+
+
+@pytest.mark.parametrize("mode", ["3", "1"])
+def test_sigterm_stops_everything_within_the_grace(dist: Path, mode: str) -> None:
+    """SIGTERM mid-payload: payload stopped, no mount and no process left in grace + 1 s."""
+    grace = 2.0
+    process = subprocess.Popen(
+        [*CVMFSD, "run", "--dist", str(dist), "--mode", mode, "--grace", str(grace),
+         "--repos", REPO_A, "--", "sh", "-c", "trap '' TERM; echo started; sleep 600"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True)
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline() == "started\n"
+        process.send_signal(signal.SIGTERM)
+        start = time.monotonic()
+        status = process.wait(timeout=grace + 10)
+        elapsed = time.monotonic() - start
+        assert status != 0
+        assert elapsed < grace + 1, f"took {elapsed:.2f} s"
+        wait_for(lambda: not cvmfs2_pids(dist), timeout=1)
+        assert not mounts_under(dist)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        if process.stdout is not None:
+            process.stdout.close()
+
+
+def test_bad_repository_name_is_a_usage_error(dist: Path) -> None:
+    """A repository name that could become a path is refused before anything runs."""
+    result = cvmfsd_run(dist, "--repos", "../../etc", "--", "true")
+    assert result.returncode == 2
+    assert "invalid repository name '../../etc'" in result.stderr
+
+
+def test_missing_payload_is_a_usage_error(dist: Path) -> None:
+    """cvmfsd run without a payload says what it expected."""
+    result = cvmfsd_run(dist, "--repos", REPO_A)
+    assert result.returncode == 2
+    assert "no payload given" in result.stderr
+
+
+def test_probe_json_reports_userns_and_fuse() -> None:
+    """cvmfsd probe --json shows user namespaces and FUSE usable here, with evidence."""
+    result = subprocess.run([*CVMFSD, "probe", "--json"], capture_output=True, text=True,
+                            check=True, timeout=60)
+    facts = json.loads(result.stdout)
+    for name in ("userns", "fuse_in_userns"):
+        assert facts[name]["value"] is True, facts[name]
+        assert facts[name]["evidence"]
+    assert os.access("/dev/fuse", os.R_OK | os.W_OK) == facts["dev_fuse"]["value"]
