@@ -95,6 +95,15 @@ def _kill(pid: int | None, signum: int, what: str) -> None:
     log.info("signal sent", target=what, pid=pid, signal=signal.Signals(signum).name)
 
 
+def _kill_group(pgid: int, signum: int, what: str, *, quiet: bool = False) -> None:
+    try:
+        os.killpg(pgid, signum)
+    except ProcessLookupError:
+        return
+    if not quiet:
+        log.info("signal sent", target=what, pgid=pgid, signal=signal.Signals(signum).name)
+
+
 class Mode3Session:
     """cvmfsexec in mode 3 with the shim and the payload inside.
 
@@ -332,7 +341,9 @@ async def run_direct(argv: Sequence[str], env: Mapping[str, str], *, grace: floa
                      stops: trio.MemoryReceiveChannel[Stop]) -> Outcome:
     """Run the payload in this namespace (host /cvmfs, modes 1/2, or no CVMFS)."""
     try:
-        process = await trio.lowlevel.open_process(list(argv), env=dict(env))
+        # Its own process group, so that stopping it reaches its children too.
+        process = await trio.lowlevel.open_process(list(argv), env=dict(env),
+                                                   start_new_session=True)
     except OSError as exc:
         raise LaunchError(f"cannot run the payload {argv[0]!r}: {exc.strerror}") from None
     stopped = False
@@ -343,12 +354,14 @@ async def run_direct(argv: Sequence[str], env: Mapping[str, str], *, grace: floa
             stop = await stops.receive()
             stopped = True
             log.info("stopping", reason=stop.reason, grace=grace)
-            _kill(process.pid, signal.SIGTERM, "payload")
+            _kill_group(process.pid, signal.SIGTERM, "payload")
             await trio.sleep(grace)
-            _kill(process.pid, signal.SIGKILL, "payload")
+            _kill_group(process.pid, signal.SIGKILL, "payload")
 
         nursery.start_soon(stop_on_request)
         status = await process.wait()
+        # Whatever the payload left running in its group goes with it.
+        _kill_group(process.pid, signal.SIGKILL, "payload's leftovers", quiet=True)
         nursery.cancel_scope.cancel()
     return Outcome(_exit_status(status), "payload exited", stopped=stopped)
 

@@ -30,6 +30,19 @@ def cvmfsd_run(dist: Path, *args: str, glidein_config: Path | None = None,
     )
 
 
+def processes_with_argv(argv: list[str]) -> list[int]:
+    """Pids of our processes whose command line is exactly ``argv``."""
+    wanted = "\0".join(argv).encode() + b"\0"
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and (entry / "cmdline").read_bytes() == wanted:
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
 @pytest.fixture(name="gconfig")
 def _gconfig(short_tmp: Path) -> Path:
     path = short_tmp / "glidein_config"
@@ -108,7 +121,7 @@ def test_sigterm_stops_everything_within_the_grace(dist: Path, mode: str) -> Non
     grace = 2.0
     process = subprocess.Popen(
         [*CVMFSD, "run", "--dist", str(dist), "--mode", mode, "--grace", str(grace),
-         "--repos", REPO_A, "--", "sh", "-c", "trap '' TERM; echo started; sleep 600"],
+         "--repos", REPO_A, "--", "sh", "-c", "trap '' TERM; echo started; sleep 6017"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True)
     try:
         assert process.stdout is not None
@@ -121,6 +134,7 @@ def test_sigterm_stops_everything_within_the_grace(dist: Path, mode: str) -> Non
         assert elapsed < grace + 1, f"took {elapsed:.2f} s"
         wait_for(lambda: not cvmfs2_pids(dist), timeout=1)
         assert not mounts_under(dist)
+        assert not processes_with_argv(["sleep", "6017"]), "the payload's child survived"
     finally:
         if process.poll() is None:
             process.kill()
