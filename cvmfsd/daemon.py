@@ -11,6 +11,7 @@ bad command line; 1 for any other cvmfsd error.
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import sys
@@ -99,20 +100,24 @@ class Supervisor:
 
     async def _run(self) -> int:
         decision = await trio.to_thread.run_sync(self.decide)
-        await self.record(HAS_UNPRIVILEGED_USER_NAMESPACES=userns_status(self.facts))
+        await self.record(HAS_UNPRIVILEGED_USER_NAMESPACES=userns_status(self.facts),
+                          CVMFSD_PID=str(os.getpid()), CVMFSD_STATUS="mounting")
         chosen = decision.mode
         if chosen in (mode.Mode.MODE3, mode.Mode.MODE2, mode.Mode.MODE1):
             try:
                 return await self._run_with_dist(decision)
             except LaunchError as exc:
                 if decision.policy.failure_is_fatal:
-                    await self.record(GWMS_IS_CVMFS="no")
+                    log.error("cannot provide CVMFS", error=str(exc), repo=exc.repo,
+                              policy=decision.policy.policy.value, log_tail=list(exc.log_tail))
+                    await self.record(GWMS_IS_CVMFS="no", CVMFSD_STATUS="failed")
                     raise
                 log.warning("continuing without CVMFS", error=str(exc),
                             policy=decision.policy.policy.value,
                             log_tail=list(exc.log_tail))
                 chosen = mode.Mode.NONE
         if chosen is mode.Mode.NONE and decision.fatal:
+            await self.record(GWMS_IS_CVMFS="no", CVMFSD_STATUS="failed")
             raise LaunchError(f"no way to provide CVMFS here: {decision.reason}",
                               hint="run 'cvmfsd probe' for the evidence")
         is_cvmfs = "yes" if chosen is mode.Mode.HOST else "no"
@@ -120,6 +125,7 @@ class Supervisor:
             log.warning("running the payload without CVMFS",
                         policy=decision.policy.policy.value)
         await self.record(GWMS_IS_CVMFS=is_cvmfs, GWMS_CVMFSEXEC_MODE="0",
+                          CVMFSD_STATUS="ready" if is_cvmfs == "yes" else "without-cvmfs",
                           CVMFS_MOUNT_DIR="")
         return await self._run_direct(self.payload_env({}))
 
@@ -142,6 +148,7 @@ class Supervisor:
             on_progress=progress)
         try:
             await self.record(GWMS_IS_CVMFS="yes", GWMS_CVMFSEXEC_MODE=number,
+                              CVMFSD_STATUS="ready",
                               CVMFS_MOUNT_DIR=str(dist.mount_dir))
             env = self.payload_env({"CVMFS_MOUNT_DIR": str(dist.mount_dir)})
             return await self._run_direct(env)
@@ -155,7 +162,8 @@ class Supervisor:
             nonesting=self.config.nonesting, env=self.payload_env({"CVMFS_MOUNT_DIR": ""}))
 
         async def ready(info: session.ReadyInfo) -> None:
-            await self.record(GWMS_IS_CVMFS="yes", GWMS_CVMFSEXEC_MODE="3", CVMFS_MOUNT_DIR="")
+            await self.record(GWMS_IS_CVMFS="yes", GWMS_CVMFSEXEC_MODE="3", CVMFS_MOUNT_DIR="",
+                              CVMFSD_STATUS="ready")
             print("cvmfsd: ready: " + ", ".join(
                 f"{repo} r{check.get('revision')}" for repo, check in info.repos.items()),
                 file=sys.stderr, flush=True)

@@ -1,9 +1,10 @@
-"""``cvmfsd demo``: a simulated stratum and distribution, and cvmfsexec run on it.
+"""``cvmfsd demo``: a simulated stratum and distribution, and ``cvmfsd run`` on it.
 
-It publishes two small repositories, makes a distribution, and runs the
-distribution's own ``cvmfsexec`` with a payload that reads a file from each
-repository (twice from one, to show a cache hit) and prints hit rate and
-download count from the magic extended attributes.
+It publishes two small repositories, makes a distribution, writes a
+glidein_config as a pilot would have it, and runs ``cvmfsd run`` with a
+payload that reads a file from each repository (twice from one, to show a
+cache hit), prints hit rate and download count from the magic extended
+attributes, and prints a glidein variable it got inside the namespace.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ REPOS = ("software.demo.test", "data.demo.test")
 
 PAYLOAD = r"""
 set -e
-echo "inside the namespace as uid $(id -u), pid $$"
+echo "inside the namespace as uid $(id -u); GLIDEIN_Site is '$GLIDEIN_Site'"
 echo "--- /cvmfs/software.demo.test/README"
 cat /cvmfs/software.demo.test/README
 echo "--- /cvmfs/data.demo.test/events.csv (read twice)"
@@ -57,6 +58,21 @@ def _publish_demo_repos(stratum_dir: Path, scratch: Path) -> None:
         _say(f"published {repo} revision {revision}")
 
 
+def _leftovers(dist: Path) -> str:
+    """Mounts and processes that still refer to ``dist`` (there should be none)."""
+    mounts = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()
+              if line.split()[4].startswith(str(dist))]
+    procs = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and str(dist).encode() in (entry / "cmdline").read_bytes():
+                procs.append(entry.name)
+        except OSError:
+            continue
+    found = [f"mount {m}" for m in mounts] + [f"process {p}" for p in procs]
+    return ", ".join(found)
+
+
 def run_demo(workdir: Path | None, *, keep: bool = False) -> int:
     """Build everything under ``workdir`` (a new temp dir if None) and run it.
 
@@ -72,11 +88,19 @@ def run_demo(workdir: Path | None, *, keep: bool = False) -> int:
         _publish_demo_repos(stratum_dir, root / "src")
         dist = makedist.make_dist(root / "cvmfsexec", stratum=stratum_dir)
         _say(f"made distribution {dist}")
-        argv = [str(dist / "cvmfsexec"), *REPOS, "--", "/bin/sh", "-c", PAYLOAD]
-        _say("running: " + " ".join(argv[:-1]) + " <payload>")
+        config = root / "glidein_config"
+        config.write_text("GLIDEIN_Site Demo Site (simulated)\nGLIDEIN_CVMFS required\n")
+        argv = [sys.executable, "-m", "cvmfsd", "run", "--dist", str(dist),
+                "--repos", ",".join(REPOS), "--glidein-config", str(config), "--",
+                "/bin/sh", "-c", PAYLOAD]
+        _say("running: cvmfsd " + " ".join(argv[3:-1]) + " <payload>")
         env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
         status = subprocess.run(argv, check=False, stdin=subprocess.DEVNULL, env=env).returncode
-        _say(f"cvmfsexec exited with status {status}; the namespace and its mounts are gone")
+        _say(f"cvmfsd exited with status {status}")
+        _say(f"left behind under {dist}: {_leftovers(dist) or 'no mount and no process'}")
+        written = [line for line in config.read_text().splitlines()
+                   if line.startswith(("GWMS_", "CVMFS", "HAS_"))]
+        _say("written back to glidein_config: " + "; ".join(written))
         return status
     finally:
         if made_here and not keep:

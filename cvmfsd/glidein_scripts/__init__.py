@@ -1,0 +1,1 @@
+"""GlideinWMS custom scripts that start and stop cvmfsd (shipped as package data)."""
