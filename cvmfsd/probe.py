@@ -12,6 +12,7 @@ also done in a child with a deadline, because a stuck FUSE daemon makes even
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import os
@@ -327,16 +328,24 @@ def probe_host(*, proc_root: Path = Path("/proc"), sys_root: Path = Path("/sys")
     max_ns = _read(max_ns_path)
     skipped: Fact[bool | None] = Fact(None, "not checked (run_checks=False)")
     userns, fuse_ns = skipped, skipped
-    if run_checks:
-        ran = _run(["unshare", "-rm", "true"], timeout)
-        userns = Fact(ran.status == 0 if ran.status is not None else None,
-                      f"ran `unshare -rm true`: {ran.what} {ran.output.strip()[:200]}".rstrip())
-        fuse_ns = _fuse_in_userns(timeout)
+    # The checks that run children are independent: run them side by side, so
+    # the probe costs the slowest of them rather than their sum (it is on the
+    # critical path of every `cvmfsd run`).
+    with concurrent.futures.ThreadPoolExecutor(max_workers=3) as pool:
+        repos_check = pool.submit(_repos, cvmfs_root, tuple(repos), proc_root, timeout)
+        if run_checks:
+            userns_check = pool.submit(_run, ["unshare", "-rm", "true"], timeout)
+            fuse_check = pool.submit(_fuse_in_userns, timeout)
+            ran = userns_check.result()
+            userns = Fact(ran.status == 0 if ran.status is not None else None,
+                          f"ran `unshare -rm true`: {ran.what} "
+                          f"{ran.output.strip()[:200]}".rstrip())
+            fuse_ns = fuse_check.result()
+        host_cvmfs, present = repos_check.result()
     masked = [p for p, _ in _mount_points(proc_root)
               if p == "/proc/sys" or p.startswith("/proc/driver")]
     runtime = next(filter(None, (shutil.which(n, path=search_path)
                                  for n in ("apptainer", "singularity"))), None)
-    host_cvmfs, present = _repos(cvmfs_root, tuple(repos), proc_root, timeout)
     return HostFacts(
         kernel_release=Fact(release, f"read {osrel_path}: {release}"),
         os_id=Fact(os_release.get("ID"), f"{where}: ID={os_release.get('ID')}"),
