@@ -115,9 +115,10 @@ def _cmd_probe(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from cvmfsd import daemon
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cvmfsd import probe
     from cvmfsd.config import Config
-    from cvmfsd.log import configure_logging
 
     payload = list(args.payload)
     if payload and payload[0] == "--":
@@ -128,8 +129,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
         mount_timeout=args.mount_timeout, log_format=args.log_format,
         nonesting=not args.allow_nesting, allow_keys=tuple(args.allow_key or ()),
     )
-    configure_logging(config.log_format, level=args.log_level)
-    return daemon.run(config)
+    # The probe mostly waits for its child checks, and importing trio and
+    # structlog costs about as long: do both at once (start-up is on the
+    # critical path of every pilot).
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        facts = pool.submit(probe.probe_host, repos=config.repos)
+        from cvmfsd import daemon
+        from cvmfsd.log import configure_logging
+
+        configure_logging(config.log_format, level=args.log_level)
+        return daemon.run(config, facts=facts.result())
 
 
 def _repos(text: str) -> tuple[str, ...]:

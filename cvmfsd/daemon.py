@@ -55,8 +55,9 @@ def userns_status(facts: probe.HostFacts) -> str:
 class Supervisor:
     """One ``cvmfsd run``: decides, launches, supervises and reports."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, facts: probe.HostFacts | None = None) -> None:
         self.config = config
+        self.facts = facts
         self.values: Mapping[str, str] = {}
         if config.glidein_config is not None:
             parsed = glidein.read_glidein_config(config.glidein_config)
@@ -81,16 +82,15 @@ class Supervisor:
         env.update(extra)
         return env
 
-    def decide(self) -> mode.Decision:
+    def decide(self) -> tuple[mode.Decision, probe.HostFacts]:
         """Resolve the policy, probe the node and choose a mode."""
         policy = glidein.resolve_policy({**self.values, **_policy_env(self.config.environ)})
-        facts = probe.probe_host(repos=self.config.repos)
-        self.facts = facts
+        facts = self.facts or probe.probe_host(repos=self.config.repos)
         forced = FORCED.get(self.config.mode)
         decision = mode.select_mode(policy, facts, forced=forced)
         for line in decision.explain().splitlines():
             log.info("mode decision", detail=line)
-        return decision
+        return decision, facts
 
     async def run(self) -> int:
         try:
@@ -99,8 +99,8 @@ class Supervisor:
             shutil.rmtree(self.payload_tmp, ignore_errors=True)
 
     async def _run(self) -> int:
-        decision = await trio.to_thread.run_sync(self.decide)
-        await self.record(HAS_UNPRIVILEGED_USER_NAMESPACES=userns_status(self.facts),
+        decision, facts = await trio.to_thread.run_sync(self.decide)
+        await self.record(HAS_UNPRIVILEGED_USER_NAMESPACES=userns_status(facts),
                           CVMFSD_PID=str(os.getpid()), CVMFSD_STATUS="mounting")
         chosen = decision.mode
         if chosen in (mode.Mode.MODE3, mode.Mode.MODE2, mode.Mode.MODE1):
@@ -213,7 +213,7 @@ def _leaves(error: BaseException) -> list[BaseException]:
     return [error]
 
 
-def run(config: Config) -> int:
+def run(config: Config, *, facts: probe.HostFacts | None = None) -> int:
     """Run the supervisor to completion; return cvmfsd's exit status.
 
     Raises:
@@ -221,7 +221,7 @@ def run(config: Config) -> int:
             the exception groups trio's nurseries put around it.
     """
     try:
-        return trio.run(Supervisor(config).run)
+        return trio.run(Supervisor(config, facts).run)
     except BaseExceptionGroup as group:
         leaves = _leaves(group)
         deliberate = [e for e in leaves if isinstance(e, CvmfsdError)]
