@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cvmfsd.errors import UsageError
+from cvmfsd.names import repo_name_problem
 
 #: Keys of glidein_config exported to the payload's environment, by prefix.
 EXPORT_PREFIXES = ("GLIDEIN_", "GWMS_", "CVMFS_", "CONDOR_VARS_FILE", "TMP_DIR")
@@ -77,10 +78,7 @@ class Config:
             raise UsageError("--grace must be >= 0 and --mount-timeout > 0 seconds")
         if self.log_format not in ("console", "json"):
             raise UsageError(f"--log-format {self.log_format!r}: expected console or json")
-        from cvmfsd.sim.stratum import StratumError, validate_fqrn
-
         for repo in self.repos:
-            try:
-                validate_fqrn(repo)
-            except StratumError as exc:
-                raise UsageError(f"--repos: {exc}") from None
+            problem = repo_name_problem(repo)
+            if problem:
+                raise UsageError(f"--repos: {problem}")

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
+from cvmfsd.names import repo_name_problem
 from cvmfsd.sim._faults import Faults, StratumError, make_faults, parse_faults
 
 __all__ = [
@@ -66,7 +67,6 @@ CATALOG_SUFFIX = "C"
 Entry = Mapping[str, Union[str, int]]
 Catalog = Mapping[str, Entry]
 
-_FQRN = re.compile(r"[a-z0-9][a-z0-9-]*(\.[a-z0-9][a-z0-9-]*)+")
 _HASH = re.compile(r"[0-9a-f]{40}")
 
 
@@ -87,11 +87,9 @@ def validate_fqrn(fqrn: str) -> str:
     Raises:
         StratumError: the name is not acceptable.
     """
-    if not isinstance(fqrn, str) or len(fqrn) > 255 or not _FQRN.fullmatch(fqrn):
-        raise StratumError(
-            f"invalid repository name {fqrn!r}: expected lowercase letters, digits, '-' and "
-            "'.', at least one dot, no empty label and no leading '.' or '-', at most 255 chars"
-        )
+    problem = repo_name_problem(fqrn)
+    if problem:
+        raise StratumError(problem)
     return fqrn
 
 
