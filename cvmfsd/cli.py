@@ -115,9 +115,6 @@ def _cmd_probe(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from concurrent.futures import ThreadPoolExecutor
-
-    from cvmfsd import probe
     from cvmfsd.config import Config
 
     payload = list(args.payload)
@@ -129,16 +126,22 @@ def _cmd_run(args: argparse.Namespace) -> int:
         mount_timeout=args.mount_timeout, log_format=args.log_format,
         nonesting=not args.allow_nesting, allow_keys=tuple(args.allow_key or ()),
     )
-    # The probe mostly waits for its child checks, and importing trio and
-    # structlog costs about as long: do both at once (start-up is on the
+    # Decide and, in mode 3, start cvmfsexec before importing trio and
+    # structlog: the mounts proceed while they load (start-up is on the
     # critical path of every pilot).
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        facts = pool.submit(probe.probe_host, repos=config.repos)
+    from cvmfsd.prepare import prepare
+
+    prepared = prepare(config)
+    try:
         from cvmfsd import daemon
         from cvmfsd.log import configure_logging
 
         configure_logging(config.log_format, level=args.log_level)
-        return daemon.run(config, facts=facts.result())
+    except BaseException:
+        if prepared.spawned is not None:
+            prepared.spawned.process.kill()  # nothing would supervise it
+        raise
+    return daemon.run(config, prepared=prepared)
 
 
 def _repos(text: str) -> tuple[str, ...]:

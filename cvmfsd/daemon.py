@@ -1,8 +1,9 @@
-"""``cvmfsd run``: from configuration to the payload's exit status.
+"""``cvmfsd run``: supervise what :mod:`cvmfsd.prepare` decided, and report.
 
-The steps follow the data: configuration and glidein_config -> policy -> host
-probe -> mode decision -> launch -> supervise -> report.  This module owns the
-session's nursery and the one task that receives SIGTERM, SIGINT and SIGHUP.
+Data flow: prepare (configuration, policy, probe, mode, cvmfsexec started) ->
+this module (mount progress, glidein_config write-back, the payload, signals,
+shutdown).  It owns the session's nursery and the one task that receives
+SIGTERM, SIGINT and SIGHUP.
 
 Exit statuses: the payload's own status when it ran; 69 (EX_UNAVAILABLE) when
 CVMFS could not be provided and the policy says that fails the pilot; 2 for a
@@ -15,25 +16,21 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 from collections.abc import Awaitable, Callable, Mapping
-from pathlib import Path
 
 import structlog
 import trio
 
+from cvmfsd import glidein, mode, probe, session
+from cvmfsd.config import Config
+from cvmfsd.errors import CvmfsdError
+from cvmfsd.launch import LaunchError
+from cvmfsd.prepare import Prepared, prepare
+
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
 
-from cvmfsd import glidein, launch, mode, probe, session
-from cvmfsd.config import Config, exported_variables
-from cvmfsd.errors import ConfigError, CvmfsdError
-from cvmfsd.launch import Dist, LaunchError
-
 log = structlog.get_logger("cvmfsd.daemon")
-
-FORCED = {"host": mode.Mode.HOST, "3": mode.Mode.MODE3, "2": mode.Mode.MODE2,
-          "1": mode.Mode.MODE1}
 
 
 def progress(index: int, total: int, repo: str) -> None:
@@ -53,19 +50,11 @@ def userns_status(facts: probe.HostFacts) -> str:
 
 
 class Supervisor:
-    """One ``cvmfsd run``: decides, launches, supervises and reports."""
+    """One ``cvmfsd run``: launches what was prepared, supervises and reports."""
 
-    def __init__(self, config: Config, facts: probe.HostFacts | None = None) -> None:
-        self.config = config
-        self.facts = facts
-        self.values: Mapping[str, str] = {}
-        if config.glidein_config is not None:
-            parsed = glidein.read_glidein_config(config.glidein_config)
-            for problem in parsed.problems:
-                log.warning("glidein_config", problem=str(problem))
-            self.values = parsed.values
-        self.payload_tmp = Path(tempfile.mkdtemp(
-            prefix="cvmfsd-payload-", dir=config.environ.get("TMPDIR") or None))
+    def __init__(self, prepared: Prepared) -> None:
+        self.prepared = prepared
+        self.config = prepared.config
 
     async def record(self, **updates: str) -> None:
         """Write attributes back to glidein_config (if there is one) and log them."""
@@ -74,33 +63,21 @@ class Supervisor:
             await trio.to_thread.run_sync(
                 glidein.update_glidein_config, self.config.glidein_config, updates)
 
-    def payload_env(self, extra: Mapping[str, str]) -> dict[str, str]:
-        """The payload's environment: ours, the exported glidein values, ``extra``."""
-        env = dict(self.config.environ)
-        env.update(exported_variables(self.values, allow=self.config.allow_keys))
-        env["TMPDIR"] = str(self.payload_tmp)
-        env.update(extra)
-        return env
-
-    def decide(self) -> tuple[mode.Decision, probe.HostFacts]:
-        """Resolve the policy, probe the node and choose a mode."""
-        policy = glidein.resolve_policy({**self.values, **_policy_env(self.config.environ)})
-        facts = self.facts or probe.probe_host(repos=self.config.repos)
-        forced = FORCED.get(self.config.mode)
-        decision = mode.select_mode(policy, facts, forced=forced)
-        for line in decision.explain().splitlines():
-            log.info("mode decision", detail=line)
-        return decision, facts
-
     async def run(self) -> int:
+        """Supervise to the end; the payload's directory is removed whatever happens."""
         try:
             return await self._run()
         finally:
-            shutil.rmtree(self.payload_tmp, ignore_errors=True)
+            shutil.rmtree(self.prepared.payload_tmp, ignore_errors=True)
 
     async def _run(self) -> int:
-        decision, facts = await trio.to_thread.run_sync(self.decide)
-        await self.record(HAS_UNPRIVILEGED_USER_NAMESPACES=userns_status(facts),
+        prepared = self.prepared
+        for problem in prepared.problems:
+            log.warning("glidein_config", problem=problem)
+        decision = prepared.decision
+        for line in decision.explain().splitlines():
+            log.info("mode decision", detail=line)
+        await self.record(HAS_UNPRIVILEGED_USER_NAMESPACES=userns_status(prepared.facts),
                           CVMFSD_PID=str(os.getpid()), CVMFSD_STATUS="mounting")
         chosen = decision.mode
         if chosen in (mode.Mode.MODE3, mode.Mode.MODE2, mode.Mode.MODE1):
@@ -127,39 +104,35 @@ class Supervisor:
         await self.record(GWMS_IS_CVMFS=is_cvmfs, GWMS_CVMFSEXEC_MODE="0",
                           CVMFSD_STATUS="ready" if is_cvmfs == "yes" else "without-cvmfs",
                           CVMFS_MOUNT_DIR="")
-        return await self._run_direct(self.payload_env({}))
-
-    def _dist(self) -> Dist:
-        if self.config.dist is None:
-            raise ConfigError("no cvmfsexec distribution given",
-                              hint="pass --dist DIR (the directory holding cvmfsexec)")
-        dist = Dist(self.config.dist.absolute())
-        dist.check()
-        return dist
+        return await self._run_direct(prepared.payload_env({}))
 
     async def _run_with_dist(self, decision: mode.Decision) -> int:
-        dist = self._dist()
-        number = str(decision.mode.cvmfsexec_mode)
+        prepared = self.prepared
+        if prepared.launch_error is not None:
+            raise prepared.launch_error
+        dist = prepared.dist
+        if dist is None:
+            raise LaunchError("no cvmfsexec distribution")  # prepare() sets one or an error
         if decision.mode is mode.Mode.MODE3:
-            return await self._run_mode3(dist)
+            return await self._run_mode3()
         # Modes 1 and 2: cvmfsd mounts on the host itself and unmounts after.
         mounted = await session.mount_on_host(
             dist, self.config.repos, repo_timeout=self.config.mount_timeout,
             on_progress=progress)
         try:
-            await self.record(GWMS_IS_CVMFS="yes", GWMS_CVMFSEXEC_MODE=number,
-                              CVMFSD_STATUS="ready",
+            await self.record(GWMS_IS_CVMFS="yes", CVMFSD_STATUS="ready",
+                              GWMS_CVMFSEXEC_MODE=str(decision.mode.cvmfsexec_mode),
                               CVMFS_MOUNT_DIR=str(dist.mount_dir))
-            env = self.payload_env({"CVMFS_MOUNT_DIR": str(dist.mount_dir)})
+            env = prepared.payload_env({"CVMFS_MOUNT_DIR": str(dist.mount_dir)})
             return await self._run_direct(env)
         finally:
             with trio.CancelScope(shield=True):
                 await session.unmount_on_host(dist, mounted)
 
-    async def _run_mode3(self, dist: Dist) -> int:
-        plan = launch.LaunchPlan(
-            dist=dist, repos=self.config.repos, payload=self.config.payload,
-            nonesting=self.config.nonesting, env=self.payload_env({"CVMFS_MOUNT_DIR": ""}))
+    async def _run_mode3(self) -> int:
+        plan = self.prepared.plan
+        if plan is None:
+            raise LaunchError("no launch plan for mode 3")  # prepare() makes one or an error
 
         async def ready(info: session.ReadyInfo) -> None:
             await self.record(GWMS_IS_CVMFS="yes", GWMS_CVMFSEXEC_MODE="3", CVMFS_MOUNT_DIR="",
@@ -175,7 +148,7 @@ class Supervisor:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_relay_signals, runner.send_event.send)
             try:
-                outcome = await runner.run()
+                outcome = await runner.run(self.prepared.spawned)
             except LaunchError as exc:
                 failure = exc  # re-raised below, outside the nursery's exception group
             nursery.cancel_scope.cancel()
@@ -194,12 +167,6 @@ class Supervisor:
         return outcome.status
 
 
-def _policy_env(environ: Mapping[str, str]) -> dict[str, str]:
-    names = ("GLIDEIN_USE_CVMFSEXEC", "GLIDEIN_CVMFS", "GLIDEIN_USE_CVMFS",
-             "GLIDEIN_CVMFS_REQUIRE")
-    return {name: environ[name] for name in names if name in environ}
-
-
 async def _relay_signals(send: Callable[[session.Stop], Awaitable[None]]) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
@@ -213,7 +180,7 @@ def _leaves(error: BaseException) -> list[BaseException]:
     return [error]
 
 
-def run(config: Config, *, facts: probe.HostFacts | None = None) -> int:
+def run(config: Config, *, prepared: Prepared | None = None) -> int:
     """Run the supervisor to completion; return cvmfsd's exit status.
 
     Raises:
@@ -221,7 +188,7 @@ def run(config: Config, *, facts: probe.HostFacts | None = None) -> int:
             the exception groups trio's nurseries put around it.
     """
     try:
-        return trio.run(Supervisor(config, facts).run)
+        return trio.run(Supervisor(prepared or prepare(config)).run)
     except BaseExceptionGroup as group:
         leaves = _leaves(group)
         deliberate = [e for e in leaves if isinstance(e, CvmfsdError)]

@@ -20,7 +20,10 @@ stamps the shim's messages with its pid as seen by the supervisor
 
 from __future__ import annotations
 
+import os
 import re
+import socket
+import subprocess
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -204,3 +207,45 @@ def descendants(pid: int, proc_root: Path = Path("/proc")) -> list[int]:
             found.append(child)
             queue.append(child)
     return found
+
+
+@dataclass
+class Spawned:
+    """cvmfsexec started by :func:`spawn`, before any event loop exists.
+
+    Attributes:
+        process: the cvmfsexec process (stdout and stderr are pipes).
+        channel: our end of the socketpair the shim reports on, with
+            SO_PASSCRED set so every message carries the shim's pid.
+    """
+
+    process: subprocess.Popen[bytes]
+    channel: socket.socket
+
+
+def spawn(plan: LaunchPlan) -> Spawned:
+    """Start cvmfsexec for ``plan`` now (blocking, but only for the fork and exec).
+
+    ``cvmfsd run`` calls this before it imports trio, so the mounts proceed
+    while the rest of the supervisor loads.
+
+    Raises:
+        LaunchError: cvmfsexec could not be started at all.
+    """
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+    stdio = [os.dup(fd) for fd in (0, 1, 2)]
+    try:
+        argv = plan.argv(channel_fd=theirs.fileno(), stdio_fds=stdio)
+        process = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            pass_fds=(theirs.fileno(), *stdio), env=dict(plan.env),
+        )
+    except OSError as exc:
+        ours.close()
+        raise LaunchError(f"cannot start {plan.dist.root / 'cvmfsexec'}: {exc.strerror}") from None
+    finally:
+        theirs.close()
+        for fd in stdio:
+            os.close(fd)
+    return Spawned(process, ours)

@@ -104,6 +104,41 @@ def _kill_group(pgid: int, signum: int, what: str, *, quiet: bool = False) -> No
         log.info("signal sent", target=what, pgid=pgid, signal=signal.Signals(signum).name)
 
 
+class _Child:
+    """A process started outside trio, waited for without blocking the loop.
+
+    A pidfd becomes readable when the process exits (Linux >= 5.3); older
+    kernels fall back to a worker thread blocked in waitpid.
+    """
+
+    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+        self.popen = popen
+        self.pid = popen.pid
+        self.returncode: int | None = None
+        self._exited = trio.Event()
+
+    async def watch(self) -> None:
+        """Wait for the exit (run this in exactly one task)."""
+        try:
+            pidfd = os.pidfd_open(self.pid)
+        except (AttributeError, OSError):
+            self.returncode = await trio.to_thread.run_sync(
+                self.popen.wait, abandon_on_cancel=True)
+        else:
+            try:
+                await trio.lowlevel.wait_readable(pidfd)
+            finally:
+                os.close(pidfd)
+            self.returncode = self.popen.wait()
+        self._exited.set()
+
+    async def wait(self) -> int:
+        """The exit status (negative for a signal), once the process has exited."""
+        await self._exited.wait()
+        assert self.returncode is not None  # noqa: S101 - set before the event
+        return self.returncode
+
+
 class Mode3Session:
     """cvmfsexec in mode 3 with the shim and the payload inside.
 
@@ -125,7 +160,7 @@ class Mode3Session:
         self.on_progress = on_progress
         self.order = launch.mount_order(plan.dist, plan.repos)
         self.send_event, self._events = trio.open_memory_channel[Event](256)
-        self.process: trio.Process | None = None
+        self.process: _Child | None = None
         self.shim_pid: int | None = None
         self.ns_init_pid: int | None = None
         self._channel: trio.socket.SocketType | None = None
@@ -166,7 +201,7 @@ class Mode3Session:
                 if isinstance(body, dict):
                     await self.send_event.send(Message(body, pid))
 
-    async def _wait_exit(self, process: trio.Process) -> None:
+    async def _wait_exit(self, process: _Child) -> None:
         status = await process.wait()
         await self.send_event.send(Exited(status))
 
@@ -176,28 +211,25 @@ class Mode3Session:
         await self._channel.send(json.dumps(body).encode() + b"\n")
 
     # --- the session ------------------------------------------------------------
-    async def run(self) -> Outcome:
-        """Start cvmfsexec, react to events until it has exited, return the outcome."""
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-        stdio = [os.dup(fd) for fd in (0, 1, 2)]
-        try:
-            argv = self.plan.argv(channel_fd=theirs.fileno(), stdio_fds=stdio)
-            log.info("starting cvmfsexec", argv=argv)
-            self.process = await trio.lowlevel.open_process(
-                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE, pass_fds=(theirs.fileno(), *stdio),
-                env=dict(self.plan.env),
-            )
-        finally:
-            theirs.close()
-            for fd in stdio:
-                os.close(fd)
-        self._channel = trio.socket.from_stdlib_socket(ours)
+    async def run(self, spawned: launch.Spawned | None = None) -> Outcome:
+        """React to cvmfsexec's events until it has exited; return the outcome.
+
+        Args:
+            spawned: cvmfsexec already started by :func:`launch.spawn`; by
+                default it is started here.
+        """
+        if spawned is None:
+            spawned = launch.spawn(self.plan)
+        log.info("cvmfsexec started", pid=spawned.process.pid, argv=spawned.process.args)
+        self.process = _Child(spawned.process)
+        self._channel = trio.socket.from_stdlib_socket(spawned.channel)
         async with trio.open_nursery() as nursery:
-            for name, stream in (("stdout", self.process.stdout),
-                                 ("stderr", self.process.stderr)):
-                if stream is not None:
+            nursery.start_soon(self.process.watch)
+            for name, pipe in (("stdout", spawned.process.stdout),
+                               ("stderr", spawned.process.stderr)):
+                if pipe is not None:
+                    stream = trio.lowlevel.FdStream(os.dup(pipe.fileno()))
+                    pipe.close()
                     nursery.start_soon(self._pump_lines, stream, name)
             nursery.start_soon(self._pump_channel, self._channel)
             nursery.start_soon(self._wait_exit, self.process)
@@ -281,8 +313,10 @@ class Mode3Session:
                 return False
             log.info("repositories verified", shim_pid=self.shim_pid,
                      ns_init_pid=self.ns_init_pid, repos=checks)
-            await self.on_ready(ReadyInfo(checks, self.shim_pid, self.ns_init_pid))
+            # The payload goes first: reporting readiness (a glidein_config
+            # rewrite under its lock) is not on the payload's critical path.
             await self._send(event="start", env=dict(self.plan.env))
+            await self.on_ready(ReadyInfo(checks, self.shim_pid, self.ns_init_pid))
             return True
         if body.get("event") == "exited":
             status = body.get("status")

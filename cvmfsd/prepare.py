@@ -1,0 +1,100 @@
+"""Everything ``cvmfsd run`` decides before its event loop starts.
+
+Configuration and glidein_config -> policy -> host facts -> mode -> launch
+plan, and in mode 3 cvmfsexec itself is started here.  This module imports
+neither trio nor structlog: ``cvmfsd run`` calls it first, so that the mounts
+proceed while those load (start-up is on the critical path of every pilot).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from cvmfsd import glidein, launch, mode, probe
+from cvmfsd.config import Config, exported_variables
+from cvmfsd.launch import Dist, LaunchError, LaunchPlan, Spawned
+
+FORCED = {"host": mode.Mode.HOST, "3": mode.Mode.MODE3, "2": mode.Mode.MODE2,
+          "1": mode.Mode.MODE1}
+POLICY_VARIABLES = ("GLIDEIN_USE_CVMFSEXEC", "GLIDEIN_CVMFS", "GLIDEIN_USE_CVMFS",
+                    "GLIDEIN_CVMFS_REQUIRE")
+CVMFSEXEC_MODES = (mode.Mode.MODE3, mode.Mode.MODE2, mode.Mode.MODE1)
+
+
+@dataclass
+class Prepared:
+    """The decisions made before start-up, and what was started already.
+
+    Attributes:
+        launch_error: why the chosen cvmfsexec mode cannot even start (no or a
+            broken distribution, cvmfsexec not executable); the policy decides
+            what it means.
+    """
+
+    config: Config
+    values: Mapping[str, str]
+    problems: tuple[str, ...]
+    facts: probe.HostFacts
+    decision: mode.Decision
+    payload_tmp: Path
+    dist: Dist | None = None
+    plan: LaunchPlan | None = None
+    spawned: Spawned | None = None
+    launch_error: LaunchError | None = None
+
+    def payload_env(self, extra: Mapping[str, str]) -> dict[str, str]:
+        """The payload's environment: ours, the exported glidein values, ``extra``."""
+        env = dict(self.config.environ)
+        env.update(exported_variables(self.values, allow=self.config.allow_keys))
+        env["TMPDIR"] = str(self.payload_tmp)
+        env.update(extra)
+        return env
+
+
+def _find_dist(config: Config) -> Dist:
+    if config.dist is None:
+        raise LaunchError("no cvmfsexec distribution given",
+                          hint="pass --dist DIR (the directory holding cvmfsexec)")
+    dist = Dist(config.dist.absolute())
+    dist.check()
+    return dist
+
+
+def prepare(config: Config, facts: probe.HostFacts | None = None, *,
+            start: bool = True) -> Prepared:
+    """Decide how to provide CVMFS and, in mode 3 with ``start``, start cvmfsexec.
+
+    Raises:
+        ConfigError: glidein_config or the policy attributes are unusable.
+        HostUnsupported: a forced mode is impossible here.
+    """
+    values: Mapping[str, str] = {}
+    problems: tuple[str, ...] = ()
+    if config.glidein_config is not None:
+        parsed = glidein.read_glidein_config(config.glidein_config)
+        values, problems = parsed.values, tuple(str(p) for p in parsed.problems)
+    env_policy = {k: config.environ[k] for k in POLICY_VARIABLES if k in config.environ}
+    policy = glidein.resolve_policy({**values, **env_policy})
+    facts = facts or probe.probe_host(repos=config.repos)
+    decision = mode.select_mode(policy, facts, forced=FORCED.get(config.mode))
+    payload_tmp = Path(tempfile.mkdtemp(prefix="cvmfsd-payload-",
+                                        dir=config.environ.get("TMPDIR") or None))
+    prepared = Prepared(config, values, problems, facts, decision, payload_tmp)
+    if decision.mode not in CVMFSEXEC_MODES:
+        return prepared
+    try:
+        prepared.dist = _find_dist(config)
+        if decision.mode is mode.Mode.MODE3:
+            prepared.plan = LaunchPlan(
+                dist=prepared.dist, repos=config.repos, payload=config.payload,
+                nonesting=config.nonesting,
+                env=prepared.payload_env({"CVMFS_MOUNT_DIR": "", "CVMFSD_PID": str(os.getpid())}))
+            if start:
+                prepared.spawned = launch.spawn(prepared.plan)
+    except LaunchError as exc:
+        prepared.launch_error = exc
+    return prepared
