@@ -14,6 +14,7 @@ running.
 
 from __future__ import annotations
 
+import array
 import json
 import os
 import signal
@@ -168,6 +169,11 @@ class Mode3Session:
         self._failed_repo: str | None = None
         self._payload_status: int | None = None
         self._stopping = False
+        self._ready = False
+        self._send_lock = trio.Lock()
+        self._exec_done: dict[int, trio.Event] = {}
+        self._exec_status: dict[int, int] = {}
+        self._exec_ids = iter(range(1, 2**62))
 
     # --- plumbing -------------------------------------------------------------
     async def _pump_lines(self, stream: trio.abc.ReceiveStream, name: str) -> None:
@@ -205,10 +211,38 @@ class Mode3Session:
         status = await process.wait()
         await self.send_event.send(Exited(status))
 
-    async def _send(self, **body: object) -> None:
+    async def _send(self, fds: Sequence[int] = (), **body: object) -> None:
         if self._channel is None:
             raise RuntimeError("the shim channel is not open")  # a bug, not a user error
-        await self._channel.send(json.dumps(body).encode() + b"\n")
+        data = json.dumps(body).encode() + b"\n"
+        ancdata = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+        async with self._send_lock:
+            sent = await self._channel.sendmsg([data], ancdata if fds else [])
+            while sent < len(data):
+                sent += await self._channel.send(data[sent:])
+
+    async def exec_in_namespace(self, argv: Sequence[str], fds: Sequence[int], *,
+                                cwd: str | None = None,
+                                env: Mapping[str, str] | None = None) -> int:
+        """Run ``argv`` inside the namespace with ``fds`` as its stdin/stdout/stderr.
+
+        The shim runs it and reports its exit status; the descriptors travel
+        over the channel (SCM_RIGHTS) and the caller keeps its own copies.
+
+        Raises:
+            LaunchError: the namespace is not ready, or it ended first.
+        """
+        if not self._ready or self._stopping:
+            raise LaunchError("the namespace is not ready for exec")
+        request_id = next(self._exec_ids)
+        done = self._exec_done[request_id] = trio.Event()
+        await self._send(fds, event="exec", id=request_id, argv=list(argv), cwd=cwd,
+                         env=dict(env or {}))
+        await done.wait()
+        status = self._exec_status.pop(request_id, None)
+        if status is None:
+            raise LaunchError("the namespace ended before the command did")
+        return status
 
     # --- the session ------------------------------------------------------------
     async def run(self, spawned: launch.Spawned | None = None) -> Outcome:
@@ -316,8 +350,16 @@ class Mode3Session:
             # The payload goes first: reporting readiness (a glidein_config
             # rewrite under its lock) is not on the payload's critical path.
             await self._send(event="start", env=dict(self.plan.env))
+            self._ready = True
             await self.on_ready(ReadyInfo(checks, self.shim_pid, self.ns_init_pid))
             return True
+        if body.get("event") == "exec-exited":
+            request_id, status = body.get("id"), body.get("status")
+            if isinstance(request_id, int) and request_id in self._exec_done:
+                if isinstance(status, int):
+                    self._exec_status[request_id] = status
+                self._exec_done.pop(request_id).set()
+            return False
         if body.get("event") == "exited":
             status = body.get("status")
             self._payload_status = status if isinstance(status, int) else None
@@ -360,6 +402,10 @@ class Mode3Session:
             await self.process.wait()
 
     def _finish(self, status: int, ready: bool) -> Outcome:
+        self._ready = False
+        for done in self._exec_done.values():
+            done.set()  # no status: the callers learn the namespace is gone
+        self._exec_done.clear()
         status = _exit_status(status)
         if self._payload_status is not None:
             return Outcome(self._payload_status, "payload exited", stopped=self._stopping)

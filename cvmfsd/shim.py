@@ -11,7 +11,9 @@ PAYLOAD``.  Inside the namespace the shim
    supervisor learns the shim's host pid from the kernel, through
    SCM_CREDENTIALS, and from it namespace PID 1: the shim's parent);
 3. waits for the supervisor's go, which carries the payload's environment;
-4. runs the payload with the pilot's own stdout/stderr, HUP/INT/QUIT/TERM back
+4. serves the supervisor's ``exec`` requests: a command from outside run in
+   here, with the caller's own stdin/stdout/stderr passed over the socket;
+5. runs the payload with the pilot's own stdout/stderr, HUP/INT/QUIT/TERM back
    to their defaults (namespace PID 1 ignores them, and ignored signals are
    inherited), forwards those signals to it, and reports how it ended.
 
@@ -86,26 +88,95 @@ def verify_repo(repo: str, path: str, mounts: dict[str, str],
 
 
 class Channel:
-    """The line-delimited JSON connection to the supervisor."""
+    """The line-delimited JSON connection to the supervisor.
+
+    Messages may carry file descriptors (SCM_RIGHTS): an ``exec`` request
+    brings the caller's stdin, stdout and stderr.  ``send`` may be called
+    from several threads.
+    """
+
+    MAX_FDS = 3
 
     def __init__(self, fd: int) -> None:
         self._sock = socket.socket(fileno=fd)
         self._buffer = b""
+        self._fds: list[int] = []
+        self._lock = threading.Lock()
 
     def send(self, **message: object) -> None:
-        self._sock.sendall(json.dumps(message).encode() + b"\n")
+        data = json.dumps(message).encode() + b"\n"
+        with self._lock:
+            self._sock.sendall(data)
 
-    def receive(self) -> dict[str, object]:
+    def receive(self) -> tuple[dict[str, object], list[int]]:
+        """The next message and the descriptors that came with it (the caller owns them)."""
+        space = socket.CMSG_SPACE(self.MAX_FDS * 4)
         while b"\n" not in self._buffer:
-            chunk = self._sock.recv(65536)
+            chunk, ancdata, _flags, _addr = self._sock.recvmsg(65536, space)
+            for level, kind, data in ancdata:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    usable = len(data) - len(data) % 4
+                    self._fds += list(memoryview(data)[:usable].cast("i"))
             if not chunk:
                 raise ConnectionError("the supervisor closed the connection")
             self._buffer += chunk
         line, self._buffer = self._buffer.split(b"\n", 1)
+        fds, self._fds = self._fds, []
         message = json.loads(line)
         if not isinstance(message, dict):
             raise ConnectionError(f"unexpected message from the supervisor: {line!r}")
-        return message
+        return message, fds
+
+
+def _run_exec(channel: Channel, message: dict[str, object], fds: list[int],
+              base_env: dict[str, str]) -> None:
+    """Run one ``exec`` request with the caller's descriptors; report its status."""
+    request_id = message.get("id")
+    argv, cwd, env = message.get("argv"), message.get("cwd"), message.get("env")
+    status = 127
+    try:
+        if not (isinstance(argv, list) and argv and len(fds) == 3):
+            raise ValueError("an exec request needs argv and three descriptors")
+        merged = dict(base_env)
+        if isinstance(env, dict):
+            merged.update({str(k): str(v) for k, v in env.items()})
+        child = subprocess.Popen(
+            [str(a) for a in argv], stdin=fds[0], stdout=fds[1], stderr=fds[2], env=merged,
+            cwd=cwd if isinstance(cwd, str) else None, start_new_session=True,
+            preexec_fn=_default_signals,  # noqa: PLW1509 - only resets signal dispositions
+        )
+        for fd in fds:
+            os.close(fd)
+        fds = []
+        status = _exit_status(child.wait())
+    except (OSError, ValueError) as exc:
+        if len(fds) == 3:
+            os.write(fds[2], f"cvmfsd: exec failed: {exc}\n".encode())
+        status = 126 if not isinstance(exc, FileNotFoundError) else 127
+    finally:
+        for fd in fds:
+            os.close(fd)
+    channel.send(event="exec-exited", id=request_id, status=status)
+
+
+def _serve_requests(channel: Channel, base_env: dict[str, str]) -> None:
+    """Answer the supervisor's requests (today: exec) until it goes away."""
+    while True:
+        try:
+            message, fds = channel.receive()
+        except (ConnectionError, OSError, ValueError):
+            return
+        if message.get("event") == "exec":
+            threading.Thread(target=_run_exec, args=(channel, message, fds, base_env),
+                             daemon=True).start()
+        else:
+            for fd in fds:
+                os.close(fd)
+
+
+def _default_signals() -> None:
+    for signum in FORWARDED:
+        signal.signal(signum, signal.SIG_DFL)
 
 
 def _exit_status(returncode: int) -> int:
@@ -116,15 +187,11 @@ def _exit_status(returncode: int) -> int:
 def run_payload(argv: Sequence[str], env: dict[str, str], stdio: Sequence[int]) -> int:
     """Run the payload with default signal dispositions; forward signals to it."""
 
-    def restore() -> None:
-        for signum in FORWARDED:
-            signal.signal(signum, signal.SIG_DFL)
-
     stdin, stdout, stderr = stdio
     try:
         payload = subprocess.Popen(
             list(argv), env=env, stdin=stdin, stdout=stdout, stderr=stderr,
-            preexec_fn=restore,  # noqa: PLW1509 - only resets signal dispositions
+            preexec_fn=_default_signals,  # noqa: PLW1509 - only resets signal dispositions
         )
     except OSError as exc:
         print(f"cvmfsd shim: cannot run {argv[0]!r}: {exc.strerror}", file=sys.stderr)
@@ -153,13 +220,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     repos = [r for r in args.repos.split(",") if r]
     checks = {repo: verify_repo(repo, f"/cvmfs/{repo}", mounts) for repo in repos}
     channel.send(event="verified", ns_pid=os.getpid(), repos=checks)
-    go = channel.receive()
+    go, _ = channel.receive()
     if go.get("event") != "start":
         print(f"cvmfsd shim: not starting the payload: {go.get('reason', go)}", file=sys.stderr)
         return 1
-    env = go.get("env")
-    assert isinstance(env, dict)  # noqa: S101 - the supervisor's own message
-    status = run_payload(args.payload, {str(k): str(v) for k, v in env.items()}, stdio)
+    raw_env = go.get("env")
+    env = {str(k): str(v) for k, v in raw_env.items()} if isinstance(raw_env, dict) else {}
+    threading.Thread(target=_serve_requests, args=(channel, env), daemon=True).start()
+    status = run_payload(args.payload, env, stdio)
     channel.send(event="exited", status=status)
     return status
 
