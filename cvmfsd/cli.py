@@ -125,6 +125,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         glidein_config=args.glidein_config, mode=args.mode, grace=args.grace,
         mount_timeout=args.mount_timeout, log_format=args.log_format,
         nonesting=not args.allow_nesting, allow_keys=tuple(args.allow_key or ()),
+        socket=args.socket, allow_exec=args.allow_exec,
     )
     # Decide and, in mode 3, start cvmfsexec before importing trio and
     # structlog: the mounts proceed while they load (start-up is on the
@@ -156,19 +157,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.workdir, keep=args.keep)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``cvmfsd``, each sub-command bound to its handler."""
-    parser = argparse.ArgumentParser(
-        prog="cvmfsd", description="Provide CVMFS to a grid pilot without root."
-    )
-    parser.add_argument("--version", action="version", version=f"cvmfsd {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    demo = commands.add_parser("demo", help="run cvmfsexec on a simulated distribution")
-    demo.add_argument("--workdir", type=Path, help="where to build it (default: a temp dir)")
-    demo.add_argument("--keep", action="store_true", help="keep the work directory")
-    demo.set_defaults(handler=_cmd_demo)
-
+def _add_run_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     run = commands.add_parser(
         "run", help="provide CVMFS and run the payload where it is",
         description="Probe the node, provide CVMFS the best way it allows (cvmfsexec mode 3, "
@@ -187,12 +176,33 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seconds allowed for mounting (default: %(default)s)")
     run.add_argument("--allow-nesting", action="store_true",
                      help="let the payload use $CVMFSMOUNT (cvmfsexec without -N)")
+    run.add_argument("--socket", type=Path, metavar="PATH",
+                     help="control socket (default: $XDG_RUNTIME_DIR/cvmfsd/PID.sock or "
+                     "/tmp/cvmfsd-UID/PID.sock)")
+    run.add_argument("--allow-exec", action="store_true",
+                     help="let `cvmfsctl exec` run commands inside the namespace")
     run.add_argument("--allow-key", action="append", metavar="KEY",
                      help="export this secret-looking glidein_config key anyway")
     run.add_argument("--log-format", default="console", choices=("console", "json"))
     run.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     run.add_argument("payload", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
     run.set_defaults(handler=_cmd_run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``cvmfsd``, each sub-command bound to its handler."""
+    parser = argparse.ArgumentParser(
+        prog="cvmfsd", description="Provide CVMFS to a grid pilot without root."
+    )
+    parser.add_argument("--version", action="version", version=f"cvmfsd {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = commands.add_parser("demo", help="run cvmfsexec on a simulated distribution")
+    demo.add_argument("--workdir", type=Path, help="where to build it (default: a temp dir)")
+    demo.add_argument("--keep", action="store_true", help="keep the work directory")
+    demo.set_defaults(handler=_cmd_demo)
+
+    _add_run_parser(commands)
 
     probe = commands.add_parser("probe", help="report what this node allows, with evidence")
     probe.add_argument("--json", action="store_true", help="machine-readable output")

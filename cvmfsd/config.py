@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,23 @@ def exported_variables(values: Mapping[str, str], *, allow: Sequence[str] = ()) 
     }
 
 
+def default_socket_path(environ: Mapping[str, str]) -> Path:
+    """Where the socket goes unless --socket says: never under TMPDIR.
+
+    cvmfsexec replaces and then deletes an exported TMPDIR, so the socket lives
+    in ``$XDG_RUNTIME_DIR/cvmfsd/`` if that is ours, else ``/tmp/cvmfsd-<uid>/``.
+    """
+    runtime = environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        try:
+            st = Path(runtime).stat()
+        except OSError:
+            st = None
+        if st is not None and stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid():
+            return Path(runtime) / "cvmfsd" / f"{os.getpid()}.sock"
+    return Path(f"/tmp/cvmfsd-{os.getuid()}") / f"{os.getpid()}.sock"  # noqa: S108 - 0700, ours
+
+
 def split_repos(text: str) -> tuple[str, ...]:
     """Repositories from a comma- or colon-separated list (GWMS uses colons)."""
     return tuple(dict.fromkeys(r.strip() for r in re.split(r"[,:\s]+", text) if r.strip()))
@@ -66,6 +84,8 @@ class Config:
     log_format: str = "console"
     nonesting: bool = True
     allow_keys: tuple[str, ...] = ()
+    socket: Path | None = None
+    allow_exec: bool = False
     environ: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
 
     def __post_init__(self) -> None:

@@ -12,20 +12,23 @@ bad command line; 1 for any other cvmfsd error.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
 
 import structlog
 import trio
 
-from cvmfsd import glidein, mode, probe, session
-from cvmfsd.config import Config
+from cvmfsd import control, glidein, mode, mountinfo, probe, protocol, session, talk
+from cvmfsd.config import Config, exported_variables
 from cvmfsd.errors import CvmfsdError
 from cvmfsd.launch import LaunchError
 from cvmfsd.prepare import Prepared, prepare
+from cvmfsd.state import DaemonState, LiveConfig, RepoState
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
@@ -55,6 +58,76 @@ class Supervisor:
     def __init__(self, prepared: Prepared) -> None:
         self.prepared = prepared
         self.config = prepared.config
+        self.state = DaemonState(
+            mode=prepared.decision.mode.value, policy=prepared.decision.policy.policy.value,
+            dist=str(prepared.dist.root) if prepared.dist else None,
+            repos={repo: RepoState() for repo in self.config.repos},
+            payload=self.config.payload)
+        self._stop: Callable[[], Awaitable[None]] | None = None
+        self._exec: Callable[[protocol.ExecArgs, Sequence[int]], Awaitable[int]] | None = None
+        self._provided: str | None = None  # how /cvmfs is reached: mode3, host, dist, None
+
+    # --- the control channel's view ------------------------------------------------
+    def backend(self) -> control.Backend:
+        """What the control verbs act on."""
+        allow = self.config.allow_keys
+        return control.Backend(
+            state=self.state, config=LiveConfig(self.config.glidein_config, allow=allow),
+            export=lambda values: exported_variables(values, allow=allow),
+            locate=self._locate, mounts=self._mounts, remount=self._remount,
+            stop=self._request_stop, run_exec=self._run_exec if self.config.allow_exec else None)
+
+    def _locate(self, path: str) -> Path | None:
+        relative = path[len("/cvmfs/"):]
+        if self._provided == "mode3" and self.state.shim_pid is not None:
+            return Path(f"/proc/{self.state.shim_pid}/root/cvmfs") / relative
+        if self._provided == "dist" and self.prepared.dist is not None:
+            return self.prepared.dist.mount_dir / relative
+        if self._provided == "host":
+            return Path(path)
+        return None
+
+    def _mounts(self) -> list[dict[str, str]]:
+        if self._provided == "mode3" and self.state.shim_pid is not None:
+            table, prefix = f"/proc/{self.state.shim_pid}/mountinfo", "/cvmfs"
+        elif self._provided == "dist" and self.prepared.dist is not None:
+            table, prefix = "/proc/self/mountinfo", str(self.prepared.dist.mount_dir)
+        elif self._provided == "host":
+            table, prefix = "/proc/self/mountinfo", "/cvmfs"
+        else:
+            return []
+        try:
+            text = Path(table).read_text(errors="replace")
+        except OSError:
+            return []
+        return [{"mountpoint": m.mountpoint, "source": m.source, "fstype": m.fstype}
+                for m in mountinfo.mounts_under(text, prefix)]
+
+    async def _remount(self, repo: str) -> str:
+        if self.prepared.dist is None or self._provided not in ("mode3", "dist"):
+            raise OSError(f"{repo} is not mounted by this cvmfsd")
+        socket_path = self.prepared.dist.talk_socket(repo)
+        return await talk.talk(socket_path, "remount sync")
+
+    async def _request_stop(self) -> None:
+        if self._stop is not None:
+            await self._stop()
+
+    async def _run_exec(self, args: protocol.ExecArgs, fds: Sequence[int]) -> int:
+        if self._exec is None:
+            raise LaunchError("CVMFS is not ready yet; try again once `cvmfsctl status` says "
+                              "running")
+        return await self._exec(args, fds)
+
+    async def _exec_here(self, args: protocol.ExecArgs, fds: Sequence[int]) -> int:
+        env = self.prepared.payload_env(dict(args.env or {}))
+        try:
+            result = await trio.run_process(list(args.argv), stdin=fds[0], stdout=fds[1],
+                                            stderr=fds[2], cwd=args.cwd, env=env, check=False)
+        except OSError as exc:
+            os.write(fds[2], f"cvmfsd: exec failed: {exc.strerror}\n".encode())
+            return 127 if isinstance(exc, FileNotFoundError) else 126
+        return result.returncode if result.returncode >= 0 else 128 - result.returncode
 
     async def record(self, **updates: str) -> None:
         """Write attributes back to glidein_config (if there is one) and log them."""
@@ -66,7 +139,16 @@ class Supervisor:
     async def run(self) -> int:
         """Supervise to the end; the payload's directory is removed whatever happens."""
         try:
-            return await self._run()
+            async with trio.open_nursery() as nursery:
+                path = await nursery.start(control.serve_control,
+                                           self.prepared.socket_path, self.backend())
+                self.state.socket = str(path)
+                try:
+                    status = await self._run()
+                finally:
+                    self.state.phase = "done"
+                    nursery.cancel_scope.cancel()
+            return status
         finally:
             shutil.rmtree(self.prepared.payload_tmp, ignore_errors=True)
 
@@ -77,8 +159,10 @@ class Supervisor:
         decision = prepared.decision
         for line in decision.explain().splitlines():
             log.info("mode decision", detail=line)
+        self.state.phase = "mounting"
         await self.record(HAS_UNPRIVILEGED_USER_NAMESPACES=userns_status(prepared.facts),
-                          CVMFSD_PID=str(os.getpid()), CVMFSD_STATUS="mounting")
+                          CVMFSD_PID=str(os.getpid()), CVMFSD_STATUS="mounting",
+                          CVMFSD_SOCKET=str(prepared.socket_path))
         chosen = decision.mode
         if chosen in (mode.Mode.MODE3, mode.Mode.MODE2, mode.Mode.MODE1):
             try:
@@ -101,6 +185,13 @@ class Supervisor:
         if chosen is mode.Mode.NONE:
             log.warning("running the payload without CVMFS",
                         policy=decision.policy.policy.value)
+        self.state.mode = chosen.value
+        if chosen is mode.Mode.HOST:
+            self._provided = "host"
+            for repo_state in self.state.repos.values():
+                repo_state.state = "ok"
+        self._exec = self._exec_here
+        self.state.phase = "running"
         await self.record(GWMS_IS_CVMFS=is_cvmfs, GWMS_CVMFSEXEC_MODE="0",
                           CVMFSD_STATUS="ready" if is_cvmfs == "yes" else "without-cvmfs",
                           CVMFS_MOUNT_DIR="")
@@ -119,6 +210,11 @@ class Supervisor:
         mounted = await session.mount_on_host(
             dist, self.config.repos, repo_timeout=self.config.mount_timeout,
             on_progress=progress)
+        self._provided = "dist"
+        for repo in self.config.repos:
+            self.state.repos[repo] = RepoState("ok")
+        self._exec = self._exec_here
+        self.state.phase = "running"
         try:
             await self.record(GWMS_IS_CVMFS="yes", CVMFSD_STATUS="ready",
                               GWMS_CVMFSEXEC_MODE=str(decision.mode.cvmfsexec_mode),
@@ -126,6 +222,7 @@ class Supervisor:
             env = prepared.payload_env({"CVMFS_MOUNT_DIR": str(dist.mount_dir)})
             return await self._run_direct(env)
         finally:
+            self._provided = None
             with trio.CancelScope(shield=True):
                 await session.unmount_on_host(dist, mounted)
 
@@ -135,6 +232,12 @@ class Supervisor:
             raise LaunchError("no launch plan for mode 3")  # prepare() makes one or an error
 
         async def ready(info: session.ReadyInfo) -> None:
+            self.state.shim_pid, self.state.ns_init_pid = info.shim_pid, info.ns_init_pid
+            for repo, check in info.repos.items():
+                revision = check.get("revision")
+                self.state.repos[repo] = RepoState(
+                    "ok", str(revision) if revision is not None else None)
+            self._provided, self._exec, self.state.phase = "mode3", runner_exec, "running"
             await self.record(GWMS_IS_CVMFS="yes", GWMS_CVMFSEXEC_MODE="3", CVMFS_MOUNT_DIR="",
                               CVMFSD_STATUS="ready")
             print("cvmfsd: ready: " + ", ".join(
@@ -144,6 +247,15 @@ class Supervisor:
         runner = session.Mode3Session(plan, grace=self.config.grace,
                                       mount_timeout=self.config.mount_timeout,
                                       on_ready=ready, on_progress=progress)
+
+        async def runner_exec(args: protocol.ExecArgs, fds: Sequence[int]) -> int:
+            return await runner.exec_in_namespace(args.argv, fds, cwd=args.cwd, env=args.env)
+
+        async def stop() -> None:
+            self.state.phase = "stopping"
+            await runner.send_event.send(session.Stop("cvmfsctl stop"))
+
+        self._stop = stop
         failure: LaunchError | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_relay_signals, runner.send_event.send)
@@ -152,18 +264,28 @@ class Supervisor:
             except LaunchError as exc:
                 failure = exc  # re-raised below, outside the nursery's exception group
             nursery.cancel_scope.cancel()
+        self._provided, self._exec = None, None
         if failure is not None:
             raise failure
+        self.state.payload_status = outcome.status
         log.info("done", status=outcome.status, reason=outcome.reason, stopped=outcome.stopped)
         return outcome.status
 
     async def _run_direct(self, env: Mapping[str, str]) -> int:
         send, receive = trio.open_memory_channel[session.Stop](1)
+
+        async def stop() -> None:
+            self.state.phase = "stopping"
+            with contextlib.suppress(trio.WouldBlock):
+                send.send_nowait(session.Stop("cvmfsctl stop"))
+
+        self._stop = stop
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_relay_signals, send.send)
             outcome = await session.run_direct(self.config.payload, env,
                                                grace=self.config.grace, stops=receive)
             nursery.cancel_scope.cancel()
+        self.state.payload_status = outcome.status
         return outcome.status
 
 

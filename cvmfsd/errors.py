@@ -43,3 +43,38 @@ class PolicyError(ConfigError):
 
 class HostUnsupported(CvmfsdError):
     """This node cannot provide CVMFS the way it was asked for (no usable mode or build)."""
+
+
+class ProtocolError(CvmfsdError):
+    """The control protocol was broken; abstract: raise one of the two subclasses.
+
+    As in h11, the split says who is at fault: :class:`LocalProtocolError` when
+    our side misused the protocol (a bug, or user input that no valid request
+    can carry), :class:`RemoteProtocolError` when the peer sent something the
+    protocol does not allow.
+
+    Attributes:
+        code: the protocol error code (a ``cvmfsd.protocol.ErrorCode`` value,
+            e.g. ``"bad-request"``) that describes the fault.
+    """
+
+    exit_status = 76  # EX_PROTOCOL
+
+    def __init__(self, message: str, *, code: str, hint: str | None = None) -> None:
+        if type(self) is ProtocolError:
+            raise TypeError("ProtocolError is abstract: raise LocalProtocolError or "
+                            "RemoteProtocolError")
+        super().__init__(message, hint=hint)
+        self.code = code
+
+
+class LocalProtocolError(ProtocolError):
+    """We misused the control protocol: an invalid request or response, or a call out of turn."""
+
+    exit_status = 70  # EX_SOFTWARE: usually a bug on our side
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent bytes that are not a valid control-protocol message."""
+
+    exit_status = 76  # EX_PROTOCOL

@@ -73,6 +73,16 @@ class Dist:
         """The repository's cvmfs2 log (``CVMFS_USYSLOG`` as mountrepo sets it)."""
         return self.root / "log" / f"{repo}.log"
 
+    def talk_socket(self, repo: str) -> Path:
+        """The repository's cvmfs_talk socket with the distribution's default cache.
+
+        mountrepo relocates ``CVMFS_CACHE_BASE=/var/lib/cvmfs`` into ``dist/``
+        and the cache is shared by default, so the socket is
+        ``dist/var/lib/cvmfs/shared/cvmfs_io.<repo>``.  A default.local that
+        moves the cache moves the socket too; that case is not followed yet.
+        """
+        return self.root / "dist/var/lib/cvmfs/shared" / f"cvmfs_io.{repo}"
+
     def config_repo(self) -> str | None:
         """CVMFS_CONFIG_REPOSITORY as cvmfsexec finds it: the last one in default.d."""
         found = None

@@ -9,13 +9,15 @@ proceed while those load (start-up is on the critical path of every pilot).
 from __future__ import annotations
 
 import os
+import shutil
+import sys
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from cvmfsd import glidein, launch, mode, probe
-from cvmfsd.config import Config, exported_variables
+from cvmfsd.config import Config, default_socket_path, exported_variables
 from cvmfsd.launch import Dist, LaunchError, LaunchPlan, Spawned
 
 FORCED = {"host": mode.Mode.HOST, "3": mode.Mode.MODE3, "2": mode.Mode.MODE2,
@@ -45,14 +47,27 @@ class Prepared:
     plan: LaunchPlan | None = None
     spawned: Spawned | None = None
     launch_error: LaunchError | None = None
+    socket_path: Path = Path()
 
     def payload_env(self, extra: Mapping[str, str]) -> dict[str, str]:
         """The payload's environment: ours, the exported glidein values, ``extra``."""
         env = dict(self.config.environ)
         env.update(exported_variables(self.values, allow=self.config.allow_keys))
         env["TMPDIR"] = str(self.payload_tmp)
+        env["CVMFSD_SOCKET"] = str(self.socket_path)
+        ctl = cvmfsctl_path()
+        if ctl:
+            env["CVMFSCTL"] = ctl
         env.update(extra)
         return env
+
+
+def cvmfsctl_path() -> str | None:
+    """The cvmfsctl that belongs to this cvmfsd, for the payload's ``$CVMFSCTL``."""
+    beside = Path(sys.executable).parent / "cvmfsctl"
+    if beside.exists():
+        return str(beside)
+    return shutil.which("cvmfsctl")
 
 
 def _find_dist(config: Config) -> Dist:
@@ -83,7 +98,8 @@ def prepare(config: Config, facts: probe.HostFacts | None = None, *,
     decision = mode.select_mode(policy, facts, forced=FORCED.get(config.mode))
     payload_tmp = Path(tempfile.mkdtemp(prefix="cvmfsd-payload-",
                                         dir=config.environ.get("TMPDIR") or None))
-    prepared = Prepared(config, values, problems, facts, decision, payload_tmp)
+    prepared = Prepared(config, values, problems, facts, decision, payload_tmp,
+                        socket_path=config.socket or default_socket_path(config.environ))
     if decision.mode not in CVMFSEXEC_MODES:
         return prepared
     try:

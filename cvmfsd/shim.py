@@ -35,21 +35,16 @@ import sys
 import threading
 from collections.abc import Sequence
 
+from cvmfsd.mountinfo import fuse_mounts
+
 FORWARDED = (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM)
 CHECK_TIMEOUT = 10.0
 
 
-def _fuse_mounts(mountinfo: str = "/proc/self/mountinfo") -> dict[str, str]:
+def _fuse_mounts(path: str = "/proc/self/mountinfo") -> dict[str, str]:
     """Mount point -> file-system source, for FUSE mounts in this namespace."""
-    found = {}
-    with open(mountinfo, encoding="utf-8", errors="replace") as lines:
-        for line in lines:
-            fields = line.split()
-            sep = fields.index("-")
-            fstype, source = fields[sep + 1], fields[sep + 2]
-            if fstype == "fuse" or fstype.startswith("fuse."):
-                found[fields[4].replace("\\040", " ")] = source
-    return found
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return fuse_mounts(f.read())
 
 
 def _check_root(path: str, repo: str, result: dict[str, object]) -> None:

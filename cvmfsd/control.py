@@ -1,0 +1,310 @@
+"""The control channel's unix-socket server (the protocol itself is :mod:`cvmfsd.protocol`).
+
+One task per connection, so a slow or stuck client only holds up itself: every
+read has an idle deadline and every write a send deadline.  The peer's
+credentials (SO_PEERCRED) are checked on every connection: only our own uid
+is served.  The socket is created mode 0600 in a 0700 directory that we own,
+on a host path: cvmfsexec binds the whole host / into the namespace, so the
+same path works inside.
+
+What the verbs do is up to a :class:`Backend`, which the supervisor fills in.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import errno
+import os
+import socket
+import stat
+import struct
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NoReturn
+
+import structlog
+import trio
+
+from cvmfsd import protocol
+from cvmfsd.errors import ConfigError, CvmfsdError, LocalProtocolError
+from cvmfsd.protocol import ErrorCode, Request, Response, Verb
+from cvmfsd.state import DaemonState, LiveConfig
+
+log = structlog.get_logger("cvmfsd.control")
+
+IDLE_TIMEOUT = 60.0  # seconds a connection may sit without a complete request
+SEND_TIMEOUT = 10.0  # seconds a client may take to read a response
+MAX_PATH = 107  # sun_path holds 108 bytes, NUL included
+_UCRED = struct.Struct("3i")
+
+
+class RequestFailed(Exception):
+    """A verb cannot be carried out; becomes an error response, not a crash."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class Backend:
+    """What the verbs act on; the supervisor provides each piece.
+
+    Attributes:
+        locate: maps a path under /cvmfs to where this process can see it
+            (``/proc/<shim>/root/cvmfs/...`` in mode 3), or None while CVMFS
+            is not provided.
+        run_exec: runs a command inside the namespace; None when exec is
+            disabled (the default, like cvmfsexec's -N).
+    """
+
+    state: DaemonState
+    config: LiveConfig
+    export: Callable[[Mapping[str, str]], dict[str, str]]
+    locate: Callable[[str], Path | None]
+    mounts: Callable[[], list[dict[str, str]]]
+    remount: Callable[[str], Awaitable[str]]
+    stop: Callable[[], Awaitable[None]]
+    run_exec: Callable[[protocol.ExecArgs, Sequence[int]], Awaitable[int]] | None = None
+
+
+def prepare_socket_dir(path: Path) -> None:
+    """Create the socket's directory 0700, or check that an existing one is ours and private.
+
+    Raises:
+        ConfigError: the path is too long for a unix socket, or its directory
+            is someone else's or readable by others.
+    """
+    if len(os.fsencode(path)) > MAX_PATH:
+        raise ConfigError(f"control socket path {path} is {len(os.fsencode(path))} bytes; "
+                          f"unix sockets allow at most {MAX_PATH}", hint="pass a shorter --socket")
+    directory = path.parent
+    with contextlib.suppress(FileExistsError):
+        directory.mkdir(mode=0o700, parents=True)
+    st = directory.lstat()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise ConfigError(
+            f"control socket directory {directory} must be a directory owned by uid "
+            f"{os.getuid()} with mode 0700 (found uid {st.st_uid}, mode "
+            f"{stat.S_IMODE(st.st_mode):04o})", hint="remove it, or pass another --socket")
+
+
+async def serve_control(path: Path, backend: Backend, *,
+                        task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED,
+                        ) -> NoReturn:
+    """Listen on ``path`` until cancelled; ``task_status.started(path)`` once bound."""
+    prepare_socket_dir(path)
+    listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # Local, tiny file-system calls on our own private directory: not worth a thread.
+    try:
+        _unlink(path)
+        old_umask = os.umask(0o177)
+        try:
+            await listener.bind(str(path))
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, 0o600)  # noqa: PTH101 - see above
+        listener.listen(128)
+        log.info("control socket ready", path=str(path))
+        task_status.started(path)
+        async with trio.open_nursery() as nursery:
+            while True:
+                conn, _ = await listener.accept()
+                nursery.start_soon(_serve_connection, conn, backend)
+    finally:
+        listener.close()
+        _unlink(path)
+
+
+def _unlink(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)  # noqa: PTH108 - called from async code; pathlib is flagged there
+
+
+async def _serve_connection(conn: trio.socket.SocketType, backend: Backend) -> None:
+    with conn:
+        pid, uid, _gid = _UCRED.unpack(
+            conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+        protocol_conn = protocol.ServerConnection()
+        if uid != os.getuid():
+            log.warning("control connection refused", peer_pid=pid, peer_uid=uid)
+            refusal = protocol.error(None, ErrorCode.REFUSED,
+                                     f"uid {uid} may not use this cvmfsd (owner uid {os.getuid()})")
+            with trio.move_on_after(SEND_TIMEOUT):
+                await conn.send(protocol_conn.send(refusal))
+            return
+        fds: list[int] = []
+        try:
+            await _converse(conn, protocol_conn, backend, fds)
+        except OSError as exc:
+            if exc.errno not in (errno.EPIPE, errno.ECONNRESET):
+                raise
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+
+async def _converse(conn: trio.socket.SocketType, protocol_conn: protocol.ServerConnection,
+                    backend: Backend, fds: list[int]) -> None:
+    space = socket.CMSG_SPACE(3 * 4)
+    while True:
+        event = protocol_conn.next_event()
+        if event is protocol.NEED_DATA:
+            with trio.move_on_after(IDLE_TIMEOUT):
+                data, ancdata, _flags, _addr = await conn.recvmsg(65536, space)
+                fds.extend(_received_fds(ancdata))
+                protocol_conn.receive_data(data)
+                continue
+            return  # idle for too long
+        if event is protocol.EOF:
+            return
+        if isinstance(event, protocol.BadMessage):
+            response = event.response()
+        else:
+            taken, fds[:] = list(fds), []
+            response = await _dispatch(event, backend, taken)
+        with trio.move_on_after(SEND_TIMEOUT) as scope:
+            await _send_all(conn, _encode(protocol_conn, response))
+        if scope.cancelled_caught or protocol_conn.must_close:
+            return
+
+
+def _received_fds(ancdata: Sequence[tuple[int, int, bytes]]) -> list[int]:
+    found: list[int] = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(data) - len(data) % 4
+            found.extend(array.array("i", data[:usable]))
+    return found
+
+
+def _encode(protocol_conn: protocol.ServerConnection, response: Response) -> bytes:
+    try:
+        return protocol_conn.send(response)
+    except LocalProtocolError as exc:
+        return protocol_conn.send(protocol.error(response.id, ErrorCode.INTERNAL, str(exc)))
+
+
+async def _send_all(conn: trio.socket.SocketType, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        sent = await conn.send(view)
+        view = view[sent:]
+
+
+async def _dispatch(request: Request, backend: Backend, fds: list[int]) -> Response:
+    try:
+        handler = _HANDLERS[request.verb]
+        result = await handler(request, backend, fds)
+    except RequestFailed as exc:
+        return protocol.error(request.id, exc.code, str(exc))
+    finally:
+        for fd in fds:
+            os.close(fd)
+        fds.clear()
+    backend.state.control_requests += 1
+    return protocol.ok(request.id, result)
+
+
+Handler = Callable[[Request, Backend, list[int]], Awaitable[object]]
+
+
+async def _ping(request: Request, backend: Backend, fds: list[int]) -> object:
+    from cvmfsd import __version__
+
+    return {"pong": True, "version": __version__, "protocol": protocol.VERSION}
+
+
+async def _status(request: Request, backend: Backend, fds: list[int]) -> object:
+    return backend.state.snapshot()
+
+
+async def _get(request: Request, backend: Backend, fds: list[int]) -> object:
+    args = request.args
+    assert isinstance(args, protocol.GetArgs)  # noqa: S101 - VERBS guarantees it
+    values = backend.config.values()
+    if args.key not in values:
+        raise RequestFailed(ErrorCode.NOT_FOUND, f"{args.key} is not set in glidein_config")
+    if not backend.config.visible(args.key):
+        raise RequestFailed(ErrorCode.REFUSED, f"{args.key} looks like a secret and is withheld; "
+                            "the pilot can allow it with cvmfsd run --allow-key")
+    return {"key": args.key, "value": values[args.key]}
+
+
+async def _env(request: Request, backend: Backend, fds: list[int]) -> object:
+    exported = backend.export(backend.config.values())
+    return {"variables": exported, "shell": protocol.shell_exports(exported)}
+
+
+async def _config(request: Request, backend: Backend, fds: list[int]) -> object:
+    values = backend.config.values()
+    return {k: v for k, v in values.items() if backend.config.visible(k)}
+
+
+async def _mounts(request: Request, backend: Backend, fds: list[int]) -> object:
+    return await trio.to_thread.run_sync(backend.mounts)
+
+
+async def _wait(request: Request, backend: Backend, fds: list[int]) -> object:
+    args = request.args
+    assert isinstance(args, protocol.WaitArgs)  # noqa: S101 - VERBS guarantees it
+    delay = 0.05
+    with trio.move_on_after(args.timeout):
+        while True:
+            where = backend.locate(args.path)
+            # A hung mount must not hang the server: the check runs in a
+            # thread that is abandoned when the deadline passes.
+            if where is not None and await trio.to_thread.run_sync(
+                    os.path.lexists, where, abandon_on_cancel=True):
+                return {"path": args.path, "exists": True}
+            await trio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+    raise RequestFailed(ErrorCode.TIMEOUT, f"{args.path} did not appear within {args.timeout:g} s")
+
+
+async def _exec(request: Request, backend: Backend, fds: list[int]) -> object:
+    args = request.args
+    assert isinstance(args, protocol.ExecArgs)  # noqa: S101 - VERBS guarantees it
+    if backend.run_exec is None:
+        raise RequestFailed(ErrorCode.REFUSED, "exec is disabled; the pilot can enable it with "
+                            "cvmfsd run --allow-exec")
+    if len(fds) != 3:
+        raise RequestFailed(ErrorCode.BAD_REQUEST, f"exec needs the caller's stdin, stdout and "
+                            f"stderr passed with SCM_RIGHTS; got {len(fds)} descriptors")
+    try:
+        status = await backend.run_exec(args, fds)
+    except CvmfsdError as exc:
+        raise RequestFailed(ErrorCode.UNAVAILABLE, str(exc)) from None
+    return {"status": status}
+
+
+async def _remount(request: Request, backend: Backend, fds: list[int]) -> object:
+    args = request.args
+    assert isinstance(args, protocol.RemountArgs)  # noqa: S101 - VERBS guarantees it
+    if args.repo not in backend.state.repos:
+        raise RequestFailed(ErrorCode.NOT_FOUND, f"{args.repo} is not one of this cvmfsd's "
+                            f"repositories ({', '.join(backend.state.repos) or 'none'})")
+    try:
+        answer = await backend.remount(args.repo)
+    except OSError as exc:
+        raise RequestFailed(ErrorCode.UNAVAILABLE, f"{args.repo}: {exc}") from None
+    return {"repo": args.repo, "answer": answer}
+
+
+async def _stop(request: Request, backend: Backend, fds: list[int]) -> object:
+    await backend.stop()
+    return {"stopping": True}
+
+
+async def _later(request: Request, backend: Backend, fds: list[int]) -> object:
+    raise RequestFailed(ErrorCode.UNAVAILABLE,
+                        f"{request.verb.value}: not available in this version of cvmfsd")
+
+
+_HANDLERS: Mapping[Verb, Handler] = {
+    Verb.PING: _ping, Verb.STATUS: _status, Verb.GET: _get, Verb.ENV: _env,
+    Verb.CONFIG: _config, Verb.MOUNTS: _mounts, Verb.WAIT: _wait, Verb.EXEC: _exec,
+    Verb.REMOUNT: _remount, Verb.STOP: _stop, Verb.METRICS: _later, Verb.CLASSAD: _later,
+}
