@@ -20,7 +20,7 @@ import socket
 import stat
 import struct
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
 
@@ -68,6 +68,7 @@ class Backend:
     remount: Callable[[str], Awaitable[str]]
     stop: Callable[[], Awaitable[None]]
     run_exec: Callable[[protocol.ExecArgs, Sequence[int]], Awaitable[int]] | None = None
+    owner_uid: int = field(default_factory=os.getuid)
 
 
 def prepare_socket_dir(path: Path) -> None:
@@ -128,10 +129,11 @@ async def _serve_connection(conn: trio.socket.SocketType, backend: Backend) -> N
         pid, uid, _gid = _UCRED.unpack(
             conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
         protocol_conn = protocol.ServerConnection()
-        if uid != os.getuid():
+        if uid != backend.owner_uid:
             log.warning("control connection refused", peer_pid=pid, peer_uid=uid)
-            refusal = protocol.error(None, ErrorCode.REFUSED,
-                                     f"uid {uid} may not use this cvmfsd (owner uid {os.getuid()})")
+            refusal = protocol.error(
+                None, ErrorCode.REFUSED,
+                f"uid {uid} may not use this cvmfsd (owner uid {backend.owner_uid})")
             with trio.move_on_after(SEND_TIMEOUT):
                 await conn.send(protocol_conn.send(refusal))
             return

@@ -1,9 +1,15 @@
 """``cvmfsctl``: the client of a running cvmfsd's control channel.
 
-Its start-up stays light -- only the standard library and the sans-IO
-:mod:`cvmfsd.protocol`; no trio, pyroute2 or prometheus -- because pilots and
-jobs run it often.  It finds the socket in ``--socket`` or ``$CVMFSD_SOCKET``
-(exported inside the namespace).
+Its start-up is a target (at most 2.5x ``python -c pass``): pilots and jobs
+run it often, e.g. ``$(cvmfsctl get KEY)`` in scripts.  So the simple verbs
+(``get KEY``, ``ping``, ``status``, ...) take a fast path that needs only
+os, sys, socket and json: the request is the protocol's JSON built by hand,
+and a successful answer is read with ``json.loads``.  Everything else --
+``--help``, ``exec``, ``wait``, any error answer -- goes through argparse and
+the sans-IO :mod:`cvmfsd.protocol`, which stays the one definition of the
+protocol (a test checks that the fast path's requests parse there
+identically).  The socket is ``--socket`` or ``$CVMFSD_SOCKET`` (exported
+inside the namespace).
 
 Exit statuses: 0 success; 2 bad command line; 3 no cvmfsd is listening there;
 124 no answer in time; otherwise the status that goes with the daemon's error
@@ -13,16 +19,17 @@ code (see :mod:`cvmfsd.protocol`: 1 not found, 77 refused, 69 unavailable,
 
 from __future__ import annotations
 
-import argparse
-import array
 import json
 import os
 import socket
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
-from cvmfsd import protocol
-from cvmfsd.errors import LocalProtocolError, RemoteProtocolError
+if TYPE_CHECKING:  # imported lazily: they cost more than the whole fast path
+    import argparse
+
+    from cvmfsd import protocol
 
 NOT_RUNNING = 3
 NO_ANSWER = 124
@@ -40,6 +47,11 @@ class CtlError(Exception):
 def call(path: str, verb: str, args: dict[str, object] | None = None, *,
          timeout: float | None = CLIENT_TIMEOUT, fds: Sequence[int] = ()) -> protocol.Response:
     """Send one request to the cvmfsd at ``path`` and return its response."""
+    import array
+
+    from cvmfsd import protocol
+    from cvmfsd.errors import LocalProtocolError, RemoteProtocolError
+
     try:
         data = protocol.encode_request(verb, args)
     except LocalProtocolError as exc:
@@ -115,6 +127,10 @@ def _mounts_human(result: object) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``cvmfsctl``."""
+    import argparse
+
+    from cvmfsd import protocol
+
     parser = argparse.ArgumentParser(prog="cvmfsctl", description="Talk to a running cvmfsd.")
     parser.add_argument("--socket", help="control socket (default: $CVMFSD_SOCKET)")
     parser.add_argument("--json", action="store_true", help="print the raw JSON result")
@@ -145,48 +161,115 @@ def _version() -> str:
     return f"cvmfsctl {__version__}"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``cvmfsctl`` and return its exit status."""
-    args = build_parser().parse_args(argv)
-    path = args.socket or os.environ.get("CVMFSD_SOCKET")
-    if not path:
-        print("cvmfsctl: no socket: set CVMFSD_SOCKET (cvmfsd exports it to its payload) or "
-              "pass --socket", file=sys.stderr)
-        return 2
-    request: dict[str, object] = {}
-    timeout: float | None = CLIENT_TIMEOUT
-    fds: Sequence[int] = ()
+# verb -> the name of its one argument (None: takes none); the fast path's verbs.
+FAST_VERBS = {"ping": None, "status": None, "env": None, "config": None, "mounts": None,
+              "stop": None, "get": "key", "remount": "repo"}
+
+
+def fast_request(argv: Sequence[str]) -> tuple[str, str, bool, bytes] | None:
+    """(socket, verb, --json, request bytes) if ``argv`` is simple enough, else None."""
+    rest, path, as_json = list(argv), os.environ.get("CVMFSD_SOCKET"), False
+    while rest and rest[0].startswith("-"):
+        if rest[0] == "--json":
+            as_json = True
+            del rest[0]
+        elif rest[0] == "--socket" and len(rest) > 1:
+            path = rest[1]
+            del rest[:2]
+        else:
+            return None
+    if not rest or rest[0] not in FAST_VERBS or not path:
+        return None
+    verb, params = rest[0], rest[1:]
+    name = FAST_VERBS[verb]
+    if len(params) != (1 if name else 0) or any(p.startswith("-") for p in params):
+        return None
+    request: dict[str, object] = {"v": 1, "verb": verb}
+    if name:
+        request["args"] = {name: params[0]}
+    return path, verb, as_json, json.dumps(request, separators=(",", ":")).encode() + b"\n"
+
+
+def _fast(argv: Sequence[str]) -> int | None:
+    """Run a simple command without argparse or the protocol module; None: not handled."""
+    simple = fast_request(argv)
+    if simple is None:
+        return None
+    path, verb, as_json, data = simple
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(CLIENT_TIMEOUT)
+            sock.connect(path)
+            sock.sendall(data)
+            answer = b""
+            while not answer.endswith(b"\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    return None  # let the full client explain
+                answer += chunk
+        response = json.loads(answer)
+    except (OSError, ValueError):
+        return None  # the full client retries and reports it properly
+    if not (isinstance(response, dict) and response.get("ok") is True and "result" in response
+            and response.get("v") == 1):
+        return None
+    result = response["result"]
+    if as_json:
+        print(json.dumps(result, indent=2, sort_keys=True))
+    elif verb == "mounts":
+        print(_mounts_human(result))
+    else:
+        print(_human(verb, result))
+    return 0
+
+
+def _request(args: argparse.Namespace) -> tuple[dict[str, object], float | None, tuple[int, ...]]:
+    """The verb's arguments, the client-side timeout, and the descriptors to pass."""
     if args.verb == "get":
-        request = {"key": args.key}
-    elif args.verb == "wait":
-        request = {"path": args.path, "timeout": args.timeout}
-        timeout = args.timeout + CLIENT_TIMEOUT
-    elif args.verb == "remount":
-        request = {"repo": args.repo}
-    elif args.verb == "exec":
+        return {"key": args.key}, CLIENT_TIMEOUT, ()
+    if args.verb == "wait":
+        return {"path": args.path, "timeout": args.timeout}, args.timeout + CLIENT_TIMEOUT, ()
+    if args.verb == "remount":
+        return {"repo": args.repo}, CLIENT_TIMEOUT, ()
+    if args.verb == "exec":
         command = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
         if not command:
-            print("cvmfsctl: exec needs a command: cvmfsctl exec -- COMMAND [ARGS...]",
-                  file=sys.stderr)
-            return 2
-        request = {"argv": command, "cwd": os.getcwd()}
-        timeout, fds = None, (0, 1, 2)
+            raise CtlError("exec needs a command: cvmfsctl exec -- COMMAND [ARGS...]", 2)
+        return {"argv": command, "cwd": os.getcwd()}, None, (0, 1, 2)
+    return {}, CLIENT_TIMEOUT, ()
+
+
+def _print(args: argparse.Namespace, result: object) -> int:
+    if args.verb == "exec" and isinstance(result, dict):
+        status = result.get("status")
+        return status if isinstance(status, int) else 1
+    if args.json:
+        print(json.dumps(result, indent=2, sort_keys=True))
+    elif args.verb == "mounts":
+        print(_mounts_human(result))
+    else:
+        print(_human(args.verb, result))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``cvmfsctl`` and return its exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    status = _fast(argv)
+    if status is not None:
+        return status
+    args = build_parser().parse_args(argv)
     try:
+        path = args.socket or os.environ.get("CVMFSD_SOCKET")
+        if not path:
+            raise CtlError("no socket: set CVMFSD_SOCKET (cvmfsd exports it to its payload) "
+                           "or pass --socket", 2)
+        request, timeout, fds = _request(args)
         response = call(path, args.verb, request or None, timeout=timeout, fds=fds)
     except CtlError as exc:
         print(f"cvmfsctl: {exc}", file=sys.stderr)
         return exc.status
-    if not response.ok:
-        assert response.error is not None  # noqa: S101 - Response guarantees it
+    if response.error is not None:
         print(f"cvmfsctl: {args.verb}: {response.error.message}", file=sys.stderr)
         return response.error.code.exit_status
-    if args.verb == "exec" and isinstance(response.result, dict):
-        status = response.result.get("status")
-        return status if isinstance(status, int) else 1
-    if args.json:
-        print(json.dumps(response.result, indent=2, sort_keys=True))
-    elif args.verb == "mounts":
-        print(_mounts_human(response.result))
-    else:
-        print(_human(args.verb, response.result))
-    return 0
+    return _print(args, response.result)

@@ -1,0 +1,132 @@
+"""Control channel: throughput and latency under 64 clients, and cvmfsctl start-up.
+
+Starts ``cvmfsd run`` under the ``never`` policy (the control channel is the
+same in every mode, and this keeps FUSE out of the numbers), then:
+
+1. 64 concurrent connections, split over two client processes, each sending
+   ``get GLIDEIN_Site`` requests back to back for a fixed time; reports
+   requests per second and the latency distribution.
+2. ``cvmfsctl get GLIDEIN_Site`` as a whole process vs ``python -c pass``,
+   alternated, median of each and their ratio.
+
+    python bench/control.py [--seconds 5] [--runs 30]
+
+Targets (design.md): >= 10,000 requests/s with p99 <= 10 ms; cvmfsctl <= 2.5x.
+For numbers that mean something: no PYTHONDONTWRITEBYTECODE, and a
+non-editable install (an editable one adds an import hook to every start-up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CLIENT = r'''
+import json, socket, sys, time
+import trio
+
+path, conns, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+request = b'{"v":1,"verb":"get","args":{"key":"GLIDEIN_Site"}}\n'
+latencies = []
+
+async def client():
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await sock.connect(path)
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        await sock.send(request)
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = await sock.recv(65536)
+            if not chunk:
+                raise SystemExit("server closed")
+            data += chunk
+        if b'"ok":true' not in data:
+            raise SystemExit(f"bad answer {data!r}")
+        latencies.append(time.perf_counter() - start)
+    sock.close()
+
+async def main():
+    async with trio.open_nursery() as nursery:
+        for _ in range(conns):
+            nursery.start_soon(client)
+
+trio.run(main)
+print(json.dumps(latencies))
+'''
+
+
+def percentile(ordered: list[float], fraction: float) -> float:
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def throughput(socket_path: str, seconds: float) -> None:
+    procs = [subprocess.Popen([sys.executable, "-c", CLIENT, socket_path, "32", str(seconds)],
+                              stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    latencies: list[float] = []
+    for proc in procs:
+        out, _ = proc.communicate(timeout=seconds + 60)
+        if proc.returncode:
+            raise SystemExit(f"client failed: {proc.returncode}")
+        latencies += json.loads(out)
+    ordered = sorted(latencies)
+    p50, p99 = (percentile(ordered, q) * 1000 for q in (0.5, 0.99))
+    print(f"64 clients, {seconds:g} s: {len(ordered) / seconds:,.0f} requests/s; latency "
+          f"p50 {p50:.2f} ms, p99 {p99:.2f} ms, max {ordered[-1] * 1000:.2f} ms "
+          f"({len(ordered)} requests)")
+
+
+def startup(socket_path: str, runs: int) -> None:
+    ctl = str(Path(sys.executable).parent / "cvmfsctl")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    commands = {"python -c pass": [sys.executable, "-c", "pass"],
+                "cvmfsctl get": [ctl, "--socket", socket_path, "get", "GLIDEIN_Site"]}
+    times: dict[str, list[float]] = {name: [] for name in commands}
+    for _ in range(runs + 3):
+        for name, argv in commands.items():
+            start = time.perf_counter()
+            subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, env=env)
+            times[name].append(time.perf_counter() - start)
+    medians = {name: statistics.median(samples[3:]) for name, samples in times.items()}
+    for name, median in medians.items():
+        spread = statistics.stdev(times[name][3:]) * 1000
+        print(f"{name:>15}: median {median * 1000:.1f} ms (stdev {spread:.1f} ms, n={runs})")
+    print(f"ratio: {medians['cvmfsctl get'] / medians['python -c pass']:.2f}x")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--runs", type=int, default=30)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="cvb", dir="/tmp") as tmp:
+        config = Path(tmp) / "glidein_config"
+        config.write_text("GLIDEIN_Site Bench Site\nGLIDEIN_CVMFS never\n")
+        socket_path = Path(tmp) / "c.sock"
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "cvmfsd", "run", "--glidein-config", str(config),
+             "--socket", str(socket_path), "--log-level", "error", "--", "sleep", "3600"])
+        try:
+            deadline = time.monotonic() + 30
+            while not socket_path.exists():
+                if time.monotonic() > deadline or daemon.poll() is not None:
+                    raise SystemExit("cvmfsd did not open its control socket")
+                time.sleep(0.05)
+            throughput(str(socket_path), args.seconds)
+            startup(str(socket_path), args.runs)
+        finally:
+            daemon.terminate()
+            daemon.wait(timeout=60)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""The control server over a real unix socket, with a fake backend (no FUSE needed)."""
+
+from __future__ import annotations
+
+import array
+import os
+import socket
+import stat
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+import trio
+
+from cvmfsd import control, ctl, protocol
+from cvmfsd.state import DaemonState, LiveConfig, RepoState
+
+
+class Client:
+    """A line-at-a-time client on one connection."""
+
+    def __init__(self, sock: trio.socket.SocketType) -> None:
+        self.sock = sock
+
+    async def ask(self, line: bytes) -> protocol.Response:
+        await self.sock.send(line)
+        return await self.answer()
+
+    async def answer(self) -> protocol.Response:
+        conn = protocol.ClientConnection()
+        while True:
+            event = conn.next_event()
+            if isinstance(event, protocol.Response):
+                return event
+            assert event is protocol.NEED_DATA, "the server closed the connection"
+            conn.receive_data(await self.sock.recv(65536))
+
+
+@pytest.fixture(name="glidein_config")
+def _glidein_config(short_tmp: Path) -> Path:
+    path = short_tmp / "glidein_config"
+    path.write_text("GLIDEIN_Site A Site\nGLIDEIN_PASSWORD hunter2\n")
+    return path
+
+
+def make_backend(glidein_config: Path, **overrides: object) -> control.Backend:
+    stops: list[bool] = []
+
+    async def remount(repo: str) -> str:
+        return "Catalog up to date"
+
+    async def stop() -> None:
+        stops.append(True)
+
+    fields: dict[str, object] = {
+        "state": DaemonState(mode="mode3", repos={"repo.a": RepoState("ok", "3")}),
+        "config": LiveConfig(glidein_config), "export": dict, "locate": lambda p: None,
+        "mounts": list, "remount": remount, "stop": stop,
+    }
+    fields.update(overrides)
+    return control.Backend(**fields)  # type: ignore[arg-type]
+
+
+OPEN: list[Client] = []
+
+
+async def connect(path: Path) -> Client:
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await sock.connect(str(path))
+    OPEN.append(Client(sock))
+    return OPEN[-1]
+
+
+def finish(nursery: trio.Nursery) -> None:
+    """Close every client socket the test opened, then stop the server."""
+    while OPEN:
+        OPEN.pop().sock.close()
+    nursery.cancel_scope.cancel()
+
+
+async def serve(nursery: trio.Nursery, short_tmp: Path, backend: control.Backend) -> Path:
+    started: Path = await nursery.start(control.serve_control, short_tmp / "s" / "c.sock", backend)
+    return started
+
+
+async def test_socket_is_private(short_tmp: Path, glidein_config: Path) -> None:
+    """The socket is 0600 in a 0700 directory, and gone after the server stops."""
+    async with trio.open_nursery() as nursery:
+        path = await serve(nursery, short_tmp, make_backend(glidein_config))
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+        finish(nursery)
+    assert not path.exists()
+
+
+async def test_get_follows_the_file_and_withholds_secrets(short_tmp: Path,
+                                                          glidein_config: Path) -> None:
+    """get reads glidein_config as it is now; secret-looking keys are refused."""
+    async with trio.open_nursery() as nursery:
+        client = await connect(await serve(nursery, short_tmp, make_backend(glidein_config)))
+        get = protocol.encode_request("get", {"key": "GLIDEIN_Site"})
+        assert (await client.ask(get)).result == {"key": "GLIDEIN_Site", "value": "A Site"}
+        with glidein_config.open("a") as f:
+            f.write("GLIDEIN_Site Another  Site\n")
+        assert (await client.ask(get)).result == {"key": "GLIDEIN_Site",
+                                                 "value": "Another  Site"}
+        secret = await client.ask(protocol.encode_request("get", {"key": "GLIDEIN_PASSWORD"}))
+        assert secret.error is not None and secret.error.code is protocol.ErrorCode.REFUSED
+        missing = await client.ask(protocol.encode_request("get", {"key": "NOPE"}))
+        assert missing.error is not None and missing.error.code is protocol.ErrorCode.NOT_FOUND
+        finish(nursery)
+
+
+async def test_another_uid_is_refused(short_tmp: Path, glidein_config: Path) -> None:
+    """A peer whose uid is not the owner's gets 'refused' and a closed connection."""
+    backend = make_backend(glidein_config, owner_uid=os.getuid() + 1)
+    async with trio.open_nursery() as nursery:
+        client = await connect(await serve(nursery, short_tmp, backend))
+        response = await client.answer()
+        assert response.error is not None and response.error.code is protocol.ErrorCode.REFUSED
+        assert f"uid {os.getuid()} may not use this cvmfsd" in response.error.message
+        assert await client.sock.recv(10) == b""
+        finish(nursery)
+
+
+async def test_garbage_gets_errors_and_the_connection_survives(short_tmp: Path,
+                                                               glidein_config: Path) -> None:
+    """Malformed and unknown messages are answered with errors; ping still works after."""
+    async with trio.open_nursery() as nursery:
+        client = await connect(await serve(nursery, short_tmp, make_backend(glidein_config)))
+        for line, code in ((b"not json\n", "bad-request"),
+                           (b'{"v":1,"verb":"launch"}\n', "unknown-verb"),
+                           (b'{"v":9,"verb":"ping"}\n', "unsupported-version")):
+            response = await client.ask(line)
+            assert response.error is not None and response.error.code.value == code
+        assert (await client.ask(b'{"v":1,"verb":"ping"}\n')).ok
+        finish(nursery)
+
+
+async def test_oversized_message_closes_the_connection(short_tmp: Path,
+                                                       glidein_config: Path) -> None:
+    """More than 64 KiB without a newline: too-large, then the server hangs up."""
+    async with trio.open_nursery() as nursery:
+        client = await connect(await serve(nursery, short_tmp, make_backend(glidein_config)))
+        response = await client.ask(b"x" * (protocol.MAX_MESSAGE + 10))
+        assert response.error is not None and response.error.code is protocol.ErrorCode.TOO_LARGE
+        assert await client.sock.recv(10) == b""
+        finish(nursery)
+
+
+async def test_a_stuck_client_does_not_block_others(short_tmp: Path,
+                                                    glidein_config: Path) -> None:
+    """One connection half-way through a line; another is served at once."""
+    async with trio.open_nursery() as nursery:
+        path = await serve(nursery, short_tmp, make_backend(glidein_config))
+        stuck = await connect(path)
+        await stuck.sock.send(b'{"v":1,"verb":')
+        with trio.fail_after(2):
+            other = await connect(path)
+            assert (await other.ask(b'{"v":1,"verb":"ping"}\n')).ok
+        finish(nursery)
+
+
+async def test_exec_is_refused_unless_enabled(short_tmp: Path, glidein_config: Path) -> None:
+    """exec answers 'refused' when the pilot did not enable it."""
+    async with trio.open_nursery() as nursery:
+        client = await connect(await serve(nursery, short_tmp, make_backend(glidein_config)))
+        response = await client.ask(protocol.encode_request("exec", {"argv": ["true"]}))
+        assert response.error is not None and response.error.code is protocol.ErrorCode.REFUSED
+        finish(nursery)
+
+
+async def test_exec_gets_the_callers_descriptors(short_tmp: Path, glidein_config: Path) -> None:
+    """The three descriptors sent with SCM_RIGHTS reach the backend's exec."""
+    seen: list[int] = []
+
+    async def run_exec(args: protocol.ExecArgs, fds: Sequence[int]) -> int:
+        os.write(fds[1], f"ran {' '.join(args.argv)}\n".encode())
+        seen.extend(fds)
+        return 3
+
+    out_read, out_write = os.pipe()
+    try:
+        async with trio.open_nursery() as nursery:
+            backend = make_backend(glidein_config, run_exec=run_exec)
+            client = await connect(await serve(nursery, short_tmp, backend))
+            data = protocol.encode_request("exec", {"argv": ["echo", "hi"]})
+            fds = [0, out_write, 2]
+            rights = array.array("i", fds).tobytes()
+            await client.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
+            response = await client.answer()
+            assert response.result == {"status": 3}
+            assert os.read(out_read, 100) == b"ran echo hi\n"
+            finish(nursery)
+    finally:
+        os.close(out_read)
+        os.close(out_write)
+    assert len(seen) == 3
+
+
+@pytest.mark.parametrize("argv", [["get", "GLIDEIN_Site"], ["--json", "status"], ["ping"],
+                                  ["remount", "repo.a"], ["--socket", "/x/y", "env"]])
+def test_fast_path_requests_are_protocol_requests(argv: list[str],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """cvmfsctl's hand-built requests parse exactly as the protocol module builds them."""
+    monkeypatch.setenv("CVMFSD_SOCKET", "/run/x.sock")
+    simple = ctl.fast_request(argv)
+    assert simple is not None
+    _path, verb, _as_json, data = simple
+    server = protocol.ServerConnection()
+    server.receive_data(data)
+    parsed = server.next_event()
+    assert isinstance(parsed, protocol.Request)
+    args = {name: argv[-1] for name in [ctl.FAST_VERBS[verb]] if name}
+    assert parsed == protocol.make_request(verb, args or None)
+
+
+@pytest.mark.parametrize("argv", [["wait", "/cvmfs/a.b"], ["exec", "--", "ls"], ["--help"],
+                                  ["get"], ["get", "-x"], ["status", "extra"]])
+def test_other_commands_take_the_full_path(argv: list[str],
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Anything but a simple verb goes through argparse and the protocol module."""
+    monkeypatch.setenv("CVMFSD_SOCKET", "/run/x.sock")
+    assert ctl.fast_request(argv) is None

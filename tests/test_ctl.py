@@ -1,0 +1,127 @@
+"""cvmfsctl against ``cvmfsd run`` on the simulated distribution (real namespaces and FUSE)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cvmfsd import glidein
+from cvmfsd.sim import stratum
+from tests.conftest import REPO_A, REPO_B, wait_for
+
+pytestmark = pytest.mark.fuse
+
+CVMFSCTL = str(Path(sys.executable).parent / "cvmfsctl")
+WEIRD = "two  spaces, 'single' \"double\" $HOME `cmd` \\ back\\slash; ünï"
+
+# The payload: read a value, wait for the test's go, read it again, import the
+# environment with eval, and wait for a path of a revision not published yet.
+PAYLOAD = f"""
+set -u
+"$CVMFSCTL" get GLIDEIN_Site > out1
+while [ ! -e go ]; do sleep 0.05; done
+"$CVMFSCTL" get GLIDEIN_Site > out2
+eval "$("$CVMFSCTL" env)"
+printf '%s' "$GLIDEIN_Weird" > out3
+"$CVMFSCTL" get GLIDEIN_SECRET_TOKEN 2> out4err; echo "$?" > out4
+"$CVMFSCTL" wait /cvmfs/{REPO_B}/new/dir --timeout 30 > out5
+"""
+
+
+def written(path: Path) -> bool:
+    """Whether the payload has finished writing ``path`` (its lines end in newlines)."""
+    return path.exists() and path.read_text().endswith("\n")
+
+
+@pytest.fixture(name="pilot")
+def _pilot(short_tmp: Path, dist: Path,
+           stratum_dir: Path) -> Iterator[tuple[Path, subprocess.Popen[str]]]:
+    # A short catalog TTL on repo.b, so that a later revision shows in seconds
+    # (clients look for new revisions when the TTL of the one they have expires).
+    source = short_tmp / "rev-ttl"
+    source.mkdir()
+    (source / "data.csv").write_text("x,y\n")
+    stratum.publish(stratum_dir, REPO_B, source, ttl=1)
+    config = short_tmp / "glidein_config"
+    config.write_text(f"GLIDEIN_Site First Site\nGLIDEIN_Weird {WEIRD}\n"
+                      "GLIDEIN_SECRET_TOKEN abc\nGLIDEIN_CVMFS required\n")
+    work = short_tmp / "work"
+    work.mkdir()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cvmfsd", "run", "--dist", str(dist), "--glidein-config",
+         str(config), "--repos", f"{REPO_A},{REPO_B}", "--allow-exec", "--socket",
+         str(short_tmp / "ctl" / "c.sock"), "--", "sh", "-c", PAYLOAD],
+        cwd=work, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+    yield work, process
+    if process.poll() is None:
+        process.terminate()
+    process.communicate(timeout=30)
+
+
+def test_values_follow_glidein_config_and_survive_eval(pilot: tuple[Path, subprocess.Popen[str]],
+                                                       short_tmp: Path, stratum_dir: Path) -> None:
+    """Inside: get sees later changes; env round-trips exactly; secrets withheld; wait works."""
+    work, process = pilot
+    wait_for(lambda: written(work / "out1"), timeout=60)
+    assert (work / "out1").read_text() == "First Site\n"
+    glidein.update_glidein_config(short_tmp / "glidein_config", {"GLIDEIN_Site": "Second Site"})
+    (work / "go").touch()
+    wait_for(lambda: written(work / "out4"), timeout=30)
+    assert (work / "out2").read_text() == "Second Site\n"
+    assert (work / "out3").read_text() == WEIRD
+    assert (work / "out4").read_text() == "77\n"
+    assert "withheld" in (work / "out4err").read_text()
+    source = short_tmp / "rev2"
+    (source / "new/dir").mkdir(parents=True)
+    (source / "data.csv").write_text("x,y\n")
+    stratum.publish(stratum_dir, REPO_B, source, ttl=1)
+    assert process.wait(timeout=60) == 0, process.communicate()[1]
+    assert (work / "out5").read_text() == f"/cvmfs/{REPO_B}/new/dir exists\n"
+
+
+def test_exec_from_outside(pilot: tuple[Path, subprocess.Popen[str]], short_tmp: Path) -> None:
+    """cvmfsctl exec, run outside, reads /cvmfs inside with our stdout and returns the status."""
+    socket = str(short_tmp / "ctl" / "c.sock")
+    work, _process = pilot
+    wait_for(lambda: written(work / "out1"), timeout=60)
+    result = subprocess.run([CVMFSCTL, "--socket", socket, "exec", "--", "sh", "-c",
+                             f"cat /cvmfs/{REPO_A}/hello.txt; exit 5"],
+                            capture_output=True, text=True, timeout=30, check=False)
+    assert (result.returncode, result.stdout) == (5, "hello from repo.a\n"), result.stderr
+    status = subprocess.run([CVMFSCTL, "--socket", socket, "--json", "status"],
+                            capture_output=True, text=True, timeout=30, check=True)
+    assert '"mode": "mode3"' in status.stdout
+    (work / "go").touch()
+
+
+def test_exec_refused_when_not_enabled(short_tmp: Path, dist: Path) -> None:
+    """Without --allow-exec, cvmfsctl exec is refused (exit 77) and runs nothing."""
+    socket = short_tmp / "c2" / "c.sock"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cvmfsd", "run", "--dist", str(dist), "--repos", REPO_A,
+         "--socket", str(socket), "--", "sleep", "60"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(socket.exists, timeout=60)
+        result = subprocess.run([CVMFSCTL, "--socket", str(socket), "exec", "--", "touch",
+                                 str(short_tmp / "ran")], capture_output=True, text=True,
+                                timeout=30, check=False)
+        assert result.returncode == 77
+        assert "exec is disabled" in result.stderr
+        assert not (short_tmp / "ran").exists()
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_not_running_is_exit_3(short_tmp: Path) -> None:
+    """No daemon behind the socket: exit 3 and a message naming the path."""
+    result = subprocess.run([CVMFSCTL, "--socket", str(short_tmp / "none.sock"), "ping"],
+                            capture_output=True, text=True, timeout=30, check=False)
+    assert result.returncode == 3
+    assert f"no cvmfsd is listening at {short_tmp / 'none.sock'}" in result.stderr
