@@ -202,6 +202,12 @@ async def _dispatch(request: Request, backend: Backend, fds: list[int]) -> Respo
         result = await handler(request, backend, fds)
     except RequestFailed as exc:
         return protocol.error(request.id, exc.code, str(exc))
+    except CvmfsdError as exc:
+        return protocol.error(request.id, ErrorCode.UNAVAILABLE, str(exc))
+    except Exception:
+        log.exception("control verb failed", verb=request.verb.value)
+        return protocol.error(request.id, ErrorCode.INTERNAL,
+                              f"{request.verb.value} failed inside cvmfsd; see its log")
     finally:
         for fd in fds:
             os.close(fd)
@@ -275,11 +281,7 @@ async def _exec(request: Request, backend: Backend, fds: list[int]) -> object:
     if len(fds) != 3:
         raise RequestFailed(ErrorCode.BAD_REQUEST, f"exec needs the caller's stdin, stdout and "
                             f"stderr passed with SCM_RIGHTS; got {len(fds)} descriptors")
-    try:
-        status = await backend.run_exec(args, fds)
-    except CvmfsdError as exc:
-        raise RequestFailed(ErrorCode.UNAVAILABLE, str(exc)) from None
-    return {"status": status}
+    return {"status": await backend.run_exec(args, fds)}
 
 
 async def _remount(request: Request, backend: Backend, fds: list[int]) -> object:

@@ -66,6 +66,8 @@ class Supervisor:
         self._stop: Callable[[], Awaitable[None]] | None = None
         self._exec: Callable[[protocol.ExecArgs, Sequence[int]], Awaitable[int]] | None = None
         self._provided: str | None = None  # how /cvmfs is reached: mode3, host, dist, None
+        # remounts a repository; returns None or what went wrong
+        self._remount_hook: Callable[[str], Awaitable[str | None]] | None = None
 
     # --- the control channel's view ------------------------------------------------
     def backend(self) -> control.Backend:
@@ -104,10 +106,20 @@ class Supervisor:
                 for m in mountinfo.mounts_under(text, prefix)]
 
     async def _remount(self, repo: str) -> str:
-        if self.prepared.dist is None or self._provided not in ("mode3", "dist"):
+        """Unmount and mount ``repo`` again, then verify it; say how it went."""
+        dist = self.prepared.dist
+        if dist is None or self._remount_hook is None:
             raise OSError(f"{repo} is not mounted by this cvmfsd")
-        socket_path = self.prepared.dist.talk_socket(repo)
-        return await talk.talk(socket_path, "remount sync")
+        self.state.repos[repo] = RepoState("remounting")
+        problem = await self._remount_hook(repo)
+        if problem:
+            self.state.repos[repo] = RepoState("failed", error=problem)
+            raise OSError(f"remount failed: {problem}")
+        revision = None
+        with contextlib.suppress(OSError):
+            revision = (await talk.talk(dist.talk_socket(repo), "revision")).strip() or None
+        self.state.repos[repo] = RepoState("ok", revision)
+        return f"remounted, revision {revision}"
 
     async def _request_stop(self) -> None:
         if self._stop is not None:
@@ -211,6 +223,17 @@ class Supervisor:
             dist, self.config.repos, repo_timeout=self.config.mount_timeout,
             on_progress=progress)
         self._provided = "dist"
+
+        async def remount_on_host(repo: str) -> str | None:
+            await session.unmount_on_host(dist, [repo])
+            try:
+                await session.mount_on_host(dist, [repo], repo_timeout=self.config.mount_timeout,
+                                            on_progress=progress, with_config_repo=False)
+            except LaunchError as exc:
+                return str(exc)
+            return None
+
+        self._remount_hook = remount_on_host
         for repo in self.config.repos:
             self.state.repos[repo] = RepoState("ok")
         self._exec = self._exec_here
@@ -256,6 +279,12 @@ class Supervisor:
             await runner.send_event.send(session.Stop("cvmfsctl stop"))
 
         self._stop = stop
+
+        async def remount_in_namespace(repo: str) -> str | None:
+            answer = await runner.remount(repo)
+            return None if answer.get("ok") else str(answer.get("error"))
+
+        self._remount_hook = remount_in_namespace
         failure: LaunchError | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_relay_signals, runner.send_event.send)

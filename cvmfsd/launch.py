@@ -126,11 +126,14 @@ class LaunchPlan:
 
     def argv(self, *, channel_fd: int, stdio_fds: Sequence[int]) -> list[str]:
         """cvmfsexec's command line, with the shim wrapped around the payload."""
-        flags = ["-N"] if self.nonesting else []
+        # Never -N: the shim keeps cvmfsexec's mount-request interface to remount
+        # crashed repositories, and hands it to the payload only if allowed.
         shim = [self.python, "-m", "cvmfsd.shim", "--channel-fd", str(channel_fd),
                 "--stdio-fds", ",".join(map(str, stdio_fds)), "--repos", ",".join(self.repos)]
-        return [str(self.dist.root / "cvmfsexec"), *flags, *self.repos, "--",
-                *shim, "--", *self.payload]
+        if not self.nonesting:
+            shim.append("--allow-nesting")
+        return [str(self.dist.root / "cvmfsexec"), *self.repos, "--", *shim, "--",
+                *self.payload]
 
 
 @dataclass(frozen=True)

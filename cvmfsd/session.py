@@ -171,9 +171,9 @@ class Mode3Session:
         self._stopping = False
         self._ready = False
         self._send_lock = trio.Lock()
-        self._exec_done: dict[int, trio.Event] = {}
-        self._exec_status: dict[int, int] = {}
-        self._exec_ids = iter(range(1, 2**62))
+        self._pending: dict[int, trio.Event] = {}
+        self._answers: dict[int, Mapping[str, object]] = {}
+        self._request_ids = iter(range(1, 2**62))
 
     # --- plumbing -------------------------------------------------------------
     async def _pump_lines(self, stream: trio.abc.ReceiveStream, name: str) -> None:
@@ -221,6 +221,20 @@ class Mode3Session:
             while sent < len(data):
                 sent += await self._channel.send(data[sent:])
 
+    async def _ask_shim(self, event: str, fds: Sequence[int] = (),
+                        **body: object) -> Mapping[str, object]:
+        """Send the shim a request and wait for its answer (matched by id)."""
+        if not self._ready or self._stopping:
+            raise LaunchError(f"the namespace is not ready for {event}")
+        request_id = next(self._request_ids)
+        done = self._pending[request_id] = trio.Event()
+        await self._send(fds, event=event, id=request_id, **body)
+        await done.wait()
+        answer = self._answers.pop(request_id, None)
+        if answer is None:
+            raise LaunchError(f"the namespace ended before the shim answered {event}")
+        return answer
+
     async def exec_in_namespace(self, argv: Sequence[str], fds: Sequence[int], *,
                                 cwd: str | None = None,
                                 env: Mapping[str, str] | None = None) -> int:
@@ -232,17 +246,18 @@ class Mode3Session:
         Raises:
             LaunchError: the namespace is not ready, or it ended first.
         """
-        if not self._ready or self._stopping:
-            raise LaunchError("the namespace is not ready for exec")
-        request_id = next(self._exec_ids)
-        done = self._exec_done[request_id] = trio.Event()
-        await self._send(fds, event="exec", id=request_id, argv=list(argv), cwd=cwd,
-                         env=dict(env or {}))
-        await done.wait()
-        status = self._exec_status.pop(request_id, None)
-        if status is None:
-            raise LaunchError("the namespace ended before the command did")
-        return status
+        answer = await self._ask_shim("exec", fds, argv=list(argv), cwd=cwd,
+                                      env=dict(env or {}))
+        status = answer.get("status")
+        return status if isinstance(status, int) else 1
+
+    async def remount(self, repo: str) -> Mapping[str, object]:
+        """Unmount and mount ``repo`` again inside the namespace; the shim's verification.
+
+        Raises:
+            LaunchError: the namespace is not ready, or it ended first.
+        """
+        return await self._ask_shim("remount", repo=repo)
 
     # --- the session ------------------------------------------------------------
     async def run(self, spawned: launch.Spawned | None = None) -> Outcome:
@@ -321,7 +336,7 @@ class Mode3Session:
             log.debug("cvmfsexec", stream=line.stream, line=line.text)
         elif parsed.ok:
             log.info("mounted", repo=parsed.repo)
-            if parsed.repo in self.order:
+            if parsed.repo in self.order and not self._ready:
                 index = self.order.index(parsed.repo) + 1
                 if index < len(self.order):
                     self.on_progress(index + 1, len(self.order), self.order[index])
@@ -353,12 +368,11 @@ class Mode3Session:
             self._ready = True
             await self.on_ready(ReadyInfo(checks, self.shim_pid, self.ns_init_pid))
             return True
-        if body.get("event") == "exec-exited":
-            request_id, status = body.get("id"), body.get("status")
-            if isinstance(request_id, int) and request_id in self._exec_done:
-                if isinstance(status, int):
-                    self._exec_status[request_id] = status
-                self._exec_done.pop(request_id).set()
+        if body.get("event") in ("exec-exited", "remount-done"):
+            request_id = body.get("id")
+            if isinstance(request_id, int) and request_id in self._pending:
+                self._answers[request_id] = body
+                self._pending.pop(request_id).set()
             return False
         if body.get("event") == "exited":
             status = body.get("status")
@@ -395,6 +409,11 @@ class Mode3Session:
             _kill(self.process.pid, signal.SIGKILL, "cvmfsexec")
 
     async def _ensure_gone(self) -> None:
+        # cvmfsexec (or its unshare) can die while the namespace lives on:
+        # killing those leaves PID 1 running, so it is ended here in any case.
+        init = self.ns_init_pid
+        if init is not None and launch.is_namespace_init(init):
+            _kill(init, signal.SIGKILL, "namespace PID 1 (outliving cvmfsexec)")
         if self.process is None or self.process.returncode is not None:
             return
         self._kill_namespace("supervisor leaving")
@@ -403,9 +422,9 @@ class Mode3Session:
 
     def _finish(self, status: int, ready: bool) -> Outcome:
         self._ready = False
-        for done in self._exec_done.values():
-            done.set()  # no status: the callers learn the namespace is gone
-        self._exec_done.clear()
+        for done in self._pending.values():
+            done.set()  # no answer: the callers learn the namespace is gone
+        self._pending.clear()
         status = _exit_status(status)
         if self._payload_status is not None:
             return Outcome(self._payload_status, "payload exited", stopped=self._stopping)
@@ -447,7 +466,8 @@ async def run_direct(argv: Sequence[str], env: Mapping[str, str], *, grace: floa
 
 
 async def mount_on_host(dist: Dist, repos: Sequence[str], *, repo_timeout: float,
-                        on_progress: Callable[[int, int, str], None]) -> list[str]:
+                        on_progress: Callable[[int, int, str], None],
+                        with_config_repo: bool = True) -> list[str]:
     """Modes 1 and 2: mountrepo each repository in turn and verify it.
 
     Returns:
@@ -456,7 +476,7 @@ async def mount_on_host(dist: Dist, repos: Sequence[str], *, repo_timeout: float
     Raises:
         LaunchError: a mount failed; whatever was mounted is unmounted again.
     """
-    order = launch.mount_order(dist, repos)
+    order = launch.mount_order(dist, repos) if with_config_repo else list(repos)
     mounted: list[str] = []
     try:
         for index, repo in enumerate(order, 1):

@@ -154,19 +154,63 @@ def _run_exec(channel: Channel, message: dict[str, object], fds: list[int],
     channel.send(event="exec-exited", id=request_id, status=status)
 
 
-def _serve_requests(channel: Channel, base_env: dict[str, str]) -> None:
-    """Answer the supervisor's requests (today: exec) until it goes away."""
+NESTING_VARIABLES = ("CVMFSEXEC_CMDFD", "CVMFSEXEC_WAITFIFO", "CVMFSMOUNT", "CVMFSUMOUNT")
+
+
+class Nesting:
+    """cvmfsexec's mount-request interface (what ``$CVMFSMOUNT`` uses), kept by the shim.
+
+    cvmfsd starts cvmfsexec without ``-N`` so that the shim can unmount and
+    mount a repository again after a crash; the payload only sees the interface
+    when the pilot allows nesting.  cvmfsexec answers every request on one
+    shared FIFO, so requests are serialised here.
+    """
+
+    def __init__(self, environ: dict[str, str]) -> None:
+        fd = environ.get("CVMFSEXEC_CMDFD", "")
+        self.fd = int(fd) if fd.isdigit() else None
+        self.fifo = environ.get("CVMFSEXEC_WAITFIFO")
+        self.lock = threading.Lock()
+
+    def request(self, command: str, repo: str) -> int:
+        """Send ``MOUNTREPO``/``UMOUNTREPO`` for ``repo``; cvmfsexec's status (not trustworthy)."""
+        if self.fd is None or not self.fifo:
+            raise OSError("cvmfsexec's request interface is not available (started with -N?)")
+        with self.lock:
+            os.write(self.fd, f"{command} {repo}\n".encode())
+            with open(self.fifo, encoding="ascii") as answer:
+                text = answer.readline().strip()
+        return int(text) if text.lstrip("-").isdigit() else 1
+
+
+def _remount(channel: Channel, nesting: Nesting, message: dict[str, object]) -> None:
+    """Unmount and mount one repository again, then verify it ourselves."""
+    repo = str(message.get("repo"))
+    try:
+        statuses = [nesting.request(command, repo) for command in ("UMOUNTREPO", "MOUNTREPO")]
+        result = verify_repo(repo, f"/cvmfs/{repo}", _fuse_mounts())
+    except OSError as exc:
+        statuses, result = [], {"ok": False, "error": str(exc)}
+    channel.send(event="remount-done", id=message.get("id"), statuses=statuses, **result)
+
+
+def _serve_requests(channel: Channel, base_env: dict[str, str], nesting: Nesting) -> None:
+    """Answer the supervisor's requests (exec, remount) until it goes away."""
     while True:
         try:
             message, fds = channel.receive()
         except (ConnectionError, OSError, ValueError):
             return
-        if message.get("event") == "exec":
+        event = message.get("event")
+        if event == "exec":
             threading.Thread(target=_run_exec, args=(channel, message, fds, base_env),
                              daemon=True).start()
-        else:
-            for fd in fds:
-                os.close(fd)
+            continue
+        for fd in fds:
+            os.close(fd)
+        if event == "remount":
+            threading.Thread(target=_remount, args=(channel, nesting, message),
+                             daemon=True).start()
 
 
 def _default_signals() -> None:
@@ -179,14 +223,15 @@ def _exit_status(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
-def run_payload(argv: Sequence[str], env: dict[str, str], stdio: Sequence[int]) -> int:
+def run_payload(argv: Sequence[str], env: dict[str, str], stdio: Sequence[int],
+                pass_fds: Sequence[int] = ()) -> int:
     """Run the payload with default signal dispositions; forward signals to it."""
 
     stdin, stdout, stderr = stdio
     try:
         payload = subprocess.Popen(
             list(argv), env=env, stdin=stdin, stdout=stdout, stderr=stderr,
-            preexec_fn=_default_signals,  # noqa: PLW1509 - only resets signal dispositions
+            pass_fds=tuple(pass_fds), preexec_fn=_default_signals,  # noqa: PLW1509 - only resets signal dispositions
         )
     except OSError as exc:
         print(f"cvmfsd shim: cannot run {argv[0]!r}: {exc.strerror}", file=sys.stderr)
@@ -206,6 +251,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--channel-fd", type=int, required=True)
     parser.add_argument("--stdio-fds", required=True, help="stdin,stdout,stderr for the payload")
     parser.add_argument("--repos", default="", help="comma-separated repositories to verify")
+    parser.add_argument("--allow-nesting", action="store_true",
+                        help="give the payload cvmfsexec's $CVMFSMOUNT interface")
     parser.add_argument("payload", nargs="+")
     args = parser.parse_args(argv)
     stdio = [int(fd) for fd in args.stdio_fds.split(",")]
@@ -221,8 +268,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     raw_env = go.get("env")
     env = {str(k): str(v) for k, v in raw_env.items()} if isinstance(raw_env, dict) else {}
-    threading.Thread(target=_serve_requests, args=(channel, env), daemon=True).start()
-    status = run_payload(args.payload, env, stdio)
+    nesting = Nesting(dict(os.environ))
+    pass_fds: tuple[int, ...] = ()
+    if args.allow_nesting and nesting.fd is not None:
+        env.update({k: os.environ[k] for k in NESTING_VARIABLES if k in os.environ})
+        pass_fds = (nesting.fd,)
+    threading.Thread(target=_serve_requests, args=(channel, env, nesting), daemon=True).start()
+    status = run_payload(args.payload, env, stdio, pass_fds)
     channel.send(event="exited", status=status)
     return status
 
