@@ -125,7 +125,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         glidein_config=args.glidein_config, mode=args.mode, grace=args.grace,
         mount_timeout=args.mount_timeout, log_format=args.log_format,
         nonesting=not args.allow_nesting, allow_keys=tuple(args.allow_key or ()),
-        socket=args.socket, allow_exec=args.allow_exec,
+        socket=args.socket, allow_exec=args.allow_exec, probe_interval=args.probe_interval,
+        probe_deadline=args.probe_deadline, hang_timeout=args.hang_timeout,
     )
     # Decide and, in mode 3, start cvmfsexec before importing trio and
     # structlog: the mounts proceed while they load (start-up is on the
@@ -174,6 +175,13 @@ def _add_run_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser
                      help="seconds between SIGTERM and SIGKILL at shutdown (default: %(default)s)")
     run.add_argument("--mount-timeout", type=_seconds, default=300.0, metavar="S",
                      help="seconds allowed for mounting (default: %(default)s)")
+    run.add_argument("--probe-interval", type=_seconds, default=15.0, metavar="S",
+                     help="seconds between health probes of a repository (default: %(default)s)")
+    run.add_argument("--probe-deadline", type=_seconds, default=5.0, metavar="S",
+                     help="seconds before a probe counts as hung (default: %(default)s)")
+    run.add_argument("--hang-timeout", type=_seconds, default=120.0, metavar="S",
+                     help="seconds a repository may stay hung before its cvmfs2 is killed "
+                     "and it is remounted (default: %(default)s)")
     run.add_argument("--allow-nesting", action="store_true",
                      help="let the payload use $CVMFSMOUNT (cvmfsexec without -N)")
     run.add_argument("--socket", type=Path, metavar="PATH",

@@ -86,6 +86,9 @@ class Config:
     allow_keys: tuple[str, ...] = ()
     socket: Path | None = None
     allow_exec: bool = False
+    probe_interval: float = 15.0
+    probe_deadline: float = 5.0
+    hang_timeout: float = 120.0
     environ: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
 
     def __post_init__(self) -> None:

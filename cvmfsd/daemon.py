@@ -23,9 +23,10 @@ from pathlib import Path
 import structlog
 import trio
 
-from cvmfsd import control, glidein, mode, mountinfo, probe, protocol, session, talk
+from cvmfsd import control, glidein, launch, mode, mountinfo, probe, protocol, session, talk
 from cvmfsd.config import Config, exported_variables
 from cvmfsd.errors import CvmfsdError
+from cvmfsd.keeper import RepoKeeper
 from cvmfsd.launch import LaunchError
 from cvmfsd.prepare import Prepared, prepare
 from cvmfsd.state import DaemonState, LiveConfig, RepoState
@@ -66,8 +67,25 @@ class Supervisor:
         self._stop: Callable[[], Awaitable[None]] | None = None
         self._exec: Callable[[protocol.ExecArgs, Sequence[int]], Awaitable[int]] | None = None
         self._provided: str | None = None  # how /cvmfs is reached: mode3, host, dist, None
+        self.keeper: RepoKeeper | None = None
         # remounts a repository; returns None or what went wrong
         self._remount_hook: Callable[[str], Awaitable[str | None]] | None = None
+
+    def _keeper(self, mountinfo: Callable[[], Path | None],
+                probe_path: Callable[[str], Path | None]) -> RepoKeeper:
+        dist = self.prepared.dist
+
+        async def remount(repo: str) -> str | None:
+            if self._remount_hook is None:
+                return "no way to remount in this mode"
+            return await self._remount_hook(repo)
+
+        self.keeper = RepoKeeper(
+            self.state, remount=remount, hang_timeout=self.config.hang_timeout,
+            mountinfo=mountinfo, probe_path=probe_path,
+            talk_socket=lambda repo: dist.talk_socket(repo) if dist else None,
+            interval=self.config.probe_interval, deadline=self.config.probe_deadline)
+        return self.keeper
 
     # --- the control channel's view ------------------------------------------------
     def backend(self) -> control.Backend:
@@ -150,6 +168,7 @@ class Supervisor:
 
     async def run(self) -> int:
         """Supervise to the end; the payload's directory is removed whatever happens."""
+        _become_subreaper()
         try:
             async with trio.open_nursery() as nursery:
                 path = await nursery.start(control.serve_control,
@@ -162,12 +181,23 @@ class Supervisor:
                     nursery.cancel_scope.cancel()
             return status
         finally:
+            janitor = self.prepared.janitor
+            _sweep_descendants(keep=[janitor.pid] if janitor else [])
+            if janitor is not None:
+                # Our own teardown ran: the janitor has nothing to do.
+                await trio.to_thread.run_sync(janitor.close)
             shutil.rmtree(self.prepared.payload_tmp, ignore_errors=True)
 
     async def _run(self) -> int:
         prepared = self.prepared
         for problem in prepared.problems:
             log.warning("glidein_config", problem=problem)
+        if prepared.leftovers:
+            cleaned = prepared.cleaned
+            log.warning("cleaned up after an earlier run of this distribution",
+                        mounts=[str(m.mountpoint) for m in prepared.leftovers.mounts],
+                        processes=[p.pid for p in prepared.leftovers.processes],
+                        clean=cleaned.clean if cleaned else None)
         decision = prepared.decision
         for line in decision.explain().splitlines():
             log.info("mode decision", detail=line)
@@ -243,7 +273,13 @@ class Supervisor:
                               GWMS_CVMFSEXEC_MODE=str(decision.mode.cvmfsexec_mode),
                               CVMFS_MOUNT_DIR=str(dist.mount_dir))
             env = prepared.payload_env({"CVMFS_MOUNT_DIR": str(dist.mount_dir)})
-            return await self._run_direct(env)
+            keeper = self._keeper(lambda: Path("/proc/self/mountinfo"),
+                                  lambda repo: dist.mount_dir / repo)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(keeper.run)
+                status = await self._run_direct(env)
+                nursery.cancel_scope.cancel()
+            return status
         finally:
             self._provided = None
             with trio.CancelScope(shield=True):
@@ -261,15 +297,25 @@ class Supervisor:
                 self.state.repos[repo] = RepoState(
                     "ok", str(revision) if revision is not None else None)
             self._provided, self._exec, self.state.phase = "mode3", runner_exec, "running"
+            keeper.refresh()
             await self.record(GWMS_IS_CVMFS="yes", GWMS_CVMFSEXEC_MODE="3", CVMFS_MOUNT_DIR="",
                               CVMFSD_STATUS="ready")
             print("cvmfsd: ready: " + ", ".join(
                 f"{repo} r{check.get('revision')}" for repo, check in info.repos.items()),
                 file=sys.stderr, flush=True)
 
+        def tell_janitor(pid: int) -> None:
+            janitor = self.prepared.janitor
+            if janitor is not None:
+                try:
+                    janitor.set_namespace_init(pid)
+                except (ValueError, CvmfsdError) as exc:
+                    log.warning("the janitor cannot guard the namespace", error=str(exc))
+
         runner = session.Mode3Session(plan, grace=self.config.grace,
                                       mount_timeout=self.config.mount_timeout,
-                                      on_ready=ready, on_progress=progress)
+                                      on_ready=ready, on_progress=progress,
+                                      on_ns_init=tell_janitor)
 
         async def runner_exec(args: protocol.ExecArgs, fds: Sequence[int]) -> int:
             return await runner.exec_in_namespace(args.argv, fds, cwd=args.cwd, env=args.env)
@@ -285,9 +331,16 @@ class Supervisor:
             return None if answer.get("ok") else str(answer.get("error"))
 
         self._remount_hook = remount_in_namespace
+        def shim_path(relative: str) -> Path | None:
+            shim = self.state.shim_pid if self._provided == "mode3" else None
+            return Path(f"/proc/{shim}/{relative}") if shim else None
+
+        keeper = self._keeper(lambda: shim_path("mountinfo"),
+                              lambda repo: shim_path(f"root/cvmfs/{repo}"))
         failure: LaunchError | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_relay_signals, runner.send_event.send)
+            await nursery.start(keeper.run)
             try:
                 outcome = await runner.run(self.prepared.spawned)
             except LaunchError as exc:
@@ -316,6 +369,33 @@ class Supervisor:
             nursery.cancel_scope.cancel()
         self.state.payload_status = outcome.status
         return outcome.status
+
+
+def _become_subreaper() -> None:
+    """Adopt every orphan of our process tree, so that none escapes the final sweep."""
+    try:
+        import prctl
+
+        prctl.set_child_subreaper(1)
+    except (ImportError, OSError) as exc:  # pragma: no cover - python-prctl is a dependency
+        log.warning("cannot become a child subreaper; orphans may escape", error=str(exc))
+
+
+def _sweep_descendants(keep: Sequence[int] = ()) -> None:
+    """SIGKILL whatever is still running below us when we are done.
+
+    As a child subreaper, cvmfsd inherits the orphans of its tree (a cvmfs2
+    that lost its parent, a payload's daemonised child), so this is the last
+    word on "no process left behind".
+    """
+    for pid in reversed(launch.descendants(os.getpid())):
+        if pid in keep or not launch.is_running(pid):
+            continue
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            continue
+        log.warning("leftover process killed", pid=pid)
 
 
 async def _relay_signals(send: Callable[[session.Stop], Awaitable[None]]) -> None:

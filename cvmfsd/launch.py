@@ -198,6 +198,15 @@ def parent_pid(pid: int, proc_root: Path = Path("/proc")) -> int | None:
     return int(ppid) if ppid else None
 
 
+def is_running(pid: int, proc_root: Path = Path("/proc")) -> bool:
+    """Whether ``pid`` exists and is not a zombie (a zombie has already exited)."""
+    try:
+        stat = (proc_root / str(pid) / "stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[:1] not in (["Z"], ["X"])
+
+
 def is_namespace_init(pid: int, proc_root: Path = Path("/proc")) -> bool:
     """Whether ``pid`` is PID 1 of a pid namespace below ours (NSpid ends in 1)."""
     nspid = _status_fields(proc_root, pid).get("NSpid", "").split()

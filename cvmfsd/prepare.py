@@ -18,7 +18,9 @@ from pathlib import Path
 
 from cvmfsd import glidein, launch, mode, probe
 from cvmfsd.config import Config, default_socket_path, exported_variables
+from cvmfsd.janitor import Janitor, spawn_janitor
 from cvmfsd.launch import Dist, LaunchError, LaunchPlan, Spawned
+from cvmfsd.leftovers import Leftovers, Report, clean_leftovers, find_leftovers
 
 FORCED = {"host": mode.Mode.HOST, "3": mode.Mode.MODE3, "2": mode.Mode.MODE2,
           "1": mode.Mode.MODE1}
@@ -48,6 +50,9 @@ class Prepared:
     spawned: Spawned | None = None
     launch_error: LaunchError | None = None
     socket_path: Path = Path()
+    janitor: Janitor | None = None
+    leftovers: Leftovers | None = None
+    cleaned: Report | None = None
 
     def payload_env(self, extra: Mapping[str, str]) -> dict[str, str]:
         """The payload's environment: ours, the exported glidein values, ``extra``."""
@@ -104,6 +109,15 @@ def prepare(config: Config, facts: probe.HostFacts | None = None, *,
         return prepared
     try:
         prepared.dist = _find_dist(config)
+        if start:
+            # An earlier run of this distribution that was hard-killed may have
+            # left stale mounts and orphan cvmfs2 (never another pilot's).
+            prepared.leftovers = find_leftovers(prepared.dist)
+            if prepared.leftovers:
+                prepared.cleaned = clean_leftovers(prepared.dist, prepared.leftovers)
+            # Started before anything mounts: if cvmfsd is SIGKILLed from here
+            # on, the janitor ends the namespace or unmounts.
+            prepared.janitor = spawn_janitor(prepared.dist.root)
         if decision.mode is mode.Mode.MODE3:
             prepared.plan = LaunchPlan(
                 dist=prepared.dist, repos=config.repos, payload=config.payload,

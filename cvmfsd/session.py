@@ -153,12 +153,14 @@ class Mode3Session:
 
     def __init__(self, plan: LaunchPlan, *, grace: float, mount_timeout: float,
                  on_ready: ReadyCallback,
-                 on_progress: Callable[[int, int, str], None]) -> None:
+                 on_progress: Callable[[int, int, str], None],
+                 on_ns_init: Callable[[int], None] = lambda pid: None) -> None:
         self.plan = plan
         self.grace = grace
         self.mount_timeout = mount_timeout
         self.on_ready = on_ready
         self.on_progress = on_progress
+        self.on_ns_init = on_ns_init
         self.order = launch.mount_order(plan.dist, plan.repos)
         self.send_event, self._events = trio.open_memory_channel[Event](256)
         self.process: _Child | None = None
@@ -274,6 +276,7 @@ class Mode3Session:
         self._channel = trio.socket.from_stdlib_socket(spawned.channel)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.process.watch)
+            nursery.start_soon(self._record_ns_init)
             for name, pipe in (("stdout", spawned.process.stdout),
                                ("stderr", spawned.process.stderr)):
                 if pipe is not None:
@@ -388,6 +391,24 @@ class Mode3Session:
             return trio.current_time() + self.grace
         self._kill_namespace(reason)
         return trio.current_time() + KILL_WAIT
+
+    async def _record_ns_init(self) -> None:
+        """Learn namespace PID 1 as soon as it exists, not only once the shim reports.
+
+        If cvmfsexec or unshare is killed during the mounts, the namespace
+        lives on without them; knowing PID 1 is what lets us end it.  The
+        search is bounded: PID 1 appears within milliseconds of the start.
+        """
+        with trio.move_on_after(self.mount_timeout):
+            delay = 0.005
+            while self._find_ns_init() is None:
+                if self.process is None or self.process.returncode is not None:
+                    return
+                await trio.sleep(delay)
+                delay = min(delay * 2, 0.2)
+            log.debug("namespace PID 1 found", ns_init_pid=self.ns_init_pid)
+            if self.ns_init_pid is not None:
+                self.on_ns_init(self.ns_init_pid)
 
     def _find_ns_init(self) -> int | None:
         if self.ns_init_pid is None and self.process is not None:

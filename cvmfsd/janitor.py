@@ -1,0 +1,672 @@
+"""The janitor: a small process that cleans up CVMFS if cvmfsd dies without doing it.
+
+cvmfsd starts it once per run with :func:`spawn_janitor`, as
+``python -m cvmfsd.janitor --dist DIR --parent PID [--config-repo NAME] [--log FILE]``,
+and keeps the returned :class:`Janitor` to tell it namespace PID 1 (mode 3) and,
+on a clean exit, that there is nothing to do.
+
+Theory of operation:
+
+* **Knowing that cvmfsd died.**  The janitor's stdin is the read end of a pipe
+  whose only write end is in cvmfsd, close-on-exec so that no child inherits it.
+  However cvmfsd ends, SIGKILL included, the kernel closes that end and the
+  janitor reads EOF.  A ``done`` line before EOF means cvmfsd cleaned up itself,
+  and the janitor exits doing nothing; EOF without ``done`` means clean up.
+  PR_SET_PDEATHSIG is a second trigger, but it fires when the parent *thread*
+  exits (prctl(2)), and cvmfsd has worker threads, so the handler acts only if
+  getppid() is no longer cvmfsd.
+* **Outliving the pilot's signals.**  HUP, INT, QUIT and TERM are ignored: a
+  Ctrl-C or a batch system's SIGTERM to the process group lets cvmfsd shut down
+  in order, and if cvmfsd dies of it instead, the janitor is still there.
+  :func:`spawn_janitor` blocks those signals before the fork, so there is no
+  window while the interpreter starts; the janitor ignores and then unblocks them.
+* **Cleaning.**  (1) SIGKILL namespace PID 1 (mode 3; it ignores the catchable
+  signals), which makes the kernel kill every process of its pid namespace, and
+  so every cvmfs2 there and their mounts.  (2) Unmount every mount below the
+  distribution's ``dist/cvmfs`` in the janitor's mount namespace (modes 1 and 2),
+  newest first and the configuration repository last, with ``umount`` as root
+  and ``fusermount -u`` otherwise.  (3) End the cvmfs2 processes of this
+  distribution that remain: time to exit on their own, SIGTERM, SIGKILL.
+  (4) Lazily unmount what is still mounted, but only where no cvmfs2 serves it
+  any more (cvmfs PR #1281: a lazily unmounted repository whose cvmfs2 lives on
+  keeps its lock, and the next mount of it hangs).  Then exit.
+* **Never a stranger.**  A process is named by its pid *and* its start time
+  (field 22 of ``/proc/<pid>/stat``).  Before each signal the janitor opens a
+  pidfd, checks the start time and what the process is (namespace PID 1, or a
+  cvmfs2 naming this distribution's mount directory), then signals through the
+  pidfd, so a reused pid cannot be hit.  Mounts outside ``dist/cvmfs`` are
+  never touched.
+* **Light.**  It starts on every run, so it imports only os, select, signal,
+  sys, time, prctl and cvmfsd.errors, and parses /proc by hand (no pathlib,
+  argparse or subprocess: hence the plain ``os`` calls).  It holds no
+  descriptor of cvmfsd's but the pipe: stdout and stderr are /dev/null, and the
+  log file is opened only to report a clean-up.
+"""
+
+# The janitor starts on every run: plain os calls, no pathlib import.
+# ruff: noqa: PTH100, PTH103, PTH112, PTH118, PTH119, PTH120
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import sys
+import time
+
+from cvmfsd.errors import CvmfsdError
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (3 ms)
+if TYPE_CHECKING:
+    import subprocess
+    from collections.abc import Callable, Iterable, Sequence
+    from pathlib import Path
+
+#: What the janitor ignores: the signals a pilot sends to its process group.
+IGNORED_SIGNALS = (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM)
+#: PR_SET_PDEATHSIG's signal; its handler checks that cvmfsd is really gone.
+PDEATH_SIGNAL = signal.SIGUSR1
+UNMOUNT_TIMEOUT = 2.0  # per umount/fusermount run: a hung daemon may stall it
+EXIT_GRACE = 1.0  # for a cvmfs2 to exit by itself once its mount is gone
+TERM_GRACE = 1.0  # between SIGTERM and SIGKILL
+_POLL = 0.005
+_DEFAULT_PATH = ("/usr/bin", "/bin", "/usr/sbin", "/sbin")
+_SIM_CVMFS2 = "cvmfsd.sim.cvmfs2"
+
+#: A process as the janitor names it: (pid, start time in clock ticks).
+Ident = tuple[int, int]
+#: A cvmfs2 process of the distribution: (pid, start time, mount point it serves).
+Cvmfs2 = tuple[int, int, str]
+
+
+class JanitorError(CvmfsdError):
+    """The janitor cannot be started or told something: cvmfsd is unguarded."""
+
+
+# --- /proc, by hand ------------------------------------------------------------
+
+
+def _read(path: str) -> bytes | None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def process_start(pid: int, proc_root: str = "/proc") -> int | None:
+    """``pid``'s start time (clock ticks after boot), or None if it is gone or a zombie."""
+    stat = _read(f"{proc_root}/{pid}/stat")
+    if stat is None:
+        return None
+    # comm, in parentheses, may hold anything: the fields follow the last ')'.
+    fields = stat.rpartition(b")")[2].split()
+    if len(fields) < 20 or fields[0] in (b"Z", b"X"):
+        return None
+    return int(fields[19])
+
+
+def _status(pid: int, proc_root: str) -> dict[str, str]:
+    text = _read(f"{proc_root}/{pid}/status")
+    if text is None:
+        return {}
+    lines = text.decode(errors="replace").splitlines()
+    return dict(line.split(":\t", 1) for line in lines if ":\t" in line)
+
+
+def _real_uid(status: dict[str, str]) -> int | None:
+    uids = status.get("Uid", "").split()
+    return int(uids[0]) if uids else None
+
+
+def is_namespace_init(pid: int, proc_root: str = "/proc") -> bool:
+    """Whether ``pid`` is PID 1 of a pid namespace below ours and runs as our uid."""
+    status = _status(pid, proc_root)
+    nspid = status.get("NSpid", "").split()
+    return len(nspid) > 1 and nspid[-1] == "1" and _real_uid(status) == os.getuid()
+
+
+def mount_dirs(root: str) -> tuple[str, ...]:
+    """The spellings of a distribution's ``dist/cvmfs``: as given (absolute) and resolved.
+
+    mountrepo names mount points through ``pwd`` (symlinks kept); the kernel's
+    mount table has them resolved.
+    """
+    given = os.path.join(os.path.abspath(root), "dist", "cvmfs")
+    return tuple(dict.fromkeys((given, os.path.realpath(given))))
+
+
+def cvmfs2_mountpoint(argv: Sequence[str], dirs: Sequence[str]) -> str | None:
+    """The mount point a cvmfs2 command line serves, if it is one below ``dirs``.
+
+    cvmfs2 is ``cvmfs2 [options] <repo> <mount point>`` (argv[0] named cvmfs2,
+    or the simulated ``python -m cvmfsd.sim.cvmfs2``); its watchdog child has the
+    same command line.
+    """
+    if len(argv) < 3:
+        return None
+    if os.path.basename(argv[0]) != "cvmfs2" and _SIM_CVMFS2 not in argv[1:3]:
+        return None
+    mountpoint = os.path.normpath(argv[-1])
+    return mountpoint if os.path.dirname(mountpoint) in dirs else None
+
+
+def _cmdline(pid: int, proc_root: str) -> list[str]:
+    raw = _read(f"{proc_root}/{pid}/cmdline") or b""
+    return [a.decode(errors="surrogateescape") for a in raw.split(b"\0")[:-1]]
+
+
+def find_cvmfs2(dirs: Sequence[str], proc_root: str = "/proc",
+                uid: int | None = None) -> list[Cvmfs2]:
+    """The live cvmfs2 processes of ``uid`` (ours by default) serving a mount below ``dirs``."""
+    uid = os.getuid() if uid is None else uid
+    found = []
+    try:
+        entries = [e.name for e in os.scandir(proc_root) if e.name.isdigit()]
+    except OSError:
+        return []
+    for name in entries:
+        pid = int(name)
+        mountpoint = cvmfs2_mountpoint(_cmdline(pid, proc_root), dirs)
+        if mountpoint is None or _real_uid(_status(pid, proc_root)) != uid:
+            continue
+        start = process_start(pid, proc_root)
+        if start is not None:
+            found.append((pid, start, mountpoint))
+    return found
+
+
+def _unescape(field: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as \NNN (octal).
+    if "\\" not in field:
+        return field
+    parts = field.split("\\")
+    return parts[0] + "".join(chr(int(p[:3], 8)) + p[3:] if p[:3].isdigit() else "\\" + p
+                              for p in parts[1:])
+
+
+def dist_mounts(mountinfo: str, dirs: Sequence[str], config_repo: str | None = None) -> list[str]:
+    """The mount points strictly below ``dirs``, in unmount order.
+
+    Newest first (mountinfo lists mounts in the order they were made) and the
+    configuration repository last, since the others' configuration comes from it.
+    """
+    found: list[str] = []
+    for line in mountinfo.splitlines():
+        fields = line.split(" ")
+        if len(fields) < 5:
+            continue
+        point = _unescape(fields[4])
+        if any(point.startswith(d + "/") for d in dirs) and point not in found:
+            found.append(point)
+    found.reverse()
+    if config_repo:
+        found.sort(key=lambda point: os.path.basename(point) == config_repo)
+    return found
+
+
+def read_mountinfo(proc_root: str = "/proc") -> str:
+    """This process's mount table (reading it never touches a FUSE file system)."""
+    return (_read(f"{proc_root}/self/mountinfo") or b"").decode(errors="surrogateescape")
+
+
+# --- signals and unmounts --------------------------------------------------------
+
+
+def signal_process(ident: Ident, sig: int, still_ours: Callable[[int], bool],
+                   proc_root: str = "/proc") -> bool:
+    """Send ``sig`` to ``ident`` if it is still the same process and ``still_ours(pid)``.
+
+    A pidfd is opened first and the checks are made through /proc after it:
+    if they pass, the pidfd refers to that very process, so a pid reused
+    meanwhile cannot receive the signal.  Kernels without pidfds (< 5.3) fall
+    back to kill(2) right after the checks.
+
+    Returns:
+        Whether the signal was sent.
+    """
+    pid, start = ident
+    try:
+        pidfd: int | None = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return False
+    except (OSError, AttributeError):
+        pidfd = None
+    try:
+        if process_start(pid, proc_root) != start or not still_ours(pid):
+            return False
+        if pidfd is None:
+            os.kill(pid, sig)
+        else:
+            signal.pidfd_send_signal(pidfd, sig)
+    except ProcessLookupError:
+        return False
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+    return True
+
+
+def wait_gone(idents: Iterable[Ident], timeout: float, proc_root: str = "/proc") -> list[Ident]:
+    """Wait up to ``timeout`` s for the processes to end; return those still alive."""
+    alive = list(idents)
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = [i for i in alive if process_start(i[0], proc_root) == i[1]]
+        if not alive or time.monotonic() >= deadline:
+            return alive
+        time.sleep(_POLL)
+
+
+def stop_cvmfs2(procs: Sequence[Cvmfs2], dirs: Sequence[str], *, exit_grace: float,
+                term_grace: float, proc_root: str = "/proc",
+                on_signal: Callable[[Cvmfs2, signal.Signals], None] = lambda p, s: None,
+                ) -> list[Cvmfs2]:
+    """End cvmfs2 processes: ``exit_grace`` s to exit alone, SIGTERM, ``term_grace`` s, SIGKILL.
+
+    Before each signal the process must still be the same and still be a cvmfs2
+    serving the same mount point below ``dirs``.
+
+    Returns:
+        The processes still alive after the SIGKILL (normally none).
+    """
+    by_ident = {(pid, start): point for pid, start, point in procs}
+
+    def still_cvmfs2(pid: int) -> bool:
+        start = process_start(pid, proc_root)
+        point = None if start is None else by_ident.get((pid, start))
+        return point is not None and cvmfs2_mountpoint(_cmdline(pid, proc_root), dirs) == point
+
+    alive = wait_gone(by_ident, exit_grace, proc_root)
+    for sig, grace in ((signal.SIGTERM, term_grace), (signal.SIGKILL, term_grace)):
+        if not alive:
+            break
+        for ident in alive:
+            if signal_process(ident, sig, still_cvmfs2, proc_root):
+                on_signal((*ident, by_ident[ident]), sig)
+        alive = wait_gone(alive, grace, proc_root)
+    return [(pid, start, by_ident[(pid, start)]) for pid, start in alive]
+
+
+def _which(name: str) -> str | None:
+    dirs = os.environ.get("PATH", "").split(os.pathsep) + list(_DEFAULT_PATH)
+    for d in dirs:
+        path = os.path.join(d or ".", name)
+        if os.access(path, os.X_OK) and not os.path.isdir(path):
+            return path
+    return None
+
+
+def unmount_argv(mountpoint: str, *, lazy: bool) -> list[str] | None:
+    """The command that unmounts a FUSE mount: ``umount`` as root, else ``fusermount -u``.
+
+    None if no such tool is installed.
+    """
+    if os.geteuid() == 0:
+        tool = _which("umount")
+        return None if tool is None else [tool, *(["-l"] if lazy else []), mountpoint]
+    tool = _which("fusermount3") or _which("fusermount")
+    return None if tool is None else [tool, "-u", *(["-z"] if lazy else []), mountpoint]
+
+
+def run_bounded(argv: Sequence[str], timeout: float, out_fd: int | None = None) -> int | None:
+    """Run ``argv`` with stdin /dev/null and default signal dispositions, for ``timeout`` s.
+
+    Returns:
+        Its exit status (negative: killed by that signal), or None if it could
+        not start or had to be SIGKILLed at the deadline; such a child (stuck
+        in FUSE) is not waited for.
+    """
+    actions: list[tuple[int, int, str, int, int] | tuple[int, int, int]]
+    actions = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)]
+    if out_fd is None:
+        actions += [(os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
+                    (os.POSIX_SPAWN_DUP2, 1, 2)]
+    else:
+        actions += [(os.POSIX_SPAWN_DUP2, out_fd, 1), (os.POSIX_SPAWN_DUP2, out_fd, 2)]
+    try:
+        pid = os.posix_spawn(argv[0], list(argv), os.environ, file_actions=actions,
+                             setsigmask=(), setsigdef=(*IGNORED_SIGNALS, PDEATH_SIGNAL))
+    except OSError:
+        return None
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() >= deadline:
+            os.kill(pid, signal.SIGKILL)  # our own child, not yet reaped: the pid is its
+            return None
+        time.sleep(_POLL)
+
+
+def unmount(mountpoint: str, *, lazy: bool, timeout: float = UNMOUNT_TIMEOUT,
+            out_fd: int | None = None) -> bool:
+    """Unmount one FUSE mount point (see :func:`unmount_argv`); whether the tool succeeded."""
+    argv = unmount_argv(mountpoint, lazy=lazy)
+    return argv is not None and run_bounded(argv, timeout, out_fd) == 0
+
+
+# --- the janitor process ---------------------------------------------------------
+
+
+class _Log:
+    """An append-only log file, opened only once there is something to say."""
+
+    def __init__(self, path: str | None) -> None:
+        self.path = path
+        self.fd: int | None = None
+
+    def open(self) -> int | None:
+        if self.fd is None and self.path:
+            try:
+                os.makedirs(os.path.dirname(self.path), exist_ok=True)
+                self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT
+                                  | os.O_CLOEXEC, 0o644)
+            except OSError:
+                self.path = None
+        return self.fd
+
+    def __call__(self, message: str) -> None:
+        fd = self.open()
+        if fd is not None:
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+            try:  # noqa: SIM105 - contextlib is one import more at start-up
+                os.write(fd, f"{stamp} janitor[{os.getpid()}]: {message}\n".encode())
+            except OSError:
+                pass  # a full disk must not stop the clean-up
+
+
+def _kill_namespace_init(ident: Ident, log: Callable[[str], None]) -> None:
+    if not signal_process(ident, signal.SIGKILL, is_namespace_init):
+        log(f"pid {ident[0]} is no longer namespace PID 1: not killed")
+    elif wait_gone([ident], TERM_GRACE):
+        log(f"namespace PID 1 (pid {ident[0]}) is still alive after SIGKILL")
+    else:
+        log(f"killed namespace PID 1 (pid {ident[0]})")
+
+
+def clean_up(root: str, *, config_repo: str | None = None,
+             namespace_init: Ident | None = None, log: Callable[[str], None] = lambda _: None,
+             out_fd: int | None = None) -> bool:
+    """End CVMFS of the distribution at ``root`` (the steps are in the module docstring).
+
+    Returns:
+        Whether nothing of the distribution is left: no mount below its
+        ``dist/cvmfs`` in this mount namespace, no cvmfs2 of it.
+    """
+    dirs = mount_dirs(root)
+    if namespace_init is not None:
+        _kill_namespace_init(namespace_init, log)
+    stuck = []
+    for point in dist_mounts(read_mountinfo(), dirs, config_repo):
+        if unmount(point, lazy=False, out_fd=out_fd):
+            log(f"unmounted {point}")
+        else:
+            stuck.append(point)
+
+    def on_signal(proc: Cvmfs2, sig: signal.Signals) -> None:
+        log(f"sent {sig.name} to cvmfs2 pid {proc[0]} ({proc[2]})")
+
+    left = stop_cvmfs2(find_cvmfs2(dirs), dirs, exit_grace=EXIT_GRACE, term_grace=TERM_GRACE,
+                       on_signal=on_signal)
+    serving = {point for _, _, point in left}
+    mounted = dist_mounts(read_mountinfo(), dirs, config_repo)
+    for point in stuck:
+        if point not in mounted:
+            continue
+        if point in serving:
+            log(f"left {point} mounted: its cvmfs2 survived SIGKILL")
+        elif unmount(point, lazy=True, out_fd=out_fd):
+            log(f"lazily unmounted {point} (its cvmfs2 is gone)")
+        else:
+            log(f"cannot unmount {point}")
+    clean = not find_cvmfs2(dirs) and not dist_mounts(read_mountinfo(), dirs)
+    if left:
+        log(f"cvmfs2 processes still alive: {[pid for pid, _, _ in left]}")
+    return clean
+
+
+class _Commands:
+    """What cvmfsd said so far: namespace PID 1, and whether it is done."""
+
+    def __init__(self, log: Callable[[str], None]) -> None:
+        self.log = log
+        self.namespace_init: Ident | None = None
+        self.done = False
+        self._pending = b""
+
+    def feed(self, chunk: bytes) -> None:
+        *lines, self._pending = (self._pending + chunk).split(b"\n")
+        for line in lines:
+            words = line.decode(errors="replace").split()
+            if words == ["done"]:
+                self.done = True
+            elif words == ["ns-clear"]:
+                self.namespace_init = None
+            elif len(words) == 3 and words[0] == "ns" and all(w.isdigit() for w in words[1:]):
+                self.namespace_init = (int(words[1]), int(words[2]))
+            else:
+                self.log(f"ignoring unknown command {line!r} from cvmfsd")
+
+
+def _parse_args(argv: Sequence[str]) -> dict[str, str]:
+    # argparse would double the janitor's start-up time.
+    known = {"--dist", "--parent", "--config-repo", "--log"}
+    opts: dict[str, str] = {}
+    args = list(argv)
+    while args:
+        flag = args.pop(0)
+        if flag not in known or not args:
+            raise SystemExit(f"usage: python -m cvmfsd.janitor --dist DIR --parent PID "
+                             f"[--config-repo NAME] [--log FILE] (bad: {flag})")
+        opts[flag[2:]] = args.pop(0)
+    if "dist" not in opts or "parent" not in opts:
+        raise SystemExit("cvmfsd.janitor: --dist and --parent are required")
+    return opts
+
+
+def _arm_parent_death() -> int:
+    """PR_SET_PDEATHSIG, reported through a wake-up pipe; returns its read end."""
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+    # A handler, however empty, keeps the signal from killing us; the wake-up
+    # byte is what the loop acts on.
+    signal.signal(PDEATH_SIGNAL, lambda signum, frame: None)
+    try:
+        import prctl
+    except ImportError:  # pipe EOF alone still tells cvmfsd's death
+        return wake_r
+    prctl.set_pdeathsig(PDEATH_SIGNAL)
+    return wake_r
+
+
+def _serve(parent: int, commands: _Commands) -> str:
+    """Read cvmfsd's commands until ``done``, EOF or cvmfsd's death; say which."""
+    wake = _arm_parent_death()
+    poller = select.poll()
+    poller.register(0, select.POLLIN)
+    poller.register(wake, select.POLLIN)
+    why = "is no longer our parent"
+    while os.getppid() == parent:  # also catches a death before PDEATHSIG was armed
+        for fd, _ in poller.poll():
+            if fd == wake:
+                os.read(wake, 64)
+                continue
+            chunk = os.read(0, 4096)
+            if not chunk:
+                return "closed its pipe without saying done"
+            commands.feed(chunk)
+            if commands.done:
+                return "done"
+    # cvmfsd is gone, but a process it forked without exec may hold the pipe:
+    # take what cvmfsd wrote before it died, without waiting for EOF.
+    os.set_blocking(0, False)
+    try:
+        while not commands.done and (chunk := os.read(0, 4096)):
+            commands.feed(chunk)
+    except BlockingIOError:
+        pass
+    return "done" if commands.done else why
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the janitor (``python -m cvmfsd.janitor``); 0 if nothing or everything was cleaned."""
+    for sig in IGNORED_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, IGNORED_SIGNALS)
+    opts = _parse_args(sys.argv[1:] if argv is None else argv)
+    parent = int(opts["parent"])
+    os.chdir("/")  # never keep a mount busy
+    log = _Log(opts.get("log"))
+    commands = _Commands(log)
+    why = _serve(parent, commands)
+    if commands.done:
+        return 0
+    started = time.monotonic()
+    log(f"cvmfsd (pid {parent}) {why}: cleaning up {opts['dist']}")
+    clean = clean_up(opts["dist"], config_repo=opts.get("config-repo"),
+                     namespace_init=commands.namespace_init, log=log, out_fd=log.open())
+    log(f"clean-up {'complete' if clean else 'INCOMPLETE'} after "
+        f"{time.monotonic() - started:.3f} s")
+    return 0 if clean else 1
+
+
+# --- cvmfsd's side ------------------------------------------------------------------
+
+
+class Janitor:
+    """cvmfsd's handle on its janitor process (made by :func:`spawn_janitor`).
+
+    The methods write one line to the janitor's pipe; none of them waits for
+    the janitor except :meth:`close`.
+    """
+
+    def __init__(self, process: subprocess.Popen[bytes], pipe: int) -> None:
+        self.process = process
+        self._pipe: int | None = pipe
+
+    @property
+    def pid(self) -> int:
+        """The janitor's pid."""
+        return self.process.pid
+
+    def _send(self, line: str) -> None:
+        if self._pipe is None:
+            raise JanitorError("the janitor was already closed")
+        try:
+            os.write(self._pipe, f"{line}\n".encode())
+        except BrokenPipeError:
+            raise JanitorError(f"the janitor (pid {self.pid}) is gone",
+                               hint="CVMFS will not be cleaned up if cvmfsd is killed") from None
+
+    def set_namespace_init(self, pid: int) -> None:
+        """Have the janitor SIGKILL ``pid``, namespace PID 1, if cvmfsd dies.
+
+        Its start time is recorded now, so the janitor kills it only if it is
+        still the same process then.
+
+        Raises:
+            ValueError: ``pid`` is not (or no longer) PID 1 of a pid namespace of ours.
+            JanitorError: the janitor is gone or closed.
+        """
+        start = process_start(pid)
+        if start is None or not is_namespace_init(pid) or process_start(pid) != start:
+            raise ValueError(f"pid {pid} is not PID 1 of a pid namespace of uid {os.getuid()}")
+        self._send(f"ns {pid} {start}")
+
+    def clear_namespace_init(self) -> None:
+        """Forget namespace PID 1 (the namespace has ended).
+
+        Raises:
+            JanitorError: the janitor is gone or closed.
+        """
+        self._send("ns-clear")
+
+    def close(self, *, clean_up: bool = False, timeout: float = 5.0) -> int | None:
+        """Release the janitor, and wait up to ``timeout`` s for it to exit.
+
+        Args:
+            clean_up: False (cvmfsd cleaned up itself): the janitor exits at
+                once, doing nothing.  True: the janitor cleans up as if cvmfsd
+                had died, and this waits for it.
+            timeout: how long to wait; the janitor exits within milliseconds
+                after a plain close, and within a few seconds after a clean-up.
+
+        Returns:
+            The janitor's exit status (0: nothing left behind), or None if it is
+            still running.  Calling close again only waits again.
+        """
+        if self._pipe is not None:
+            try:
+                if not clean_up:
+                    os.write(self._pipe, b"done\n")
+            except BrokenPipeError:
+                pass
+            finally:
+                os.close(self._pipe)
+                self._pipe = None
+        import subprocess
+
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+
+def spawn_janitor(dist: Path, *, log: Path | None = None) -> Janitor:
+    """Start the janitor of the cvmfsexec distribution at ``dist`` (its root directory).
+
+    Call it from the thread that will live as long as cvmfsd (the main thread)
+    so that PR_SET_PDEATHSIG fires only when cvmfsd exits; from another thread
+    it stays correct, as the janitor re-checks its parent.  It returns once
+    the janitor is forked; the janitor needs ~30 ms to be ready, and what is
+    written meanwhile waits in the pipe.
+
+    Args:
+        dist: the distribution's root directory.
+        log: where the janitor reports a clean-up; by default
+            ``<dist>/log/janitor.log``.  Nothing is written after a normal close.
+
+    Raises:
+        JanitorError: the janitor process could not be started.
+    """
+    import subprocess
+
+    from cvmfsd.launch import Dist
+
+    root = dist.absolute()
+    argv = [sys.executable, "-m", "cvmfsd.janitor", "--dist", str(root),
+            "--parent", str(os.getpid()), "--log", str(log or root / "log" / "janitor.log")]
+    config_repo = Dist(root).config_repo()
+    if config_repo:
+        argv += ["--config-repo", config_repo]
+    read_end, write_end = os.pipe()  # both close-on-exec; Popen dups read_end to stdin
+    # Blocked signals stay pending across fork and exec: the janitor sets them
+    # to SIG_IGN before unblocking them, so none can kill it while it starts.
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, IGNORED_SIGNALS)
+    try:
+        # Same cwd as cvmfsd, so that ``-m`` finds cvmfsd as cvmfsd found itself;
+        # the janitor then moves to / so as never to keep a mount busy.
+        process = subprocess.Popen(argv, stdin=read_end, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+    except OSError as exc:
+        os.close(write_end)
+        raise JanitorError(f"cannot start the janitor ({sys.executable}): {exc}") from None
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        os.close(read_end)
+    return Janitor(process, write_end)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

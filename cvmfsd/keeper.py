@@ -1,0 +1,135 @@
+"""Keep the repositories healthy: watch them, remount the crashed, end the hung.
+
+The :class:`~cvmfsd.watch.MountWatcher` says what state each repository is in;
+this module decides what to do about it:
+
+* ``enotconn`` (its cvmfs2 died): remount it, at once and then with backoff
+  while remounting fails;
+* ``hung`` (a probe outlived its deadline while cvmfs2 lives): report it, and
+  once it has been hung for ``hang_timeout`` seconds, SIGKILL its cvmfs2 -- the
+  mount then answers ENOTCONN, which leads to a remount;
+* every transition is written to the daemon state (``cvmfsctl status``) and
+  logged.
+
+How a remount is done depends on the mode, so it is a callable.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import NoReturn
+
+import structlog
+import trio
+
+from cvmfsd.state import DaemonState, RepoState
+from cvmfsd.watch import MountWatcher, ProbeResult
+
+log = structlog.get_logger("cvmfsd.keeper")
+
+BACKOFF = (0.0, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)  # seconds before each remount attempt
+
+Remount = Callable[[str], Awaitable["str | None"]]  # None, or what went wrong
+
+
+class RepoKeeper:
+    """Watches and repairs the repositories of one running session.
+
+    Args:
+        state: where repository states are written.
+        remount: unmounts and mounts one repository again; returns None or the problem.
+        hang_timeout: seconds a repository may stay hung before its cvmfs2 is killed.
+        mountinfo, probe_path, talk_socket, interval, deadline: see MountWatcher.
+    """
+
+    def __init__(self, state: DaemonState, *, remount: Remount, hang_timeout: float,
+                 mountinfo: Callable[[], Path | None],
+                 probe_path: Callable[[str], Path | None],
+                 talk_socket: Callable[[str], Path | None],
+                 interval: float, deadline: float) -> None:
+        self.state = state
+        self._remount = remount
+        self._hang_timeout = hang_timeout
+        self.watcher = MountWatcher(
+            list(state.repos), mountinfo=mountinfo, probe_path=probe_path,
+            on_change=self._on_change, talk_socket=talk_socket, interval=interval,
+            deadline=deadline)
+        self._nursery: trio.Nursery | None = None
+        self._repairing: set[str] = set()
+        self.remounts = 0
+        self.remount_failures = 0
+        self.hung_kills = 0
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+                  ) -> NoReturn:
+        """Watch and repair until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            await nursery.start(self.watcher.run)
+            task_status.started()
+            await trio.sleep_forever()
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def refresh(self) -> None:
+        """The paths changed (e.g. the shim's pid is known now): look again."""
+        self.watcher.refresh()
+
+    async def _on_change(self, repo: str, old: str | None, result: ProbeResult) -> None:
+        current = self.state.repos.get(repo)
+        if current is not None and current.state == "remounting" and result.state != "ok":
+            return  # our own remount is under way; its outcome decides
+        self.state.repos[repo] = RepoState(result.state, result.revision, result.error)
+        logger = log.info if result.state == "ok" else log.warning
+        logger("repository state", repo=repo, old=old, new=result.state,
+               revision=result.revision, error=result.error,
+               probe_seconds=round(result.duration, 3))
+        if self._nursery is None or repo in self._repairing:
+            return
+        if result.state == "enotconn":
+            self._repairing.add(repo)
+            self._nursery.start_soon(self._remount_with_backoff, repo)
+        elif result.state == "hung":
+            self._repairing.add(repo)
+            self._nursery.start_soon(self._end_hang, repo)
+
+    async def _remount_with_backoff(self, repo: str) -> None:
+        try:
+            for attempt, delay in enumerate(BACKOFF * 100, 1):
+                await trio.sleep(delay)
+                if self.state.phase in ("stopping", "done"):
+                    return
+                self.state.repos[repo] = RepoState("remounting")
+                log.warning("remounting", repo=repo, attempt=attempt)
+                problem = await self._remount(repo)
+                if problem is None:
+                    self.remounts += 1
+                    log.info("remounted", repo=repo, attempt=attempt)
+                    self.state.repos[repo] = RepoState("ok")
+                    return
+                self.remount_failures += 1
+                self.state.repos[repo] = RepoState("failed", error=problem)
+                log.error("remount failed", repo=repo, attempt=attempt, error=problem,
+                          next_try_seconds=BACKOFF[min(attempt, len(BACKOFF) - 1)])
+        finally:
+            self._repairing.discard(repo)
+            self.watcher.kick(repo)
+
+    async def _end_hang(self, repo: str) -> None:
+        try:
+            await trio.sleep(self._hang_timeout)
+            current = self.state.repos.get(repo)
+            pid = self.watcher.daemon_pid(repo)
+            if current is None or current.state != "hung" or pid is None:
+                return
+            log.error("repository hung too long; killing its cvmfs2", repo=repo, pid=pid,
+                      hung_seconds=self._hang_timeout)
+            try:
+                os.kill(pid, signal.SIGKILL)
+                self.hung_kills += 1
+            except ProcessLookupError:
+                pass
+        finally:
+            self._repairing.discard(repo)

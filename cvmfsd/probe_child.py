@@ -1,0 +1,79 @@
+"""Look at one CVMFS mount point once: the disposable child of :func:`cvmfsd.watch.probe_repo`.
+
+A stuck cvmfs2 makes even ``stat`` sleep in D state, where no signal reaches
+the caller until the FUSE request is answered or aborted (cvmfs-facts.md part B
+§6).  So the looking is done here, in a child process the supervisor can
+abandon: ``python -I -S probe_child.py PATH REPO`` stats PATH, reads the magic
+xattrs ``user.fqrn`` and ``user.revision``, and prints one JSON line::
+
+    {"state": "ok", "revision": "42", "error": null}
+
+States: ``ok``; ``enotconn`` (the daemon died: ENOTCONN or ECONNABORTED); ``absent`` (ENOENT,
+or PATH is a plain directory without CVMFS xattrs); ``error`` (anything else,
+including a mount that serves another repository).  ``hung`` is never printed:
+the parent decides that when no line comes within its deadline.
+
+The file is run as a script, not with ``-m``: with ``-I -S`` the interpreter
+skips site-packages and the cvmfsd package, so the child starts in about
+20 ms.  It must therefore import nothing but the standard library.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import sys
+
+# getxattr of a CVMFS xattr on a directory that is not a CVMFS mount.
+_NOT_CVMFS = frozenset({errno.ENODATA, errno.EOPNOTSUPP, errno.ENOTSUP})
+# A FUSE connection whose daemon died answers ENOTCONN; the first request after
+# the abort can also see ECONNABORTED (seen on Linux 6.x): both mean "daemon gone".
+_BY_ERRNO = {errno.ENOTCONN: "enotconn", errno.ECONNABORTED: "enotconn", errno.ENOENT: "absent"}
+
+
+def _xattr(path: str, name: str) -> str:
+    return os.getxattr(path, name).decode(errors="replace")
+
+
+def probe(path: str, repo: str) -> dict[str, str | None]:
+    """Stat ``path`` and read its CVMFS identity; may block forever on a stuck mount.
+
+    Returns:
+        ``{"state": ..., "revision": ..., "error": ...}``, ready for JSON.
+    """
+    step = "stat"
+    try:
+        os.stat(path)  # noqa: PTH116 - no pathlib: the child's start-up is the probe's cost
+        step = "getxattr user.fqrn"
+        try:
+            fqrn = _xattr(path, "user.fqrn")
+        except OSError as exc:
+            if exc.errno not in _NOT_CVMFS:
+                raise
+            return {"state": "absent", "revision": None,
+                    "error": f"{path} is not a CVMFS mount (no user.fqrn: {exc.strerror})"}
+        if fqrn != repo:
+            return {"state": "error", "revision": None,
+                    "error": f"{path} serves {fqrn!r}, expected {repo!r}"}
+        step = "getxattr user.revision"
+        revision = _xattr(path, "user.revision")
+    except OSError as exc:
+        code = exc.errno or 0
+        name = errno.errorcode.get(code, str(code))
+        return {"state": _BY_ERRNO.get(code, "error"), "revision": None,
+                "error": f"{step} {path}: [{name}] {exc.strerror}"}
+    return {"state": "ok", "revision": revision, "error": None}
+
+
+def main(argv: list[str]) -> int:
+    """Entry point: ``PATH REPO``; prints the JSON line and exits 0 (2 on a usage error)."""
+    if len(argv) != 2:
+        sys.stderr.write("usage: probe_child.py PATH REPO\n")
+        return 2
+    sys.stdout.write(json.dumps(probe(argv[0], argv[1])) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,198 @@
+"""Fault injection: SIGKILL any process of cvmfsd's tree, at random moments; nothing may leak.
+
+Each trial starts ``cvmfsd run`` on the simulated distribution, kills one
+target with SIGKILL during the mounts, while the payload runs, or while
+cvmfsd is shutting down, lets cvmfsd finish (or stops it), and then asserts
+that no mount under the distribution and no process of the tree remains,
+and that cvmfsd's exit status says what happened.  Moments are random, from
+a seed printed on failure; trials are repeated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from cvmfsd import launch
+from cvmfsd.sim import stratum
+from tests.conftest import REPO_A, REPO_B, cvmfs2_pids, mounts_under, wait_for
+
+pytestmark = pytest.mark.fuse
+
+MARKER = "6173"  # the payload is `sleep 6173`: easy to find, never ours by accident
+REPEATS = 2
+
+
+def cmdline(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+
+
+def tree(root: int) -> list[int]:
+    return [pid for pid in launch.descendants(root) if launch.is_running(pid)]
+
+
+def leftovers(dist: Path) -> list[str]:
+    """Processes of a trial still alive anywhere on the machine, and mounts under dist."""
+    found = [f"mount {m}" for m in mounts_under(dist)]
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or not launch.is_running(int(entry.name)):
+            continue
+        argv = cmdline(int(entry.name))
+        text = " ".join(argv)
+        if str(dist) in text or argv == ["sleep", MARKER] or "cvmfsd.shim" in text:
+            found.append(f"process {entry.name}: {text[:120]}")
+    return found
+
+
+Finder = Callable[[int], "int | None"]
+
+
+def first(predicate: Callable[[int, list[str]], bool]) -> Finder:
+    def find(root: int) -> int | None:
+        for pid in tree(root):
+            if predicate(pid, cmdline(pid)):
+                return pid
+        return None
+    return find
+
+
+TARGETS: dict[str, Finder] = {
+    "payload": first(lambda pid, argv: argv == ["sleep", MARKER]),
+    "shim": first(lambda pid, argv: "cvmfsd.shim" in argv),
+    "namespace-init": first(lambda pid, argv: launch.is_namespace_init(pid)),
+    "cvmfsexec": first(lambda pid, argv: len(argv) > 1 and argv[1].endswith("/cvmfsexec")),
+    "unshare": first(lambda pid, argv: argv[:1] == ["unshare"]),
+    "cvmfs2": first(lambda pid, argv: "cvmfsd.sim.cvmfs2" in argv),
+}
+# Killing these ends the payload, so cvmfsd ends by itself; the others need a stop.
+ENDS_THE_RUN = {"payload", "shim", "namespace-init", "cvmfsexec", "unshare"}
+
+
+def start(dist: Path, mode: str) -> subprocess.Popen[str]:
+    # required: a failed start ends cvmfsd instead of running the payload
+    # without CVMFS (which is what preferred would do, and is tested elsewhere).
+    config = dist.parent / "glidein_config"
+    config.write_text("GLIDEIN_CVMFS required\n")
+    return subprocess.Popen(
+        [sys.executable, "-m", "cvmfsd", "run", "--dist", str(dist), "--mode", mode,
+         "--glidein-config", str(config), "--grace", "1", "--repos", f"{REPO_A},{REPO_B}",
+         "--", "sleep", MARKER],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def no_leftovers(dist: Path, err: str) -> None:
+    """Wait until nothing of the trial is left; fail with what is, and cvmfsd's log."""
+    try:
+        wait_for(lambda: not leftovers(dist), timeout=5)
+    except pytest.fail.Exception:
+        pytest.fail(f"left behind: {leftovers(dist)}\ncvmfsd said:\n{err[-3000:]}")
+
+
+def finish(process: subprocess.Popen[str], *, stop: bool) -> tuple[int, str]:
+    if stop:
+        process.send_signal(signal.SIGTERM)
+    try:
+        _out, err = process.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        try:
+            _out, err = process.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            err = "(stderr still held open by a leftover process)"
+        pytest.fail(f"cvmfsd did not finish: {err[-2000:]}")
+    return process.returncode, err
+
+
+def wait_target(process: subprocess.Popen[str], name: str) -> int:
+    found: list[int] = []
+
+    def look() -> bool:
+        pid = TARGETS[name](process.pid)
+        found[:] = [pid] if pid else []
+        return bool(found)
+
+    wait_for(look, timeout=30, interval=0.005)
+    return found[0]
+
+
+def ready(dist: Path) -> bool:
+    return (len(cvmfs2_pids(dist)) >= 3 and TARGETS["payload"](0) is None) or False
+
+
+@pytest.mark.parametrize("repeat", range(REPEATS))
+@pytest.mark.parametrize("target", sorted(TARGETS))
+def test_kill_while_the_payload_runs(dist: Path, target: str, repeat: int) -> None:
+    """Mode 3, payload running: any SIGKILL leaves nothing behind; the status says so."""
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    process = start(dist, "3")
+    wait_target(process, "payload")
+    time.sleep(rng.uniform(0, 0.3))
+    os.kill(wait_target(process, target), signal.SIGKILL)
+    status, err = finish(process, stop=target not in ENDS_THE_RUN)
+    no_leftovers(dist, err)
+    assert status != 0, f"seed {seed}: {err[-2000:]}"
+    if target == "payload":
+        assert status == 128 + signal.SIGKILL, f"seed {seed}"
+        assert "payload exited" in err and "status=137" in err
+
+
+@pytest.mark.parametrize("repeat", range(REPEATS))
+@pytest.mark.parametrize("target", ["cvmfsexec", "unshare", "namespace-init", "cvmfs2"])
+def test_kill_during_the_mounts(dist: Path, stratum_dir: Path, target: str, repeat: int) -> None:
+    """Mode 3, while repositories are mounting: cvmfsd fails cleanly, nothing leaks."""
+    stratum.set_faults(stratum_dir, REPO_B, mount_delay=1.0)
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    process = start(dist, "3")
+    pid = wait_target(process, target)
+    time.sleep(rng.uniform(0, 0.4))
+    os.kill(pid, signal.SIGKILL)
+    status, err = finish(process, stop=False)
+    no_leftovers(dist, err)
+    assert status != 0, f"seed {seed}: {err[-2000:]}"
+    assert "payload exited" not in err, f"seed {seed}"
+
+
+@pytest.mark.parametrize("repeat", range(REPEATS))
+@pytest.mark.parametrize("target", ["payload", "namespace-init", "cvmfs2"])
+def test_kill_during_shutdown(dist: Path, target: str, repeat: int) -> None:
+    """Mode 3, just after SIGTERM to cvmfsd: a kill in the middle of the stop leaks nothing."""
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    process = start(dist, "3")
+    pid = wait_target(process, "payload") if target == "payload" else None
+    pid = pid or wait_target(process, target)
+    wait_target(process, "payload")
+    process.send_signal(signal.SIGTERM)
+    time.sleep(rng.uniform(0, 0.2))
+    with contextlib.suppress(ProcessLookupError):  # the stop may have been quicker
+        os.kill(pid, signal.SIGKILL)
+    status, err = finish(process, stop=False)
+    no_leftovers(dist, err)
+    assert status != 0, f"seed {seed}: {err[-2000:]}"
+
+
+@pytest.mark.parametrize("repeat", range(REPEATS))
+@pytest.mark.parametrize("target", ["payload", "cvmfs2"])
+def test_mode1_kills(dist: Path, target: str, repeat: int) -> None:
+    """Mode 1: killing the payload or a cvmfs2 leaves no host mount behind."""
+    process = start(dist, "1")
+    wait_target(process, "payload")
+    os.kill(wait_target(process, target), signal.SIGKILL)
+    status, err = finish(process, stop=target != "payload")
+    no_leftovers(dist, err)
+    assert status != 0 if target == "payload" else status in (0, 128 + signal.SIGTERM), err

@@ -1,0 +1,320 @@
+"""The janitor: clean-up after a SIGKILLed cvmfsd, nothing after a normal close.
+
+A "cvmfsd" here is a helper process (``python -c HELPER``) in its own session
+that spawns the janitor, mounts or starts a namespace, reports on stdout and
+then waits for a command on stdin.  Tests kill only processes they started (the
+helper, and as a last resort the janitor and namespace PID 1 it reported), by pid.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cvmfsd import janitor, launch
+from cvmfsd.janitor import Janitor, spawn_janitor
+from cvmfsd.sim.makedist import DEFAULT_CONFIG_REPO
+from tests.conftest import REPO_A, REPO_B, cvmfs2_pids, mounts_under, wait_for
+
+HELPER = r"""
+import os, signal, subprocess, sys, threading, time
+from pathlib import Path
+from cvmfsd import launch
+from cvmfsd.janitor import spawn_janitor
+
+dist, (what, *how), repos = Path(sys.argv[1]), sys.argv[2].split("+"), sys.argv[3:]
+for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM):
+    signal.signal(sig, lambda signum, frame: None)  # handlers are not inherited
+if "thread" in how:  # spawned from a thread that then ends (PDEATHSIG fires)
+    spawned = []
+    thread = threading.Thread(target=lambda: spawned.append(spawn_janitor(dist)))
+    thread.start()
+    thread.join()
+    janitor = spawned[0]
+else:
+    janitor = spawn_janitor(dist)
+print("janitor", janitor.pid, flush=True)
+if what == "mount":
+    for repo in repos:
+        subprocess.run([str(dist / "mountrepo"), repo], check=True, stdout=subprocess.DEVNULL)
+elif what == "namespace":
+    ns = subprocess.Popen([str(dist / "cvmfsexec"), *repos, "--", "sleep", "600"],
+                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    print("cvmfsexec", ns.pid, flush=True)
+
+    def runs_sleep(pid):
+        try:
+            return Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"sleep")
+        except OSError:
+            return False
+
+    deadline = time.monotonic() + 30
+    while True:
+        kids = launch.descendants(ns.pid)
+        inits = [p for p in kids if launch.is_namespace_init(p)]
+        if inits and any(runs_sleep(p) for p in kids):
+            break
+        assert time.monotonic() < deadline and ns.poll() is None, "no namespace"
+        time.sleep(0.02)
+    janitor.set_namespace_init(inits[0])
+    print("init", inits[0], flush=True)
+if "fork" in how:  # a child forked without exec keeps the pipe open after we die
+    child = os.fork()
+    if child == 0:
+        time.sleep(600)
+        os._exit(0)
+    print("forked", child, flush=True)
+print("ready", flush=True)
+for line in sys.stdin:
+    if line.strip() == "close":
+        print("closed", janitor.close(), flush=True)
+time.sleep(600)
+"""
+
+
+class Helper:
+    """The helper process and what it reported."""
+
+    def __init__(self, dist: Path, what: str, *repos: str) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", HELPER, str(dist), what, *repos], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, text=True, start_new_session=True)
+        self.reported: dict[str, int] = {}
+
+    def read_until(self, word: str) -> None:
+        """Read the helper's lines up to the one starting with ``word``."""
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            key, _, value = line.strip().partition(" ")
+            self.reported[key] = int(value) if value.lstrip("-").isdigit() else 0
+            if key == word:
+                return
+        pytest.fail(f"the helper exited ({self.process.wait()}) before saying {word!r}")
+
+    def tell(self, line: str) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write(line + "\n")
+        self.process.stdin.flush()
+
+    def kill(self) -> None:
+        """SIGKILL the helper (a "cvmfsd" killed outright) and reap it."""
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        for pipe in (self.process.stdin, self.process.stdout):
+            if pipe is not None:
+                pipe.close()
+
+
+def _alive(pid: int, marker: bytes) -> bool:
+    """Whether ``pid`` runs and its command line holds ``marker`` (no zombie, no stranger)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return marker in cmdline and janitor.process_start(pid) is not None
+
+
+def _sigkill_if(pid: int | None, marker: bytes) -> None:
+    if pid is not None and _alive(pid, marker):
+        os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture(name="helpers")
+def _helpers(dist: Path) -> Iterator[list[Helper]]:
+    """Started helpers; at teardown they, their janitors and namespaces are SIGKILLed.
+
+    Mounts left behind are the ``dist`` fixture's to report and remove.
+    """
+    started: list[Helper] = []
+    yield started
+    for helper in started:
+        helper.kill()
+        cvmfsexec = helper.reported.get("cvmfsexec")
+        inits = [] if cvmfsexec is None else [
+            pid for pid in launch.descendants(cvmfsexec) if launch.is_namespace_init(pid)]
+        for init in inits:
+            os.kill(init, signal.SIGKILL)  # bash as namespace PID 1, under our cvmfsexec
+        _sigkill_if(helper.reported.get("janitor"), b"cvmfsd.janitor")
+        _sigkill_if(helper.reported.get("forked"), b"spawn_janitor")
+        for init in inits:
+            wait_for(lambda pid=init: janitor.process_start(pid) is None, timeout=5)
+
+
+def _log(dist: Path) -> str:
+    path = dist / "log" / "janitor.log"
+    return path.read_text() if path.exists() else ""
+
+
+# --- pure parts --------------------------------------------------------------------
+
+
+def test_dist_mounts_order_and_boundary() -> None:
+    """Newest first, config repo last; a sibling whose path shares the prefix is not ours."""
+    dirs = janitor.mount_dirs("/d")
+    text = "\n".join(
+        f"{i} 1 0:{i} / {point} rw - fuse cvmfs2 rw" for i, point in enumerate([
+            "/d/dist/cvmfs/config.repo", "/d/dist/cvmfs/a", "/d/dist/cvmfsx/b",
+            "/d/dist/cvmfs", "/d/dist/cvmfs/sp\\040ace", "/e/dist/cvmfs/c",
+        ]))
+    assert janitor.dist_mounts(text, dirs, "config.repo") == [
+        "/d/dist/cvmfs/sp ace", "/d/dist/cvmfs/a", "/d/dist/cvmfs/config.repo"]
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["/d/dist/usr/bin/cvmfs2", "-o", "config=x", "r.a", "/d/dist/cvmfs/r.a"], "/d/dist/cvmfs/r.a"),
+    (["python", "-m", "cvmfsd.sim.cvmfs2", "-o", "c", "r.a", "/d/dist/cvmfs/r.a/"],
+     "/d/dist/cvmfs/r.a"),
+    (["cvmfs2", "-o", "c", "r.a", "/d/dist/cvmfsx/r.a"], None),
+    (["cvmfs2", "-o", "c", "r.a", "/d/dist/cvmfs/r.a/sub"], None),
+    (["ls", "-l", "/d/dist/cvmfs/r.a"], None),
+    (["cvmfs2", "/d/dist/cvmfs/r.a"], None),
+])
+def test_cvmfs2_mountpoint(argv: list[str], expected: str | None) -> None:
+    """Only a cvmfs2 command line whose last argument is right below dist/cvmfs counts."""
+    assert janitor.cvmfs2_mountpoint(argv, janitor.mount_dirs("/d")) == expected
+
+
+def test_signal_process_refuses_a_different_start_time() -> None:
+    """A pid whose start time differs from the recorded one (pid reuse) is not signalled."""
+    child = subprocess.Popen(["sleep", "60"])
+    try:
+        start = janitor.process_start(child.pid)
+        assert start is not None
+        assert not janitor.signal_process((child.pid, start + 1), signal.SIGKILL, lambda _: True)
+        assert not janitor.signal_process((child.pid, start), signal.SIGKILL, lambda _: False)
+        assert child.poll() is None
+        assert janitor.signal_process((child.pid, start), signal.SIGKILL, lambda _: True)
+        assert child.wait(5) == -signal.SIGKILL
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_set_namespace_init_refuses_other_processes(tmp_path: Path) -> None:
+    """Only PID 1 of a pid namespace may be named; the janitor exits at close."""
+    (tmp_path / "dist/etc/cvmfs").mkdir(parents=True)
+    jan = spawn_janitor(tmp_path)
+    try:
+        with pytest.raises(ValueError, match="not PID 1"):
+            jan.set_namespace_init(os.getpid())
+    finally:
+        assert jan.close() == 0
+    assert not (tmp_path / "log" / "janitor.log").exists()
+
+
+# --- real processes and mounts ------------------------------------------------------
+
+
+@pytest.mark.fuse
+def test_sigkill_of_cvmfsd_unmounts_within_a_second(dist: Path, helpers: list[Helper]) -> None:
+    """Mode 1: when "cvmfsd" is SIGKILLed, every mount of the distribution is gone within 1 s."""
+    helper = Helper(dist, "mount", DEFAULT_CONFIG_REPO, REPO_A, REPO_B)
+    helpers.append(helper)
+    helper.read_until("ready")
+    assert len(mounts_under(dist)) == 3
+    helper.kill()
+    killed = time.monotonic()
+    wait_for(lambda: not mounts_under(dist), timeout=1.0, interval=0.005)
+    latency = time.monotonic() - killed
+    wait_for(lambda: not cvmfs2_pids(dist), timeout=5)
+    wait_for(lambda: not _alive(helper.reported["janitor"], b"cvmfsd.janitor"), timeout=5)
+    log = _log(dist)
+    assert "clean-up complete" in log, log
+    # The configuration repository goes last.
+    unmounted = [line.rsplit("/", 1)[1] for line in log.splitlines() if " unmounted " in line]
+    assert unmounted[-1] == DEFAULT_CONFIG_REPO, log
+    assert latency < 1.0
+
+
+@pytest.mark.fuse
+def test_sigkill_of_cvmfsd_ends_the_namespace(dist: Path, helpers: list[Helper]) -> None:
+    """Mode 3: when "cvmfsd" is SIGKILLed, the janitor SIGKILLs namespace PID 1."""
+    helper = Helper(dist, "namespace", REPO_A)
+    helpers.append(helper)
+    helper.read_until("ready")
+    init = helper.reported["init"]
+    assert cvmfs2_pids(dist)
+    helper.kill()
+    wait_for(lambda: janitor.process_start(init) is None, timeout=2)
+    wait_for(lambda: not cvmfs2_pids(dist), timeout=5)
+    wait_for(lambda: not _alive(helper.reported["janitor"], b"cvmfsd.janitor"), timeout=5)
+    assert f"killed namespace PID 1 (pid {init})" in _log(dist)
+
+
+@pytest.mark.fuse
+def test_close_leaves_everything_alone(dist: Path) -> None:
+    """After a normal close the janitor exits at once, touching nothing and writing no log."""
+    jan: Janitor = spawn_janitor(dist)
+    try:
+        subprocess.run([str(dist / "mountrepo"), REPO_A], check=True, capture_output=True)
+        time.sleep(0.2)  # let the janitor start and read nothing
+        started = time.monotonic()
+        assert jan.close() == 0
+        assert time.monotonic() - started < 1.0
+        assert mounts_under(dist) == [str(dist / "dist/cvmfs" / REPO_A)]
+        assert cvmfs2_pids(dist)
+        assert _log(dist) == ""
+    finally:
+        if jan.process.poll() is None:
+            jan.process.kill()
+            jan.process.wait()
+        subprocess.run([str(dist / "umountrepo"), REPO_A], capture_output=True, check=False)
+    wait_for(lambda: not cvmfs2_pids(dist), timeout=5)
+
+
+@pytest.mark.fuse
+def test_group_signals_do_not_stop_the_janitor(dist: Path, helpers: list[Helper]) -> None:
+    """HUP/INT/QUIT/TERM to the process group, even while it starts, leave the janitor be."""
+    helper = Helper(dist, "idle")
+    helpers.append(helper)
+    helper.read_until("janitor")  # the janitor is still starting: the signals stay pending
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+        os.killpg(helper.process.pid, sig)
+    helper.read_until("ready")
+    subprocess.run([str(dist / "mountrepo"), REPO_A], check=True, capture_output=True)
+    os.killpg(helper.process.pid, signal.SIGINT)
+    time.sleep(0.3)
+    assert _alive(helper.reported["janitor"], b"cvmfsd.janitor")
+    assert mounts_under(dist)
+    helper.tell("close")
+    helper.read_until("closed")
+    assert helper.reported["closed"] == 0
+    assert mounts_under(dist) == [str(dist / "dist/cvmfs" / REPO_A)]
+    subprocess.run([str(dist / "umountrepo"), REPO_A], capture_output=True, check=True)
+    wait_for(lambda: not cvmfs2_pids(dist), timeout=5)
+
+
+@pytest.mark.fuse
+def test_parent_death_signal_when_the_pipe_stays_open(dist: Path, helpers: list[Helper]) -> None:
+    """A child forked without exec holds the pipe: PR_SET_PDEATHSIG still starts the clean-up."""
+    helper = Helper(dist, "mount+fork", REPO_A)
+    helpers.append(helper)
+    helper.read_until("ready")
+    assert _alive(helper.reported["forked"], b"spawn_janitor")
+    helper.kill()
+    wait_for(lambda: not mounts_under(dist), timeout=1.0, interval=0.005)
+    wait_for(lambda: not cvmfs2_pids(dist), timeout=5)
+    assert "is no longer our parent" in _log(dist)
+
+
+@pytest.mark.fuse
+def test_spawning_thread_exit_is_not_cvmfsd_exit(dist: Path, helpers: list[Helper]) -> None:
+    """Spawned from a thread that ends, the janitor stays until cvmfsd itself ends."""
+    helper = Helper(dist, "mount+thread", REPO_A)
+    helpers.append(helper)
+    helper.read_until("ready")
+    time.sleep(0.3)
+    assert _alive(helper.reported["janitor"], b"cvmfsd.janitor")
+    assert mounts_under(dist)
+    assert _log(dist) == ""
+    helper.kill()
+    wait_for(lambda: not mounts_under(dist), timeout=1.0, interval=0.005)
+    wait_for(lambda: not cvmfs2_pids(dist), timeout=5)
