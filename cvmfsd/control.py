@@ -12,7 +12,6 @@ What the verbs do is up to a :class:`Backend`, which the supervisor fills in.
 
 from __future__ import annotations
 
-import array
 import contextlib
 import errno
 import os
@@ -30,6 +29,7 @@ import trio
 from cvmfsd import protocol
 from cvmfsd.errors import ConfigError, CvmfsdError, LocalProtocolError
 from cvmfsd.protocol import ErrorCode, Request, Response, Verb
+from cvmfsd.shim import received_fds
 from cvmfsd.state import DaemonState, LiveConfig
 
 log = structlog.get_logger("cvmfsd.control")
@@ -156,7 +156,7 @@ async def _converse(conn: trio.socket.SocketType, protocol_conn: protocol.Server
         if event is protocol.NEED_DATA:
             with trio.move_on_after(IDLE_TIMEOUT):
                 data, ancdata, _flags, _addr = await conn.recvmsg(65536, space)
-                fds.extend(_received_fds(ancdata))
+                fds.extend(received_fds(ancdata))
                 protocol_conn.receive_data(data)
                 continue
             return  # idle for too long
@@ -171,15 +171,6 @@ async def _converse(conn: trio.socket.SocketType, protocol_conn: protocol.Server
             await _send_all(conn, _encode(protocol_conn, response))
         if scope.cancelled_caught or protocol_conn.must_close:
             return
-
-
-def _received_fds(ancdata: Sequence[tuple[int, int, bytes]]) -> list[int]:
-    found: list[int] = []
-    for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            usable = len(data) - len(data) % 4
-            found.extend(array.array("i", data[:usable]))
-    return found
 
 
 def _encode(protocol_conn: protocol.ServerConnection, response: Response) -> bytes:

@@ -29,6 +29,7 @@ from cvmfsd.errors import CvmfsdError
 from cvmfsd.keeper import RepoKeeper
 from cvmfsd.launch import LaunchError
 from cvmfsd.prepare import Prepared, prepare
+from cvmfsd.shim import exit_status
 from cvmfsd.state import DaemonState, LiveConfig, RepoState
 
 if sys.version_info < (3, 11):
@@ -157,7 +158,7 @@ class Supervisor:
         except OSError as exc:
             os.write(fds[2], f"cvmfsd: exec failed: {exc.strerror}\n".encode())
             return 127 if isinstance(exc, FileNotFoundError) else 126
-        return result.returncode if result.returncode >= 0 else 128 - result.returncode
+        return exit_status(result.returncode)
 
     async def record(self, **updates: str) -> None:
         """Write attributes back to glidein_config (if there is one) and log them."""

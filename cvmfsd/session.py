@@ -30,6 +30,7 @@ import trio
 
 from cvmfsd import launch
 from cvmfsd.launch import Dist, LaunchError, LaunchPlan
+from cvmfsd.shim import exit_status
 
 log = structlog.get_logger("cvmfsd.session")
 
@@ -80,10 +81,6 @@ class Outcome:
     reason: str
     stopped: bool = False
     details: dict[str, object] = field(default_factory=dict)
-
-
-def _exit_status(returncode: int) -> int:
-    return 128 - returncode if returncode < 0 else returncode
 
 
 def _kill(pid: int | None, signum: int, what: str) -> None:
@@ -446,7 +443,7 @@ class Mode3Session:
         for done in self._pending.values():
             done.set()  # no answer: the callers learn the namespace is gone
         self._pending.clear()
-        status = _exit_status(status)
+        status = exit_status(status)
         if self._payload_status is not None:
             return Outcome(self._payload_status, "payload exited", stopped=self._stopping)
         if self._stopping:
@@ -483,7 +480,7 @@ async def run_direct(argv: Sequence[str], env: Mapping[str, str], *, grace: floa
         # Whatever the payload left running in its group goes with it.
         _kill_group(process.pid, signal.SIGKILL, "payload's leftovers", quiet=True)
         nursery.cancel_scope.cancel()
-    return Outcome(_exit_status(status), "payload exited", stopped=stopped)
+    return Outcome(exit_status(status), "payload exited", stopped=stopped)
 
 
 async def mount_on_host(dist: Dist, repos: Sequence[str], *, repo_timeout: float,

@@ -82,6 +82,16 @@ def verify_repo(repo: str, path: str, mounts: dict[str, str],
     return result
 
 
+def received_fds(ancdata: Sequence[tuple[int, int, bytes]]) -> list[int]:
+    """The descriptors that came as SCM_RIGHTS in a recvmsg's ancillary data."""
+    found: list[int] = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(data) - len(data) % 4
+            found.extend(memoryview(data)[:usable].cast("i"))
+    return found
+
+
 class Channel:
     """The line-delimited JSON connection to the supervisor.
 
@@ -108,10 +118,7 @@ class Channel:
         space = socket.CMSG_SPACE(self.MAX_FDS * 4)
         while b"\n" not in self._buffer:
             chunk, ancdata, _flags, _addr = self._sock.recvmsg(65536, space)
-            for level, kind, data in ancdata:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    usable = len(data) - len(data) % 4
-                    self._fds += list(memoryview(data)[:usable].cast("i"))
+            self._fds += received_fds(ancdata)
             if not chunk:
                 raise ConnectionError("the supervisor closed the connection")
             self._buffer += chunk
@@ -143,7 +150,7 @@ def _run_exec(channel: Channel, message: dict[str, object], fds: list[int],
         for fd in fds:
             os.close(fd)
         fds = []
-        status = _exit_status(child.wait())
+        status = exit_status(child.wait())
     except (OSError, ValueError) as exc:
         if len(fds) == 3:
             os.write(fds[2], f"cvmfsd: exec failed: {exc}\n".encode())
@@ -218,8 +225,8 @@ def _default_signals() -> None:
         signal.signal(signum, signal.SIG_DFL)
 
 
-def _exit_status(returncode: int) -> int:
-    # A payload killed by signal N ends the shim as a shell would report it.
+def exit_status(returncode: int) -> int:
+    """A process's exit status as a shell reports it: 128+N for death by signal N."""
     return 128 - returncode if returncode < 0 else returncode
 
 
@@ -242,7 +249,7 @@ def run_payload(argv: Sequence[str], env: dict[str, str], stdio: Sequence[int],
 
     for signum in FORWARDED:
         signal.signal(signum, forward)
-    return _exit_status(payload.wait())
+    return exit_status(payload.wait())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

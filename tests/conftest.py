@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from cvmfsd import mountinfo as mountinfo_mod
 from cvmfsd.sim import makedist, stratum
 
 REPO_A = "repo.a"
@@ -80,13 +82,17 @@ def _dist(short_tmp: Path, stratum_dir: Path) -> Iterator[Path]:
 
 def mounts_under(path: Path, mountinfo: Path = Path("/proc/self/mountinfo")) -> list[str]:
     """Mount points at or below ``path`` in a mountinfo file."""
-    prefix = str(path)
-    found = []
-    for line in mountinfo.read_text().splitlines():
-        point = line.split()[4].replace("\\040", " ")
-        if point == prefix or point.startswith(prefix + "/"):
-            found.append(point)
-    return found
+    return [m.mountpoint for m in mountinfo_mod.mounts_under(mountinfo.read_text(), str(path))]
+
+
+def reap(process: subprocess.Popen[str]) -> None:
+    """Kill a test's process if it still runs (by pid), wait for it, close its pipes."""
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+    for pipe in (process.stdout, process.stderr):
+        if pipe is not None:
+            pipe.close()
 
 
 def cvmfs2_pids(dist: Path) -> list[int]:

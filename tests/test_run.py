@@ -14,7 +14,7 @@ import pytest
 
 from cvmfsd import glidein
 from cvmfsd.sim import stratum
-from tests.conftest import REPO_A, REPO_B, cvmfs2_pids, mounts_under, wait_for
+from tests.conftest import REPO_A, REPO_B, cvmfs2_pids, mounts_under, reap, wait_for
 
 pytestmark = pytest.mark.fuse
 
@@ -136,11 +136,7 @@ def test_sigterm_stops_everything_within_the_grace(dist: Path, mode: str) -> Non
         assert not mounts_under(dist)
         assert not processes_with_argv(["sleep", "6017"]), "the payload's child survived"
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        if process.stdout is not None:
-            process.stdout.close()
+        reap(process)
 
 
 def test_bad_repository_name_is_a_usage_error(dist: Path) -> None:

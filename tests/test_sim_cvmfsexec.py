@@ -16,7 +16,7 @@ import pytest
 
 from cvmfsd import launch
 from cvmfsd.sim import stratum
-from tests.conftest import REPO_A, REPO_B, cvmfs2_pids, mounts_under, wait_for
+from tests.conftest import REPO_A, REPO_B, cvmfs2_pids, mounts_under, reap, wait_for
 
 pytestmark = pytest.mark.fuse
 
@@ -185,8 +185,4 @@ def test_pid1_ignores_sigterm_and_sigkill_ends_everything(dist: Path) -> None:
         wait_for(lambda: not cvmfs2_pids(dist))
         assert not mounts_under(dist)
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        if process.stdout is not None:
-            process.stdout.close()
+        reap(process)
