@@ -127,6 +127,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         nonesting=not args.allow_nesting, allow_keys=tuple(args.allow_key or ()),
         socket=args.socket, allow_exec=args.allow_exec, probe_interval=args.probe_interval,
         probe_deadline=args.probe_deadline, hang_timeout=args.hang_timeout,
+        metrics_address=args.metrics_address, metrics_interval=args.metrics_interval,
+        metrics_textfile=args.metrics_textfile, pushgateway=args.pushgateway,
     )
     # Decide and, in mode 3, start cvmfsexec before importing trio and
     # structlog: the mounts proceed while they load (start-up is on the
@@ -191,6 +193,16 @@ def _add_run_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser
                      help="let `cvmfsctl exec` run commands inside the namespace")
     run.add_argument("--allow-key", action="append", metavar="KEY",
                      help="export this secret-looking glidein_config key anyway")
+    run.add_argument("--metrics-address", default="127.0.0.1:0", metavar="HOST:PORT",
+                     help="serve /metrics here; port 0 picks a free one, written to "
+                          "glidein_config as CVMFSD_METRICS_ADDRESS; 'none' disables "
+                          "(default: %(default)s)")
+    run.add_argument("--metrics-interval", type=_seconds, default=15.0, metavar="S",
+                     help="seconds between metric collections (default: %(default)g)")
+    run.add_argument("--metrics-textfile", type=Path, metavar="FILE.prom",
+                     help="also write the metrics to this node-exporter textfile")
+    run.add_argument("--pushgateway", metavar="URL",
+                     help="also push the metrics to this Pushgateway; deleted at exit")
     run.add_argument("--log-format", default="console", choices=("console", "json"))
     run.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     run.add_argument("payload", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")

@@ -27,6 +27,40 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 MODES = ("auto", "host", "3", "2", "1")
 
 
+def parse_address(text: str) -> tuple[str, int] | None:
+    """``--metrics-address``: ``HOST:PORT``, ``[V6]:PORT`` or ``none`` (-> None).
+
+    Port 0 asks for any free port; the bound one is reported.
+
+    Raises:
+        UsageError: anything else.
+    """
+    if text == "none":
+        return None
+    host, sep, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit() or int(port) > 65535 or ("[" in host):
+        raise UsageError(f"--metrics-address {text!r}: expected HOST:PORT (e.g. 127.0.0.1:9868, "
+                         "[::1]:0 for any free port), or none")
+    return host, int(port)
+
+
+def pushgateway_url(text: str) -> str:
+    """``--pushgateway``: an ``http://`` or ``https://`` URL with a host.
+
+    Raises:
+        UsageError: anything else.
+    """
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UsageError(f"--pushgateway {text!r}: expected a URL such as "
+                         "http://pushgateway.example.org:9091")
+    return text.rstrip("/")
+
+
 def is_secret(key: str) -> bool:
     """Whether a configuration key looks like it holds a secret."""
     return bool(SECRET.search(key))
@@ -89,6 +123,10 @@ class Config:
     probe_interval: float = 15.0
     probe_deadline: float = 5.0
     hang_timeout: float = 120.0
+    metrics_address: str = "127.0.0.1:0"
+    metrics_interval: float = 15.0
+    metrics_textfile: Path | None = None
+    pushgateway: str | None = None
     environ: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
 
     def __post_init__(self) -> None:
@@ -105,3 +143,16 @@ class Config:
             problem = repo_name_problem(repo)
             if problem:
                 raise UsageError(f"--repos: {problem}")
+        parse_address(self.metrics_address)
+        if self.metrics_interval <= 0:
+            raise UsageError("--metrics-interval must be > 0 seconds")
+        if self.pushgateway is not None:
+            pushgateway_url(self.pushgateway)
+        textfile = self.metrics_textfile
+        if textfile is not None:
+            if textfile.suffix != ".prom":
+                raise UsageError(f"--metrics-textfile {textfile}: the name must end in .prom "
+                                 "(the node exporter's textfile collector reads only *.prom)")
+            if not textfile.parent.is_dir():
+                raise UsageError(f"--metrics-textfile {textfile}: {textfile.parent} is not a "
+                                 "directory (expected the node exporter's textfile directory)")

@@ -58,6 +58,9 @@ class Backend:
             is not provided.
         run_exec: runs a command inside the namespace; None when exec is
             disabled (the default, like cvmfsexec's -N).
+        metrics, classad: give the metrics text / ClassAd lines; None while
+            there are none.
+        on_request: told the verb of every request answered (counted).
     """
 
     state: DaemonState
@@ -68,6 +71,9 @@ class Backend:
     remount: Callable[[str], Awaitable[str]]
     stop: Callable[[], Awaitable[None]]
     run_exec: Callable[[protocol.ExecArgs, Sequence[int]], Awaitable[int]] | None = None
+    metrics: Callable[[], str] | None = None
+    classad: Callable[[], str] | None = None
+    on_request: Callable[[str], None] = lambda verb: None
     owner_uid: int = field(default_factory=os.getuid)
 
 
@@ -204,6 +210,7 @@ async def _dispatch(request: Request, backend: Backend, fds: list[int]) -> Respo
             os.close(fd)
         fds.clear()
     backend.state.control_requests += 1
+    backend.on_request(request.verb.value)
     return protocol.ok(request.id, result)
 
 
@@ -293,13 +300,20 @@ async def _stop(request: Request, backend: Backend, fds: list[int]) -> object:
     return {"stopping": True}
 
 
-async def _later(request: Request, backend: Backend, fds: list[int]) -> object:
-    raise RequestFailed(ErrorCode.UNAVAILABLE,
-                        f"{request.verb.value}: not available in this version of cvmfsd")
+async def _metrics(request: Request, backend: Backend, fds: list[int]) -> object:
+    if backend.metrics is None:
+        raise RequestFailed(ErrorCode.UNAVAILABLE, "metrics are not collected yet")
+    return {"text": backend.metrics()}
+
+
+async def _classad(request: Request, backend: Backend, fds: list[int]) -> object:
+    if backend.classad is None:
+        raise RequestFailed(ErrorCode.UNAVAILABLE, "metrics are not collected yet")
+    return {"text": backend.classad()}
 
 
 _HANDLERS: Mapping[Verb, Handler] = {
     Verb.PING: _ping, Verb.STATUS: _status, Verb.GET: _get, Verb.ENV: _env,
     Verb.CONFIG: _config, Verb.MOUNTS: _mounts, Verb.WAIT: _wait, Verb.EXEC: _exec,
-    Verb.REMOUNT: _remount, Verb.STOP: _stop, Verb.METRICS: _later, Verb.CLASSAD: _later,
+    Verb.REMOUNT: _remount, Verb.STOP: _stop, Verb.METRICS: _metrics, Verb.CLASSAD: _classad,
 }

@@ -108,6 +108,8 @@ _HUMAN: dict[str, Callable[[dict[str, object]], str]] = {
     "wait": lambda r: f"{r.get('path')} exists",
     "remount": lambda r: f"{r.get('repo')}: {r.get('answer')}".rstrip(),
     "stop": lambda r: "cvmfsd is stopping",
+    "metrics": lambda r: str(r.get("text", "")).rstrip("\n"),
+    "classad": lambda r: str(r.get("text", "")).rstrip("\n"),
 }
 
 
@@ -140,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
                        ("env", "glidein variables as `export K='v'` lines, for eval"),
                        ("config", "every visible glidein_config value"),
                        ("mounts", "what is mounted where, inside the namespace"),
+                       ("metrics", "the Prometheus metrics, in the text format"),
+                       ("classad", "ClassAd lines for an HTCondor startd cron"),
                        ("stop", "stop the payload and cvmfsd")):
         verbs.add_parser(name, help=text)
     get = verbs.add_parser("get", help="one glidein_config value")
@@ -163,7 +167,7 @@ def _version() -> str:
 
 # verb -> the name of its one argument (None: takes none); the fast path's verbs.
 FAST_VERBS = {"ping": None, "status": None, "env": None, "config": None, "mounts": None,
-              "stop": None, "get": "key", "remount": "repo"}
+              "stop": None, "metrics": None, "classad": None, "get": "key", "remount": "repo"}
 
 
 def fast_request(argv: Sequence[str]) -> tuple[str, str, bool, bytes] | None:

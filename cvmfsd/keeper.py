@@ -25,6 +25,7 @@ from typing import NoReturn
 import structlog
 import trio
 
+from cvmfsd.metrics import Metrics
 from cvmfsd.state import DaemonState, RepoState
 from cvmfsd.watch import MountWatcher, ProbeResult
 
@@ -43,20 +44,22 @@ class RepoKeeper:
         remount: unmounts and mounts one repository again; returns None or the problem.
         hang_timeout: seconds a repository may stay hung before its cvmfs2 is killed.
         mountinfo, probe_path, talk_socket, interval, deadline: see MountWatcher.
+        metrics: where probes, remounts and kills are counted.
     """
 
     def __init__(self, state: DaemonState, *, remount: Remount, hang_timeout: float,
                  mountinfo: Callable[[], Path | None],
                  probe_path: Callable[[str], Path | None],
                  talk_socket: Callable[[str], Path | None],
-                 interval: float, deadline: float) -> None:
+                 interval: float, deadline: float, metrics: Metrics | None = None) -> None:
         self.state = state
         self._remount = remount
         self._hang_timeout = hang_timeout
+        self._metrics = metrics
         self.watcher = MountWatcher(
             list(state.repos), mountinfo=mountinfo, probe_path=probe_path,
-            on_change=self._on_change, talk_socket=talk_socket, interval=interval,
-            deadline=deadline)
+            on_change=self._on_change, on_probe=metrics.probed if metrics else None,
+            talk_socket=talk_socket, interval=interval, deadline=deadline)
         self._nursery: trio.Nursery | None = None
         self._repairing: set[str] = set()
         self.remounts = 0
@@ -103,7 +106,14 @@ class RepoKeeper:
                     return
                 self.state.repos[repo] = RepoState("remounting")
                 log.warning("remounting", repo=repo, attempt=attempt)
+                start = trio.current_time()
                 problem = await self._remount(repo)
+                if self._metrics is not None:
+                    self._metrics.remounts.labels(repo, "failed" if problem else "ok").inc()
+                    if problem is None:
+                        self._metrics.mounted(repo, trio.current_time() - start)
+                    else:
+                        self._metrics.mount_failed(repo, "failed")
                 if problem is None:
                     self.remounts += 1
                     log.info("remounted", repo=repo, attempt=attempt)
@@ -129,6 +139,8 @@ class RepoKeeper:
             try:
                 os.kill(pid, signal.SIGKILL)
                 self.hung_kills += 1
+                if self._metrics is not None:
+                    self._metrics.hung_kills.labels(repo).inc()
             except ProcessLookupError:
                 pass
         finally:

@@ -4,9 +4,14 @@ A stuck cvmfs2 makes even ``stat`` sleep in D state, where no signal reaches
 the caller until the FUSE request is answered or aborted (cvmfs-facts.md part B
 §6).  So the looking is done here, in a child process the supervisor can
 abandon: ``python -I -S probe_child.py PATH REPO`` stats PATH, reads the magic
-xattrs ``user.fqrn`` and ``user.revision``, and prints one JSON line::
+xattrs ``user.fqrn`` and ``user.revision``, then, for the metrics, the
+observation xattrs of :data:`OBSERVED` and statfs (cvmfs answers it with the
+cache quota and the cache size), and prints one JSON line::
 
-    {"state": "ok", "revision": "42", "error": null}
+    {"state": "ok", "revision": "42", "error": null,
+     "attrs": {"hitrate": "97.5", ...}, "statfs": [used_bytes, limit_bytes]}
+
+An observation that fails is left out; only the identity decides the state.
 
 States: ``ok``; ``enotconn`` (the daemon died: ENOTCONN or ECONNABORTED); ``absent`` (ENOENT,
 or PATH is a plain directory without CVMFS xattrs); ``error`` (anything else,
@@ -30,17 +35,40 @@ _NOT_CVMFS = frozenset({errno.ENODATA, errno.EOPNOTSUPP, errno.ENOTSUP})
 # A FUSE connection whose daemon died answers ENOTCONN; the first request after
 # the abort can also see ECONNABORTED (seen on Linux 6.x): both mean "daemon gone".
 _BY_ERRNO = {errno.ENOTCONN: "enotconn", errno.ECONNABORTED: "enotconn", errno.ENOENT: "absent"}
+#: Magic xattrs read for the metrics (cvmfs-facts.md part B §1).  Not
+#: ``logbuffer``: the real client throttles it, so it must not be polled.
+OBSERVED = ("hitrate", "nioerr", "timestamp_last_ioerr", "host", "proxy", "version", "pid",
+            "expires", "nclg", "usedfd", "useddirp", "maxfd", "timeout", "timeout_direct",
+            "uptime", "ncleanup24")
 
 
 def _xattr(path: str, name: str) -> str:
     return os.getxattr(path, name).decode(errors="replace")
 
 
-def probe(path: str, repo: str) -> dict[str, str | None]:
+def observe(path: str) -> dict[str, object]:
+    """The observation xattrs and statfs of a mount that answered; failures left out."""
+    attrs = {}
+    for name in OBSERVED:
+        try:
+            attrs[name] = _xattr(path, "user." + name)
+        except OSError:
+            continue
+    found: dict[str, object] = {"attrs": attrs}
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return found
+    found["statfs"] = [(st.f_blocks - st.f_bfree) * st.f_frsize, st.f_blocks * st.f_frsize]
+    return found
+
+
+def probe(path: str, repo: str) -> dict[str, object]:
     """Stat ``path`` and read its CVMFS identity; may block forever on a stuck mount.
 
     Returns:
-        ``{"state": ..., "revision": ..., "error": ...}``, ready for JSON.
+        ``{"state": ..., "revision": ..., "error": ...}`` (plus ``attrs`` and
+        ``statfs`` when ``ok``), ready for JSON.
     """
     step = "stat"
     try:
@@ -63,7 +91,7 @@ def probe(path: str, repo: str) -> dict[str, str | None]:
         name = errno.errorcode.get(code, str(code))
         return {"state": _BY_ERRNO.get(code, "error"), "revision": None,
                 "error": f"{step} {path}: [{name}] {exc.strerror}"}
-    return {"state": "ok", "revision": revision, "error": None}
+    return {"state": "ok", "revision": revision, "error": None, **observe(path)}
 
 
 def main(argv: list[str]) -> int:

@@ -66,6 +66,9 @@ order, as SCM_RIGHTS ancillary data with the request's bytes (moving them is
 the socket adapter's job, not this module's).  The response comes once the
 command has exited; its result is ``{"status": <exit status>}``.
 
+``metrics`` answers ``{"text": <Prometheus text format>}`` and ``classad``
+``{"text": <one "Attr = value" line per attribute>}``.
+
 Error codes (``ErrorCode``) and the exit status ``cvmfsctl`` ends with:
 
 =====================  ====  ==================================================

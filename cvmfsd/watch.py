@@ -46,8 +46,9 @@ import os
 import select
 import subprocess
 import sys
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
 
@@ -83,6 +84,10 @@ class ProbeResult:
         error: why the state is not ``ok``.
         duration: seconds the probe took (the deadline when ``hung``; 0 when
             decided from the mount table alone).
+        attrs: the observation xattrs that could be read (``ok`` only), by
+            name without ``user.``; see :data:`cvmfsd.probe_child.OBSERVED`.
+        cache: ``(used, limit)`` bytes of the cache, from statfs (``ok`` only).
+        finished: when the probe ended (``time.time()``).
     """
 
     repo: str
@@ -90,6 +95,9 @@ class ProbeResult:
     revision: str | None = None
     error: str | None = None
     duration: float = 0.0
+    attrs: Mapping[str, str] = field(default_factory=dict)
+    cache: tuple[int, int] | None = None
+    finished: float = field(default_factory=time.time)
 
     def __post_init__(self) -> None:
         if self.state not in PROBE_STATES:
@@ -238,9 +246,17 @@ def _parse_answer(repo: str, output: bytes, status: int | None, duration: float)
         return ProbeResult(repo=repo, state="error", duration=duration,
                            error=f"probe child exited with status {status}: {text[-300:]!r}")
     revision, error = answer.get("revision"), answer.get("error")
+    attrs, statfs = answer.get("attrs"), answer.get("statfs")
+    cache = None
+    if (isinstance(statfs, list) and len(statfs) == 2
+            and all(isinstance(v, int) and v >= 0 for v in statfs)):
+        cache = (statfs[0], statfs[1])
     return ProbeResult(repo=repo, state=answer["state"], duration=duration,
                        revision=revision if isinstance(revision, str) else None,
-                       error=error if isinstance(error, str) else None)
+                       error=error if isinstance(error, str) else None,
+                       attrs={str(k): v for k, v in attrs.items() if isinstance(v, str)}
+                       if isinstance(attrs, dict) else {},
+                       cache=cache)
 
 
 # -- pure helpers ------------------------------------------------------------------
@@ -374,6 +390,7 @@ class MountWatcher:
         on_change: awaited with ``(repo, old_state, result)`` on every state
             transition (``old_state`` is None the first time) and when the
             revision of an ``ok`` repository changes.
+        on_probe: called with every result, changed or not (the metrics).
         talk_socket: gives a repository's cvmfs_talk socket, to learn the
             cvmfs2 pid and watch it die; None disables that.
         interval: seconds between timer probes of a repository.
@@ -389,6 +406,7 @@ class MountWatcher:
                  mountinfo: Callable[[], Path | None],
                  probe_path: Callable[[str], Path | None],
                  on_change: OnChange,
+                 on_probe: Callable[[ProbeResult], None] | None = None,
                  talk_socket: Callable[[str], Path | None] | None = None,
                  interval: float = PROBE_INTERVAL, deadline: float = PROBE_DEADLINE,
                  child: Sequence[str] = PROBE_CHILD, proc_root: Path = Path("/proc")) -> None:
@@ -396,6 +414,7 @@ class MountWatcher:
         self._mountinfo = mountinfo
         self._probe_path = probe_path
         self._on_change = on_change
+        self._on_probe = on_probe
         self._talk_socket = talk_socket
         self._interval = interval
         self._deadline = deadline
@@ -555,6 +574,8 @@ class MountWatcher:
     async def _set(self, r: _Repo, result: ProbeResult) -> None:
         old = r.result
         r.result = result
+        if self._on_probe is not None:
+            self._on_probe(result)
         if old is not None and old.state == result.state and old.revision == result.revision:
             return
         old_state = None if old is None else old.state

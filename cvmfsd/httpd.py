@@ -1,0 +1,151 @@
+"""HTTP ``/metrics``, served from the trio event loop.
+
+A deliberately small HTTP/1.1 server: ``GET`` and ``HEAD`` of ``/metrics``
+(OpenMetrics or the Prometheus text format, as the ``Accept`` header asks)
+and ``/`` (a pointer to ``/metrics``); keep-alive, as Prometheus uses it.
+Bodies come from memory (:meth:`cvmfsd.metrics.Metrics.render`), so a hung
+repository cannot delay an answer.  Every read has a deadline and a size
+limit; a bad request gets a 4xx and the connection is closed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NoReturn
+
+import structlog
+import trio
+
+log = structlog.get_logger("cvmfsd.httpd")
+
+MAX_HEAD = 16384  # bytes of request line and headers
+IDLE_DEADLINE = 60.0  # policy: seconds a connection may sit between requests
+SEND_DEADLINE = 10.0  # policy: seconds to hand an answer to a slow client
+
+Render = Callable[[str], "tuple[bytes, str]"]  # Accept header -> (body, content type)
+
+
+class BadRequest(Exception):
+    """The client sent something this server does not take; answer and close."""
+
+    def __init__(self, status: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def parse_head(head: bytes) -> tuple[str, str, str, dict[str, str]]:
+    """Method, path, version and headers (lower-case names) of a request head.
+
+    Raises:
+        BadRequest: the head is not an HTTP/1.x request.
+    """
+    try:
+        text = head.decode("latin-1")
+    except UnicodeDecodeError as exc:  # pragma: no cover - latin-1 decodes any byte
+        raise BadRequest("400 Bad Request", str(exc)) from None
+    lines = text.split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+        raise BadRequest("400 Bad Request",
+                         f"request line {lines[0][:80]!r}: expected METHOD PATH HTTP/1.x")
+    headers = {}
+    for line in lines[1:]:
+        if not line:
+            continue
+        name, sep, value = line.partition(":")
+        if not sep or not name or name != name.strip():
+            raise BadRequest("400 Bad Request", f"header line {line[:80]!r}: expected Name: value")
+        headers[name.lower()] = value.strip()
+    return parts[0], parts[1], parts[2], headers
+
+
+def respond(method: str, path: str, headers: dict[str, str],
+            render: Render) -> tuple[str, list[tuple[str, str]], bytes]:
+    """Status line, headers and body for one request."""
+    if headers.get("content-length", "0") not in ("", "0") or "transfer-encoding" in headers:
+        raise BadRequest("400 Bad Request", "request bodies are not accepted")
+    route = path.split("?", 1)[0]
+    if route not in ("/metrics", "/"):
+        return "404 Not Found", [("Content-Type", "text/plain")], b"not found; try /metrics\n"
+    if method not in ("GET", "HEAD"):
+        return ("405 Method Not Allowed", [("Allow", "GET, HEAD"), ("Content-Type", "text/plain")],
+                b"only GET and HEAD\n")
+    if route == "/":
+        return ("200 OK", [("Content-Type", "text/html; charset=utf-8")],
+                b'<html><body><a href="/metrics">cvmfsd metrics</a></body></html>\n')
+    body, content_type = render(headers.get("accept", ""))
+    return "200 OK", [("Content-Type", content_type)], body
+
+
+async def serve_metrics(host: str, port: int, render: Render, *,
+                        task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
+                        ) -> NoReturn:
+    """Serve until cancelled; ``task_status`` gets the bound (host, port)."""
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    bound = listeners[0].socket.getsockname()
+    log.info("serving metrics", address=f"http://{_hostport(bound[0], bound[1])}/metrics")
+    async with trio.open_nursery() as nursery:
+        task_status.started((bound[0], bound[1]))
+        for listener in listeners:
+            nursery.start_soon(trio.serve_listeners, lambda s: _connection(s, render),
+                               [listener])
+        await trio.sleep_forever()
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def _connection(stream: trio.SocketStream, render: Render) -> None:
+    buffer = bytearray()
+    try:
+        async with stream:
+            while True:
+                head = await _read_head(stream, buffer)
+                if head is None:
+                    return
+                keep = await _answer(stream, head, render)
+                if not keep:
+                    return
+    except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
+        return
+
+
+async def _read_head(stream: trio.SocketStream, buffer: bytearray) -> bytes | None:
+    """The next request head, or None when the client is done (or idle too long)."""
+    with trio.move_on_after(IDLE_DEADLINE):
+        while b"\r\n\r\n" not in buffer:
+            if len(buffer) > MAX_HEAD:
+                return b""  # answered as a bad request
+            chunk = await stream.receive_some(65536)
+            if not chunk:
+                return None
+            buffer += chunk
+        head, _, rest = bytes(buffer).partition(b"\r\n\r\n")
+        buffer[:] = rest
+        return head
+    return None
+
+
+async def _answer(stream: trio.SocketStream, head: bytes, render: Render) -> bool:
+    """Answer one request; whether the connection may carry another."""
+    keep = False
+    try:
+        if not head:
+            raise BadRequest("431 Request Header Fields Too Large",
+                             f"request head over {MAX_HEAD} bytes")
+        method, path, version, headers = parse_head(head)
+        connection = headers.get("connection", "").lower()
+        keep = connection != "close" and (version != "HTTP/1.0" or connection == "keep-alive")
+        status, extra, body = respond(method, path, headers, render)
+    except BadRequest as exc:
+        status, extra, body = exc.status, [("Content-Type", "text/plain")], f"{exc}\n".encode()
+        keep = False
+        method = ""
+    lines = [f"HTTP/1.1 {status}", *(f"{k}: {v}" for k, v in extra),
+             f"Content-Length: {len(body)}", f"Connection: {'keep-alive' if keep else 'close'}"]
+    data = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    with trio.fail_after(SEND_DEADLINE):
+        await stream.send_all(data if method == "HEAD" else data + body)
+    return keep
