@@ -24,10 +24,15 @@ import structlog
 import trio
 
 from cvmfsd import control, glidein, launch, mode, mountinfo, probe, protocol, session, talk
-from cvmfsd.config import Config, exported_variables
+from cvmfsd.collect import Collection
+from cvmfsd.config import Config, exported_variables, parse_address
 from cvmfsd.errors import CvmfsdError
+from cvmfsd.exports import Pushgateway, Textfile
+from cvmfsd.httpd import serve_metrics
 from cvmfsd.keeper import RepoKeeper
 from cvmfsd.launch import LaunchError
+from cvmfsd.loader import LoaderCode
+from cvmfsd.metrics import Metrics, pilot_identity
 from cvmfsd.prepare import Prepared, prepare
 from cvmfsd.shim import exit_status
 from cvmfsd.state import DaemonState, LiveConfig, RepoState
@@ -41,6 +46,16 @@ log = structlog.get_logger("cvmfsd.daemon")
 def progress(index: int, total: int, repo: str) -> None:
     """Print a progress line for a pilot's log (stderr; stdout is the payload's)."""
     print(f"cvmfsd: mounting {index}/{total}: {repo}", file=sys.stderr, flush=True)
+
+
+def attempt_result(exc: LaunchError) -> str:
+    """``cvmfs_mount_attempts_total``'s result label for a failed mount."""
+    if exc.code is not None:
+        try:
+            return LoaderCode(exc.code).name.lower()
+        except ValueError:
+            return f"exit_{exc.code}"
+    return "timeout" if "timed out" in str(exc) or "within" in str(exc) else "failed"
 
 
 def userns_status(facts: probe.HostFacts) -> str:
@@ -71,6 +86,11 @@ class Supervisor:
         self.keeper: RepoKeeper | None = None
         # remounts a repository; returns None or what went wrong
         self._remount_hook: Callable[[str], Awaitable[str | None]] | None = None
+        self.pilot = pilot_identity(prepared.values)
+        self.metrics = Metrics(self.state, pilot=self.pilot)
+        self._mount_started: dict[str, float] = {}  # trio time each repository's mount began
+        self.collection: Collection | None = None
+        self._textfile: Textfile | None = None
 
     def _keeper(self, mountinfo: Callable[[], Path | None],
                 probe_path: Callable[[str], Path | None]) -> RepoKeeper:
@@ -85,8 +105,29 @@ class Supervisor:
             self.state, remount=remount, hang_timeout=self.config.hang_timeout,
             mountinfo=mountinfo, probe_path=probe_path,
             talk_socket=lambda repo: dist.talk_socket(repo) if dist else None,
-            interval=self.config.probe_interval, deadline=self.config.probe_deadline)
+            interval=self.config.probe_interval, deadline=self.config.probe_deadline,
+            metrics=self.metrics)
         return self.keeper
+
+    # --- mount progress, for the people watching and for the metrics ----------------
+    def _progress(self, index: int, total: int, repo: str) -> None:
+        self._mount_started[repo] = trio.current_time()
+        progress(index, total, repo)
+
+    def _mounted(self, repos: Sequence[str]) -> None:
+        now = trio.current_time()
+        for repo in repos:
+            started = self._mount_started.pop(repo, None)
+            if repo in self.state.repos and started is not None:
+                self.metrics.mounted(repo, now - started)
+
+    def _collect_now(self) -> None:
+        if self.collection is not None:
+            self.collection.kick()
+
+    def _mount_failed(self, exc: LaunchError) -> None:
+        if exc.repo in self.state.repos:
+            self.metrics.mount_failed(exc.repo, attempt_result(exc))
 
     # --- the control channel's view ------------------------------------------------
     def backend(self) -> control.Backend:
@@ -96,7 +137,9 @@ class Supervisor:
             state=self.state, config=LiveConfig(self.config.glidein_config, allow=allow),
             export=lambda values: exported_variables(values, allow=allow),
             locate=self._locate, mounts=self._mounts, remount=self._remount,
-            stop=self._request_stop, run_exec=self._run_exec if self.config.allow_exec else None)
+            stop=self._request_stop, run_exec=self._run_exec if self.config.allow_exec else None,
+            metrics=self.metrics.text, classad=self.metrics.classad,
+            on_request=lambda verb: self.metrics.control_requests.labels(verb).inc())
 
     def _locate(self, path: str) -> Path | None:
         relative = path[len("/cvmfs/"):]
@@ -175,42 +218,86 @@ class Supervisor:
                 path = await nursery.start(control.serve_control,
                                            self.prepared.socket_path, self.backend())
                 self.state.socket = str(path)
+                pushgateway = await self._start_metrics(nursery)
                 try:
                     status = await self._run()
                 finally:
                     self.state.phase = "done"
                     nursery.cancel_scope.cancel()
+                    with trio.CancelScope(shield=True):
+                        if pushgateway is not None:
+                            await pushgateway.delete()
             return status
         finally:
+            if self._textfile is not None:
+                self._textfile.remove()
             janitor = self.prepared.janitor
-            _sweep_descendants(keep=[janitor.pid] if janitor else [])
+            self.metrics.cleanups.labels("swept").inc(
+                _sweep_descendants(keep=[janitor.pid] if janitor else []))
             if janitor is not None:
                 # Our own teardown ran: the janitor has nothing to do.
                 await trio.to_thread.run_sync(janitor.close)
             shutil.rmtree(self.prepared.payload_tmp, ignore_errors=True)
 
+    async def _start_metrics(self, nursery: trio.Nursery) -> Pushgateway | None:
+        """Serve /metrics (if asked) and start the collection loop and its exporters."""
+        config, metrics = self.config, self.metrics
+        address = parse_address(config.metrics_address)
+        if address is not None:
+            host, port = await nursery.start(serve_metrics, *address, metrics.render)
+            self.state.metrics_address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        exporters: list[Callable[[], Awaitable[None]]] = []
+        pilot = self.pilot["glidein_id"]
+        if config.metrics_textfile is not None:
+            self._textfile = Textfile(metrics, config.metrics_textfile, pilot=pilot)
+            exporters.append(self._textfile)
+        pushgateway = None
+        if config.pushgateway is not None:
+            pushgateway = Pushgateway(metrics, config.pushgateway, pilot=pilot)
+            exporters.append(pushgateway)
+        dist = self.prepared.dist
+
+        def daemon_pid(repo: str) -> int | None:
+            return self.keeper.watcher.daemon_pid(repo) if self.keeper is not None else None
+
+        self.collection = Collection(
+            metrics, talk_socket=lambda repo: dist.talk_socket(repo) if dist else None,
+            daemon_pid=daemon_pid, interval=config.metrics_interval, exporters=exporters)
+        nursery.start_soon(self.collection.run)
+        return pushgateway
+
+    def _report_leftovers(self) -> None:
+        leftovers, cleaned = self.prepared.leftovers, self.prepared.cleaned
+        if not leftovers:
+            return
+        if cleaned is not None:
+            self.metrics.cleanups.labels("mount").inc(
+                len(cleaned.unmounted) + len(cleaned.lazily_unmounted))
+            self.metrics.cleanups.labels("process").inc(len(cleaned.signalled))
+        log.warning("cleaned up after an earlier run of this distribution",
+                    mounts=[str(m.mountpoint) for m in leftovers.mounts],
+                    processes=[p.pid for p in leftovers.processes],
+                    clean=cleaned.clean if cleaned else None)
+
     async def _run(self) -> int:
         prepared = self.prepared
         for problem in prepared.problems:
             log.warning("glidein_config", problem=problem)
-        if prepared.leftovers:
-            cleaned = prepared.cleaned
-            log.warning("cleaned up after an earlier run of this distribution",
-                        mounts=[str(m.mountpoint) for m in prepared.leftovers.mounts],
-                        processes=[p.pid for p in prepared.leftovers.processes],
-                        clean=cleaned.clean if cleaned else None)
+        self._report_leftovers()
         decision = prepared.decision
         for line in decision.explain().splitlines():
             log.info("mode decision", detail=line)
         self.state.phase = "mounting"
         await self.record(HAS_UNPRIVILEGED_USER_NAMESPACES=userns_status(prepared.facts),
                           CVMFSD_PID=str(os.getpid()), CVMFSD_STATUS="mounting",
-                          CVMFSD_SOCKET=str(prepared.socket_path))
+                          CVMFSD_SOCKET=str(prepared.socket_path),
+                          CVMFSD_METRICS_ADDRESS=self.state.metrics_address or "")
         chosen = decision.mode
         if chosen in (mode.Mode.MODE3, mode.Mode.MODE2, mode.Mode.MODE1):
             try:
                 return await self._run_with_dist(decision)
             except LaunchError as exc:
+                self._mount_failed(exc)
                 if decision.policy.failure_is_fatal:
                     log.error("cannot provide CVMFS", error=str(exc), repo=exc.repo,
                               policy=decision.policy.policy.value, log_tail=list(exc.log_tail))
@@ -219,6 +306,9 @@ class Supervisor:
                 log.warning("continuing without CVMFS", error=str(exc),
                             policy=decision.policy.policy.value,
                             log_tail=list(exc.log_tail))
+                for repo, repo_state in self.state.repos.items():
+                    if repo_state.state != "ok":
+                        self.state.repos[repo] = RepoState("failed", error=str(exc))
                 chosen = mode.Mode.NONE
         if chosen is mode.Mode.NONE and decision.fatal:
             await self.record(GWMS_IS_CVMFS="no", CVMFSD_STATUS="failed")
@@ -252,7 +342,8 @@ class Supervisor:
         # Modes 1 and 2: cvmfsd mounts on the host itself and unmounts after.
         mounted = await session.mount_on_host(
             dist, self.config.repos, repo_timeout=self.config.mount_timeout,
-            on_progress=progress)
+            on_progress=self._progress)
+        self._mounted(self.config.repos)
         self._provided = "dist"
 
         async def remount_on_host(repo: str) -> str | None:
@@ -267,6 +358,7 @@ class Supervisor:
         self._remount_hook = remount_on_host
         for repo in self.config.repos:
             self.state.repos[repo] = RepoState("ok")
+        self._collect_now()
         self._exec = self._exec_here
         self.state.phase = "running"
         try:
@@ -298,7 +390,9 @@ class Supervisor:
                 self.state.repos[repo] = RepoState(
                     "ok", str(revision) if revision is not None else None)
             self._provided, self._exec, self.state.phase = "mode3", runner_exec, "running"
+            self._mounted(list(info.repos))
             keeper.refresh()
+            self._collect_now()
             await self.record(GWMS_IS_CVMFS="yes", GWMS_CVMFSEXEC_MODE="3", CVMFS_MOUNT_DIR="",
                               CVMFSD_STATUS="ready")
             print("cvmfsd: ready: " + ", ".join(
@@ -315,7 +409,7 @@ class Supervisor:
 
         runner = session.Mode3Session(plan, grace=self.config.grace,
                                       mount_timeout=self.config.mount_timeout,
-                                      on_ready=ready, on_progress=progress,
+                                      on_ready=ready, on_progress=self._progress,
                                       on_ns_init=tell_janitor)
 
         async def runner_exec(args: protocol.ExecArgs, fds: Sequence[int]) -> int:
@@ -328,7 +422,10 @@ class Supervisor:
         self._stop = stop
 
         async def remount_in_namespace(repo: str) -> str | None:
-            answer = await runner.remount(repo)
+            try:
+                answer = await runner.remount(repo)
+            except LaunchError as exc:  # the namespace is ending: nothing to remount in
+                return str(exc)
             return None if answer.get("ok") else str(answer.get("error"))
 
         self._remount_hook = remount_in_namespace
@@ -382,13 +479,14 @@ def _become_subreaper() -> None:
         log.warning("cannot become a child subreaper; orphans may escape", error=str(exc))
 
 
-def _sweep_descendants(keep: Sequence[int] = ()) -> None:
+def _sweep_descendants(keep: Sequence[int] = ()) -> int:
     """SIGKILL whatever is still running below us when we are done.
 
     As a child subreaper, cvmfsd inherits the orphans of its tree (a cvmfs2
     that lost its parent, a payload's daemonised child), so this is the last
-    word on "no process left behind".
+    word on "no process left behind".  Returns how many it killed.
     """
+    killed = 0
     for pid in reversed(launch.descendants(os.getpid())):
         if pid in keep or not launch.is_running(pid):
             continue
@@ -396,7 +494,9 @@ def _sweep_descendants(keep: Sequence[int] = ()) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             continue
+        killed += 1
         log.warning("leftover process killed", pid=pid)
+    return killed
 
 
 async def _relay_signals(send: Callable[[session.Stop], Awaitable[None]]) -> None:
