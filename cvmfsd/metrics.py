@@ -48,7 +48,7 @@ from cvmfsd.state import DaemonState
 from cvmfsd.watch import ProbeResult
 
 # No ``*_created`` series: they double the output and no dashboard or rule uses them.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 #: Repository states, as ``cvmfs_mount_state`` enumerates them.
 STATES = ("mounting", "ok", "enotconn", "hung", "absent", "error", "remounting", "failed")
