@@ -12,7 +12,6 @@ After each cycle the exporters run (textfile, pushgateway), each bounded too.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
@@ -114,8 +113,7 @@ class Collection:
         for repo, observation in self.metrics.repos.items():
             pid = self._daemon_pid(repo)
             observation.process = process_stats(pid) if pid is not None else None
-        self.metrics.snapshot_time = time.time()
-        self.metrics.collect_duration.observe(trio.current_time() - start)
+        self.metrics.collected(trio.current_time() - start)
         for export in self._exporters:
             await export()
 

@@ -109,7 +109,7 @@ class RepoKeeper:
                 start = trio.current_time()
                 problem = await self._remount(repo)
                 if self._metrics is not None:
-                    self._metrics.remounts.labels(repo, "failed" if problem else "ok").inc()
+                    self._metrics.remounted(repo, ok=problem is None)
                     if problem is None:
                         self._metrics.mounted(repo, trio.current_time() - start)
                     else:
@@ -140,7 +140,7 @@ class RepoKeeper:
                 os.kill(pid, signal.SIGKILL)
                 self.hung_kills += 1
                 if self._metrics is not None:
-                    self._metrics.hung_kills.labels(repo).inc()
+                    self._metrics.hung_killed(repo)
             except ProcessLookupError:
                 pass
         finally:

@@ -17,6 +17,8 @@ stale.  The names, units and labels are documented in grafana/README.md.
 
 from __future__ import annotations
 
+import bisect
+import collections
 import math
 import os
 import platform
@@ -26,29 +28,21 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Histogram,
-    ProcessCollector,
-    disable_created_metrics,
-)
+from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
+    HistogramMetricFamily,
     InfoMetricFamily,
     Metric,
 )
-from prometheus_client.exposition import choose_encoder, generate_latest
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
-from cvmfsd import __version__, classad
+from cvmfsd import __version__, classad, exposition
 from cvmfsd.classad import RepoAd
 from cvmfsd.state import DaemonState
 from cvmfsd.watch import ProbeResult
-
-# No ``*_created`` series: they double the output and no dashboard or rule uses them.
-disable_created_metrics()  # type: ignore[no-untyped-call]
 
 #: Repository states, as ``cvmfs_mount_state`` enumerates them.
 STATES = ("mounting", "ok", "enotconn", "hung", "absent", "error", "remounting", "failed")
@@ -139,6 +133,12 @@ class _Families:
             family = self.items[name] = CounterMetricFamily(name, text, labels=list(labels))
         return family  # type: ignore[return-value]
 
+    def histogram(self, name: str, text: str, labels: Iterable[str]) -> HistogramMetricFamily:
+        family = self.items.get(name)
+        if family is None:
+            family = self.items[name] = HistogramMetricFamily(name, text, labels=list(labels))
+        return family  # type: ignore[return-value]
+
     def info(self, name: str, text: str, labels: Iterable[str]) -> InfoMetricFamily:
         family = self.items.get(name)
         if family is None:
@@ -167,8 +167,48 @@ def _number(text: str | None) -> float | None:
     return value if math.isfinite(value) else None
 
 
+class Buckets:
+    """One histogram's state: counts per bucket (the last is +Inf) and the sum."""
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+        self._le = [exposition.go_float(bound) for bound in (*bounds, math.inf)]
+
+    def observe(self, value: float) -> None:
+        """Count one observation."""
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        """``(le, count)`` pairs as a histogram family takes them."""
+        pairs, total = [], 0
+        for le, count in zip(self._le, self.counts):
+            total += count
+            pairs.append((le, float(total)))
+        return pairs
+
+
+@dataclass
+class RepoEvents:
+    """What has happened to one repository, counted by the supervisor."""
+
+    attempts: collections.Counter[str] = field(
+        default_factory=lambda: collections.Counter({"ok": 0}))
+    remounts: collections.Counter[str] = field(
+        default_factory=lambda: collections.Counter({"ok": 0, "failed": 0}))
+    talk_errors: collections.Counter[str] = field(
+        default_factory=lambda: collections.Counter(dict.fromkeys(TALK_ERRORS, 0)))
+    hung_kills: int = 0
+    probe_timeouts: int = 0
+    mount_seconds: Buckets = field(default_factory=lambda: Buckets(MOUNT_BUCKETS))
+    probe_seconds: Buckets = field(default_factory=lambda: Buckets(PROBE_BUCKETS))
+    last_mount_seconds: float | None = None
+
+
 class _Snapshot(Collector):
-    """Builds the observation families from memory at each scrape."""
+    """Builds cvmfsd's families from memory at each collection of the registry."""
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
@@ -194,54 +234,16 @@ class Metrics:
         self.state = state
         self.pilot = dict(pilot)
         self.repos: dict[str, RepoObservation] = {r: RepoObservation() for r in state.repos}
+        self.events: dict[str, RepoEvents] = {r: RepoEvents() for r in state.repos}
         self.snapshot_time = time.time()
-        self.mount_seconds: dict[str, float] = {}  # the last mount's duration, by repository
+        self.cleanups: collections.Counter[str] = collections.Counter(dict.fromkeys(CLEANUPS, 0))
+        self.control_requests: collections.Counter[str] = collections.Counter()
+        self.collect_seconds = Buckets(PROBE_BUCKETS)
         # processes of the tree seen killed, by signal name (the process watch's count)
         self.killed: Callable[[], Mapping[str, int]] = dict
-        self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
-        self.mount_setup = Histogram(
-            "cvmfs_mount_setup_duration_seconds",
-            "Seconds from a mount request to a verified repository.", ["repo"],
-            buckets=MOUNT_BUCKETS, registry=r)
-        self.mount_attempts = Counter(
-            "cvmfs_mount_attempts", "Mount attempts, by result (ok or the loader code's name).",
-            ["repo", "result"], registry=r)
-        self.remounts = Counter("cvmfs_remounts", "Automatic remounts after a crash or hang.",
-                                ["repo", "result"], registry=r)
-        self.hung_kills = Counter("cvmfs_hung_kills",
-                                  "cvmfs2 processes killed because their repository hung.",
-                                  ["repo"], registry=r)
-        self.probe_duration = Histogram(
-            "cvmfs_mount_probe_duration_seconds", "Seconds each mount probe took.", ["repo"],
-            buckets=PROBE_BUCKETS, registry=r)
-        self.probe_timeouts = Counter("cvmfs_mount_probe_timeouts",
-                                      "Mount probes that missed their deadline.", ["repo"],
-                                      registry=r)
-        self.talk_errors = Counter("cvmfs_talk_errors", "Failed cvmfs_talk calls, by reason.",
-                                   ["repo", "reason"], registry=r)
-        self.cleanups = Counter("cvmfsd_cleanups",
-                                "Leftovers cleaned up: mounts and processes of earlier runs, "
-                                "stragglers of this one.", ["what"], registry=r)
-        self.control_requests = Counter("cvmfsd_control_requests",
-                                        "Control-channel requests, by verb.", ["verb"],
-                                        registry=r)
-        self.collect_duration = Histogram("cvmfsd_collect_duration_seconds",
-                                          "Seconds one collection cycle took.",
-                                          buckets=PROBE_BUCKETS, registry=r)
-        r.register(_Snapshot(self))
-        if process_metrics:
-            ProcessCollector(registry=r)
-        for repo in state.repos:  # every series exists from the start, at zero
-            self.mount_attempts.labels(repo, "ok")
-            self.probe_timeouts.labels(repo)
-            self.hung_kills.labels(repo)
-            for result in ("ok", "failed"):
-                self.remounts.labels(repo, result)
-            for reason in TALK_ERRORS:
-                self.talk_errors.labels(repo, reason)
-        for what in CLEANUPS:
-            self.cleanups.labels(what)
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_Snapshot(self))
+        self._process = ProcessCollector(registry=None) if process_metrics else None
 
     # -- events -------------------------------------------------------------------
 
@@ -251,20 +253,45 @@ class Metrics:
         if observation is None:
             return
         observation.probe = result
+        events = self.events[result.repo]
         if result.duration > 0:
-            self.probe_duration.labels(result.repo).observe(result.duration)
+            events.probe_seconds.observe(result.duration)
         if result.state == "hung":
-            self.probe_timeouts.labels(result.repo).inc()
+            events.probe_timeouts += 1
 
     def mounted(self, repo: str, seconds: float) -> None:
         """``repo`` was mounted and verified ``seconds`` after it was asked for."""
-        self.mount_attempts.labels(repo, "ok").inc()
-        self.mount_setup.labels(repo).observe(seconds)
-        self.mount_seconds[repo] = seconds
+        events = self.events.get(repo)
+        if events is not None:
+            events.attempts["ok"] += 1
+            events.mount_seconds.observe(seconds)
+            events.last_mount_seconds = seconds
 
     def mount_failed(self, repo: str, result: str) -> None:
         """A mount of ``repo`` failed; ``result`` names why (a loader code's name, ...)."""
-        self.mount_attempts.labels(repo, result).inc()
+        events = self.events.get(repo)
+        if events is not None:
+            events.attempts[result] += 1
+
+    def remounted(self, repo: str, *, ok: bool) -> None:
+        """An automatic remount of ``repo`` ended."""
+        events = self.events.get(repo)
+        if events is not None:
+            events.remounts["ok" if ok else "failed"] += 1
+
+    def hung_killed(self, repo: str) -> None:
+        """The cvmfs2 of hung ``repo`` was killed."""
+        events = self.events.get(repo)
+        if events is not None:
+            events.hung_kills += 1
+
+    def cleaned(self, what: str, count: int = 1) -> None:
+        """``count`` leftovers of kind ``what`` (mount, process, swept) were cleaned up."""
+        self.cleanups[what] += count
+
+    def requested(self, verb: str) -> None:
+        """The control channel answered a ``verb`` request."""
+        self.control_requests[verb] += 1
 
     # -- observations -------------------------------------------------------------
 
@@ -274,21 +301,35 @@ class Metrics:
         if observation is None:
             return
         if error is not None:
-            self.talk_errors.labels(repo, error).inc()
+            self.events[repo].talk_errors[error] += 1
             observation.counters = None
             return
         observation.counters, observation.talked = counters, time.time()
+
+    def collected(self, seconds: float) -> None:
+        """A collection cycle ended after ``seconds``."""
+        self.collect_seconds.observe(seconds)
+        self.snapshot_time = time.time()
 
     # -- exposition ---------------------------------------------------------------
 
     def render(self, accept: str = "") -> tuple[bytes, str]:
         """The exposition the ``Accept`` header asks for: (body, content type)."""
-        encoder, content_type = choose_encoder(accept)
-        return encoder(self.registry), content_type
+        _, content_type = choose_encoder(accept)
+        openmetrics = content_type.startswith("application/openmetrics-text")
+        body = exposition.encode(self.all_families(), openmetrics=openmetrics)
+        return body, exposition.OPENMETRICS if openmetrics else exposition.TEXT
 
     def text(self) -> str:
         """The Prometheus text format (``cvmfsctl metrics``)."""
-        return generate_latest(self.registry).decode()
+        return exposition.encode(self.all_families(), openmetrics=False).decode()
+
+    def all_families(self) -> list[Metric]:
+        """cvmfsd's families, then the standard process metrics."""
+        families = self.families()
+        if self._process is not None:
+            families.extend(self._process.collect())
+        return families
 
     def classad(self) -> str:
         """ClassAd lines for a startd cron (``cvmfsctl classad``)."""
@@ -305,7 +346,8 @@ class Metrics:
                 state=state, revision=None if revision is None else int(revision),
                 nioerr=None if nioerr is None else int(nioerr),
                 last_ioerr=_number(attrs.get("timestamp_last_ioerr")),
-                hit_ratio=o.hit_ratio(), mount_seconds=self.mount_seconds.get(repo))
+                hit_ratio=o.hit_ratio(),
+                mount_seconds=self.events[repo].last_mount_seconds)
         return classad.render(ads, mode=self.state.mode, policy=self.state.policy,
                               phase=self.state.phase, now=time.time())
 
@@ -325,6 +367,17 @@ class Metrics:
             phase.add_metric([name], float(name == state.phase))
         f.gauge("cvmfsd_payload_running", "1 while the payload runs.", []).add_metric(
             [], float(state.phase in ("running", "stopping") and state.payload_status is None))
+        cleanups = f.counter("cvmfsd_cleanups", "Leftovers cleaned up: mounts and processes "
+                             "of earlier runs, stragglers of this one.", ["what"])
+        for what, count in self.cleanups.items():
+            cleanups.add_metric([what], count)
+        requests = f.counter("cvmfsd_control_requests", "Control-channel requests, by verb.",
+                             ["verb"])
+        for verb, count in sorted(self.control_requests.items()):
+            requests.add_metric([verb], count)
+        collect = self.collect_seconds
+        f.histogram("cvmfsd_collect_duration_seconds", "Seconds one collection cycle took.", []
+                    ).add_metric([], collect.cumulative(), collect.sum)
         killed = f.counter("cvmfsd_processes_killed",
                            "Processes of cvmfsd's tree seen to die of a signal, by signal.",
                            ["signal"])
@@ -335,9 +388,36 @@ class Metrics:
                 ).add_metric([], self.snapshot_time)
         for repo, observation in self.repos.items():
             repo_state = state.repos.get(repo)
+            self._event_families(f, repo, self.events[repo])
             self._repo_families(f, repo, repo_state.state if repo_state else "mounting",
                                 observation, now)
         return list(f.items.values())
+
+    @staticmethod
+    def _event_families(f: _Families, repo: str, e: RepoEvents) -> None:
+        f.histogram("cvmfs_mount_setup_duration_seconds",
+                    "Seconds from a mount request to a verified repository.", ["repo"]
+                    ).add_metric([repo], e.mount_seconds.cumulative(), e.mount_seconds.sum)
+        attempts = f.counter("cvmfs_mount_attempts",
+                             "Mount attempts, by result (ok or the loader code's name).",
+                             ["repo", "result"])
+        for result, count in e.attempts.items():
+            attempts.add_metric([repo, result], count)
+        remounts = f.counter("cvmfs_remounts", "Automatic remounts after a crash or hang.",
+                             ["repo", "result"])
+        for result, count in e.remounts.items():
+            remounts.add_metric([repo, result], count)
+        f.counter("cvmfs_hung_kills", "cvmfs2 processes killed because their repository hung.",
+                  ["repo"]).add_metric([repo], e.hung_kills)
+        f.histogram("cvmfs_mount_probe_duration_seconds", "Seconds each mount probe took.",
+                    ["repo"]).add_metric([repo], e.probe_seconds.cumulative(),
+                                         e.probe_seconds.sum)
+        f.counter("cvmfs_mount_probe_timeouts", "Mount probes that missed their deadline.",
+                  ["repo"]).add_metric([repo], e.probe_timeouts)
+        errors = f.counter("cvmfs_talk_errors", "Failed cvmfs_talk calls, by reason.",
+                           ["repo", "reason"])
+        for reason, count in e.talk_errors.items():
+            errors.add_metric([repo, reason], count)
 
     def _repo_families(self, f: _Families, repo: str, current: str,
                        o: RepoObservation, now: float) -> None:

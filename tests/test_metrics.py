@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import socket
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import classad2
 import pytest
 import trio
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
 
 from cvmfsd import classad, httpd
 from cvmfsd.collect import parse_raw_counters
@@ -301,3 +305,26 @@ async def test_http_server_reports_the_bound_port_of_port_zero() -> None:
             pass
         nursery.cancel_scope.cancel()
 
+
+
+def test_fast_encoder_writes_what_prometheus_client_writes() -> None:
+    from prometheus_client.exposition import generate_latest
+    from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
+
+    from cvmfsd import exposition
+
+    metrics = _metrics({"atlas.cern.ch": "ok", 'we"ird\\repo': "hung"})
+    _observe(metrics)
+    metrics.mounted("atlas.cern.ch", 0.3)
+    metrics.probed(ProbeResult(repo="atlas.cern.ch", state="ok", duration=1e-4))
+    metrics.requested("status")
+    families = metrics.all_families()  # one snapshot: ages change with time
+
+    class Fixed(Collector):
+        def collect(self) -> Iterator[Metric]:
+            return iter(families)
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Fixed())
+    assert exposition.encode(families, openmetrics=False) == generate_latest(registry)
+    assert exposition.encode(families, openmetrics=True) == generate_openmetrics(registry)
