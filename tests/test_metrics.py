@@ -327,4 +327,4 @@ def test_fast_encoder_writes_what_prometheus_client_writes() -> None:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(Fixed())
     assert exposition.encode(families, openmetrics=False) == generate_latest(registry)
-    assert exposition.encode(families, openmetrics=True) == generate_openmetrics(registry)
+    assert exposition.encode(families, openmetrics=True) == generate_openmetrics(registry)  # type: ignore[no-untyped-call]
