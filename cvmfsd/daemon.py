@@ -34,6 +34,7 @@ from cvmfsd.launch import LaunchError
 from cvmfsd.loader import LoaderCode
 from cvmfsd.metrics import Metrics, pilot_identity
 from cvmfsd.prepare import Prepared, prepare
+from cvmfsd.procevents import ProcessEvents
 from cvmfsd.shim import exit_status
 from cvmfsd.state import DaemonState, LiveConfig, RepoState
 
@@ -91,6 +92,13 @@ class Supervisor:
         self._mount_started: dict[str, float] = {}  # trio time each repository's mount began
         self.collection: Collection | None = None
         self._textfile: Textfile | None = None
+        # A process killed while cvmfsd ends its tree is cvmfsd's doing, not a hard kill.
+        self.procevents = ProcessEvents(
+            on_killed=lambda ended: log.warning(
+                "process killed by a signal", pid=ended.pid, comm=ended.comm,
+                signal=ended.ending.signal, core=ended.ending.core),
+            expected=lambda: self.state.phase in ("stopping", "done"))
+        self.metrics.killed = lambda: self.procevents.killed
 
     def _keeper(self, mountinfo: Callable[[], Path | None],
                 probe_path: Callable[[str], Path | None]) -> RepoKeeper:
@@ -139,7 +147,7 @@ class Supervisor:
             locate=self._locate, mounts=self._mounts, remount=self._remount,
             stop=self._request_stop, run_exec=self._run_exec if self.config.allow_exec else None,
             metrics=self.metrics.text, classad=self.metrics.classad,
-            on_request=lambda verb: self.metrics.control_requests.labels(verb).inc())
+            on_request=self.metrics.requested)
 
     def _locate(self, path: str) -> Path | None:
         relative = path[len("/cvmfs/"):]
@@ -218,6 +226,7 @@ class Supervisor:
                 path = await nursery.start(control.serve_control,
                                            self.prepared.socket_path, self.backend())
                 self.state.socket = str(path)
+                await nursery.start(self.procevents.run)
                 pushgateway = await self._start_metrics(nursery)
                 try:
                     status = await self._run()
@@ -232,8 +241,7 @@ class Supervisor:
             if self._textfile is not None:
                 self._textfile.remove()
             janitor = self.prepared.janitor
-            self.metrics.cleanups.labels("swept").inc(
-                _sweep_descendants(keep=[janitor.pid] if janitor else []))
+            self.metrics.cleaned("swept", _sweep_descendants(keep=[janitor.pid] if janitor else []))
             if janitor is not None:
                 # Our own teardown ran: the janitor has nothing to do.
                 await trio.to_thread.run_sync(janitor.close)
@@ -271,9 +279,8 @@ class Supervisor:
         if not leftovers:
             return
         if cleaned is not None:
-            self.metrics.cleanups.labels("mount").inc(
-                len(cleaned.unmounted) + len(cleaned.lazily_unmounted))
-            self.metrics.cleanups.labels("process").inc(len(cleaned.signalled))
+            self.metrics.cleaned("mount", len(cleaned.unmounted) + len(cleaned.lazily_unmounted))
+            self.metrics.cleaned("process", len(cleaned.signalled))
         log.warning("cleaned up after an earlier run of this distribution",
                     mounts=[str(m.mountpoint) for m in leftovers.mounts],
                     processes=[p.pid for p in leftovers.processes],
@@ -378,6 +385,16 @@ class Supervisor:
             with trio.CancelScope(shield=True):
                 await session.unmount_on_host(dist, mounted)
 
+    def _on_ns_init(self, pid: int) -> None:
+        """Namespace PID 1 exists: watch it, and have the janitor guard it."""
+        self.procevents.watch(pid)
+        janitor = self.prepared.janitor
+        if janitor is not None:
+            try:
+                janitor.set_namespace_init(pid)
+            except (ValueError, CvmfsdError) as exc:
+                log.warning("the janitor cannot guard the namespace", error=str(exc))
+
     async def _run_mode3(self) -> int:
         plan = self.prepared.plan
         if plan is None:
@@ -385,6 +402,8 @@ class Supervisor:
 
         async def ready(info: session.ReadyInfo) -> None:
             self.state.shim_pid, self.state.ns_init_pid = info.shim_pid, info.ns_init_pid
+            if info.shim_pid is not None:
+                self.procevents.watch(info.shim_pid)
             for repo, check in info.repos.items():
                 revision = check.get("revision")
                 self.state.repos[repo] = RepoState(
@@ -399,18 +418,10 @@ class Supervisor:
                 f"{repo} r{check.get('revision')}" for repo, check in info.repos.items()),
                 file=sys.stderr, flush=True)
 
-        def tell_janitor(pid: int) -> None:
-            janitor = self.prepared.janitor
-            if janitor is not None:
-                try:
-                    janitor.set_namespace_init(pid)
-                except (ValueError, CvmfsdError) as exc:
-                    log.warning("the janitor cannot guard the namespace", error=str(exc))
-
         runner = session.Mode3Session(plan, grace=self.config.grace,
                                       mount_timeout=self.config.mount_timeout,
                                       on_ready=ready, on_progress=self._progress,
-                                      on_ns_init=tell_janitor)
+                                      on_ns_init=self._on_ns_init)
 
         async def runner_exec(args: protocol.ExecArgs, fds: Sequence[int]) -> int:
             return await runner.exec_in_namespace(args.argv, fds, cwd=args.cwd, env=args.env)
@@ -437,7 +448,7 @@ class Supervisor:
                               lambda repo: shim_path(f"root/cvmfs/{repo}"))
         failure: LaunchError | None = None
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_relay_signals, runner.send_event.send)
+            nursery.start_soon(_relay_signals, self.state, runner.send_event.send)
             await nursery.start(keeper.run)
             try:
                 outcome = await runner.run(self.prepared.spawned)
@@ -461,7 +472,7 @@ class Supervisor:
 
         self._stop = stop
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_relay_signals, send.send)
+            nursery.start_soon(_relay_signals, self.state, send.send)
             outcome = await session.run_direct(self.config.payload, env,
                                                grace=self.config.grace, stops=receive)
             nursery.cancel_scope.cancel()
@@ -490,19 +501,19 @@ def _sweep_descendants(keep: Sequence[int] = ()) -> int:
     for pid in reversed(launch.descendants(os.getpid())):
         if pid in keep or not launch.is_running(pid):
             continue
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
+        if not launch.send_signal(pid, signal.SIGKILL):
             continue
         killed += 1
         log.warning("leftover process killed", pid=pid)
     return killed
 
 
-async def _relay_signals(send: Callable[[session.Stop], Awaitable[None]]) -> None:
+async def _relay_signals(state: DaemonState,
+                         send: Callable[[session.Stop], Awaitable[None]]) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
             log.info("signal received", signal=signal.Signals(signum).name)
+            state.phase = "stopping"
             await send(session.Stop(f"received {signal.Signals(signum).name}"))
 
 

@@ -16,7 +16,6 @@ How a remount is done depends on the mode, so it is a callable.
 
 from __future__ import annotations
 
-import os
 import signal
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import NoReturn
 import structlog
 import trio
 
+from cvmfsd import launch
 from cvmfsd.metrics import Metrics
 from cvmfsd.state import DaemonState, RepoState
 from cvmfsd.watch import MountWatcher, ProbeResult
@@ -136,12 +136,9 @@ class RepoKeeper:
                 return
             log.error("repository hung too long; killing its cvmfs2", repo=repo, pid=pid,
                       hung_seconds=self._hang_timeout)
-            try:
-                os.kill(pid, signal.SIGKILL)
+            if launch.send_signal(pid, signal.SIGKILL):
                 self.hung_kills += 1
                 if self._metrics is not None:
                     self._metrics.hung_killed(repo)
-            except ProcessLookupError:
-                pass
         finally:
             self._repairing.discard(repo)

@@ -213,6 +213,33 @@ def is_namespace_init(pid: int, proc_root: Path = Path("/proc")) -> bool:
     return len(nspid) > 1 and nspid[-1] == "1"
 
 
+#: Pids cvmfsd itself sent a signal to: when one of them (or a child of one) dies of a
+#: signal, that is cvmfsd's doing, not a hard kill from outside (see cvmfsd.procevents).
+SIGNALLED: set[int] = set()
+
+
+def send_signal(pid: int, signum: int) -> bool:
+    """``kill(pid, signum)``, remembered in :data:`SIGNALLED`; False if ``pid`` is gone."""
+    SIGNALLED.add(pid)
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        SIGNALLED.discard(pid)
+        return False
+    return True
+
+
+def send_group_signal(pgid: int, signum: int) -> bool:
+    """``killpg(pgid, signum)``, the leader remembered; False if the group is gone."""
+    SIGNALLED.add(pgid)
+    try:
+        os.killpg(pgid, signum)
+    except ProcessLookupError:
+        SIGNALLED.discard(pgid)
+        return False
+    return True
+
+
 def descendants(pid: int, proc_root: Path = Path("/proc")) -> list[int]:
     """Every live descendant of ``pid``, parents before children."""
     found: list[int] = []

@@ -55,7 +55,7 @@ from typing import NoReturn
 import structlog
 import trio
 
-from cvmfsd import probe_child
+from cvmfsd import launch, probe_child
 from cvmfsd.mountinfo import parse_mountinfo
 from cvmfsd.talk import talk
 
@@ -223,6 +223,7 @@ async def probe_repo(path: Path, repo: str, *, deadline: float,
             await proc.wait()
     finally:
         if proc.returncode is None:
+            launch.SIGNALLED.add(proc.pid)
             proc.kill()
             (stuck if stuck is not None else StuckProbes()).adopt(proc, repo)
         else:

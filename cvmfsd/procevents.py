@@ -1,0 +1,477 @@
+"""Tell when a process of cvmfsd's tree ends, and how: by events, never by polling.
+
+Theory of operation
+-------------------
+One of two sources is chosen at start, and the choice and the reason the other
+was not taken are logged once and kept in ``source`` and ``rejected``.
+
+* **netlink** -- the kernel's process event connector (``NETLINK_CONNECTOR``,
+  group ``CN_IDX_PROC``) multicasts a message for every fork, exec, name change
+  and exit of every task on the node.  An exit carries the task's wait status
+  (``exit_code``: an exit status, or the signal that killed it and whether it
+  dumped core; ``exit_signal`` is only the signal its parent is sent, SIGCHLD).
+  Before Linux 6.6 only CAP_NET_ADMIN may listen (``bind: EPERM``).  The kernel
+  acknowledges a subscription only from the initial user and pid namespaces
+  (elsewhere it ignores it), and names every task by its pid there, which is then
+  our own numbering, also for processes inside cvmfsexec's pid namespace.  The
+  tree is followed from the events themselves: seeded from /proc (cvmfsd and its
+  descendants) once subscribed, a fork whose parent is in the tree adds the
+  child, an exit takes it out.  Being in the tree is thus a dict lookup, which
+  matters on a busy node where nearly every event is someone else's; for the
+  same reason messages are decoded with :mod:`struct` (pyroute2's parser costs
+  ~60 times more) and gathered for ``GATHER`` after each wake-up.  If the socket
+  overruns (ENOBUFS), events were lost and the tree is read again from /proc.
+  Known blind spot: a process whose main thread ends before its other threads
+  (or is replaced by an exec from another thread) is reported as ended then.
+* **pidfd** -- where the connector is refused.  Only pids registered with
+  :meth:`ProcessEvents.watch` are seen, each through a pidfd that becomes
+  readable when it exits.  How it ended is known only for our own children
+  (``waitid`` with ``WNOWAIT`` leaves the zombie to whoever reaps it); for any
+  other process, or a child someone reaped first, it is unknown.
+
+pyroute2 provides the subscription message; the socket is a plain non-blocking
+one read with ``trio.lowlevel.wait_readable``.  pyroute2 0.9's
+``ProcEventSocket`` is not used for the I/O: it drives a private asyncio loop
+that consumes the socket's messages whenever one of its methods runs, and its
+``bind`` turns EPERM into ``KeyError('no free address available')``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import os
+import secrets
+import signal
+import socket
+import struct
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn, Union
+
+import structlog
+import trio
+
+from cvmfsd import launch
+
+log = structlog.get_logger("cvmfsd.procevents")
+
+# linux/connector.h, linux/cn_proc.h (stable ABI; pyroute2 has the same values,
+# but importing it takes ~0.1 s, so only the subscription does).
+CN_IDX_PROC = CN_VAL_PROC = 1
+PROC_EVENT_NONE, PROC_EVENT_FORK, PROC_EVENT_EXEC = 0x0, 0x1, 0x2
+PROC_EVENT_COMM, PROC_EVENT_EXIT = 0x200, 0x80000000
+
+RECV_SIZE = 4096  # one message is 76 bytes
+RCVBUF = 1 << 20  # room for a burst of forks (capped by net.core.rmem_max)
+BATCH = 256  # messages handled per wake-up before trio runs other tasks
+# After a wake-up, let the next messages gather this long (seconds): a busy node
+# forks thousands of times a second, and each wake-up costs ~15 times the handling
+# of one message.  The first message of a burst is handled at once.
+GATHER = 0.01
+
+_NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
+_CN_MSG = struct.Struct("=IIIIHH")  # idx, val, seq, ack, len, flags
+_EVENT_HEAD = struct.Struct("=IIQ")  # what, cpu, timestamp_ns
+
+PIDFD_LIMITS = ("pidfd: sees only the processes registered with it, and how they ended "
+                "only for cvmfsd's own children")
+
+
+# --- decoding, no I/O --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Ending:
+    """How a process ended: an exit status, or a signal (with or without a core dump).
+
+    Neither set means unknown.
+    """
+
+    exit_status: int | None = None
+    signal: str | None = None
+    core: bool = False
+
+
+UNKNOWN = Ending()
+
+
+def signal_name(signum: int) -> str:
+    """``SIGKILL`` for 9; real-time signals as ``SIGRTMIN+n``."""
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        if signal.SIGRTMIN < signum < signal.SIGRTMAX:
+            return f"SIGRTMIN+{signum - signal.SIGRTMIN}"
+        return f"SIG{signum}"
+
+
+def decode_wait_status(status: int) -> Ending:
+    """How a process ended, from its wait status (the connector's ``exit_code``)."""
+    if os.WIFSIGNALED(status):
+        return Ending(signal=signal_name(os.WTERMSIG(status)), core=os.WCOREDUMP(status))
+    if os.WIFEXITED(status):
+        return Ending(exit_status=os.WEXITSTATUS(status))
+    return UNKNOWN
+
+
+def wait_status_from_siginfo(code: int, status: int) -> int | None:
+    """The wait status for a ``waitid`` result (``si_code``, ``si_status``)."""
+    if code == os.CLD_EXITED:
+        return (status & 0xFF) << 8
+    if code == os.CLD_KILLED:
+        return status & 0x7F
+    if code == os.CLD_DUMPED:
+        return (status & 0x7F) | 0x80
+    return None  # stopped or continued: not an end
+
+
+@dataclass(frozen=True)
+class Ack:
+    """The kernel's answer to a subscription request: our ``ack`` plus one."""
+
+    ack: int
+    err: int
+
+
+@dataclass(frozen=True)
+class Fork:
+    parent_tgid: int
+    child_pid: int
+    child_tgid: int
+
+
+@dataclass(frozen=True)
+class Exec:
+    pid: int
+    tgid: int
+
+
+@dataclass(frozen=True)
+class Comm:
+    pid: int
+    tgid: int
+    comm: str
+
+
+@dataclass(frozen=True)
+class Exit:
+    pid: int
+    tgid: int
+    wait_status: int
+    parent_tgid: int  # 0 before Linux 4.18
+
+
+ProcEvent = Union[Ack, Fork, Exec, Comm, Exit]
+
+
+def parse_messages(data: bytes) -> list[ProcEvent]:
+    """The process events in one datagram from the connector; others are skipped."""
+    events: list[ProcEvent] = []
+    offset = 0
+    while offset + _NLMSGHDR.size <= len(data):
+        length = _NLMSGHDR.unpack_from(data, offset)[0]
+        if length < _NLMSGHDR.size or offset + length > len(data):
+            break
+        event = _parse_one(data[offset + _NLMSGHDR.size: offset + length])
+        if event is not None:
+            events.append(event)
+        offset += (length + 3) & ~3  # NLMSG_ALIGN
+    return events
+
+
+def _parse_one(body: bytes) -> ProcEvent | None:
+    head = _CN_MSG.size + _EVENT_HEAD.size
+    if len(body) < head:
+        return None
+    idx, val, _seq, ack, _size, _flags = _CN_MSG.unpack_from(body)
+    what = _EVENT_HEAD.unpack_from(body, _CN_MSG.size)[0]
+    known = _EVENTS.get(what)
+    if (idx, val) != (CN_IDX_PROC, CN_VAL_PROC) or known is None:
+        return None
+    layout, build = known
+    if len(body) < head + layout.size:
+        return None
+    return build(ack, layout.unpack_from(body, head))
+
+
+def _cstring(raw: bytes) -> str:
+    return raw.split(b"\0", 1)[0].decode(errors="replace")
+
+
+# what -> (layout of the event data, how to build the event from (ack, fields))
+_EVENTS: dict[int, tuple[struct.Struct, Callable[[int, tuple[Any, ...]], ProcEvent]]] = {
+    PROC_EVENT_NONE: (struct.Struct("=I"),  # err
+                      lambda ack, f: Ack(ack, f[0])),
+    PROC_EVENT_FORK: (struct.Struct("=4I"),  # parent pid, tgid; child pid, tgid
+                      lambda _ack, f: Fork(parent_tgid=f[1], child_pid=f[2], child_tgid=f[3])),
+    PROC_EVENT_EXEC: (struct.Struct("=2I"),  # pid, tgid
+                      lambda _ack, f: Exec(pid=f[0], tgid=f[1])),
+    PROC_EVENT_COMM: (struct.Struct("=2I16s"),  # pid, tgid, comm
+                      lambda _ack, f: Comm(pid=f[0], tgid=f[1], comm=_cstring(f[2]))),
+    PROC_EVENT_EXIT: (struct.Struct("=6I"),  # pid, tgid, exit_code, exit_signal, parent pid, tgid
+                      lambda _ack, f: Exit(pid=f[0], tgid=f[1], wait_status=f[2],
+                                          parent_tgid=f[5])),
+}
+
+
+# --- the connector socket ----------------------------------------------------------
+
+
+class ConnectorUnavailable(Exception):
+    """The process event connector cannot be used here; the message says why."""
+
+
+def _errno_text(step: str, exc: OSError) -> str:
+    name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+    return f"{step}: {name} ({exc.strerror})"
+
+
+def _control(sock: socket.socket, listen: bool, nonce: int) -> None:
+    from pyroute2.netlink import NLMSG_DONE
+    from pyroute2.netlink.connector import cn_proc
+
+    msg = cn_proc.proc_event_control()
+    msg["header"]["type"] = NLMSG_DONE
+    msg["idx"], msg["val"] = cn_proc.CN_IDX_PROC, cn_proc.CN_VAL_PROC
+    msg["seq"], msg["ack"] = 0, nonce  # the kernel answers ack + 1 (and numbers seq itself)
+    msg["len"] = 4  # the payload: one u32, the operation
+    msg["action"] = cn_proc.PROC_CN_MCAST_LISTEN if listen else cn_proc.PROC_CN_MCAST_IGNORE
+    msg.encode()
+    sock.send(msg.data)
+
+
+def open_connector() -> socket.socket:
+    """Subscribe to the kernel's process events (blocks ~0.1 s importing pyroute2).
+
+    Returns:
+        The subscribed, non-blocking socket; close it with :func:`close_connector`.
+
+    Raises:
+        ConnectorUnavailable: pyroute2 is missing, the kernel refused (e.g.
+            ``bind: EPERM`` for an unprivileged user before Linux 6.6), or
+            ignored the request (not in the initial user and pid namespaces).
+    """
+    try:
+        from pyroute2.netlink import NETLINK_CONNECTOR
+    except ImportError as exc:
+        raise ConnectorUnavailable(f"pyroute2 cannot be imported: {exc}") from None
+    try:
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_CONNECTOR)
+    except OSError as exc:
+        raise ConnectorUnavailable(_errno_text("socket", exc)) from None
+    step = "bind"
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+        sock.bind((0, CN_IDX_PROC))
+        sock.setblocking(False)
+        step = "subscribe"
+        nonce = secrets.randbits(31)
+        _control(sock, True, nonce)
+        # The kernel answers while send() runs.  No answer means it ignored the
+        # request, which it does outside the initial user and pid namespaces.
+        while True:
+            try:
+                data = sock.recv(RECV_SIZE)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno == errno.ENOBUFS:
+                    continue
+                raise
+            for event in parse_messages(data):
+                if isinstance(event, Ack) and event.ack == nonce + 1:
+                    if event.err:
+                        raise OSError(event.err, os.strerror(event.err))
+                    return sock
+    except OSError as exc:
+        sock.close()
+        raise ConnectorUnavailable(_errno_text(step, exc)) from None
+    sock.close()
+    raise ConnectorUnavailable("the kernel ignored the subscription: cvmfsd is not in "
+                               "the initial user and pid namespaces")
+
+
+def close_connector(sock: socket.socket) -> None:
+    """Unsubscribe (kernels before 6.6 count listeners until told) and close."""
+    with contextlib.suppress(OSError):
+        _control(sock, False, 0)
+    sock.close()
+
+
+# --- the service -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProcessEnded:
+    """A process of cvmfsd's tree ended."""
+
+    pid: int
+    ending: Ending
+    comm: str | None
+    source: str
+    by_cvmfsd: bool = False  # cvmfsd signalled it (or its parent), or was ending the tree
+
+
+class ProcessEvents:
+    """Sees every process of cvmfsd's tree end, and how.
+
+    Args:
+        on_ended: called for each process of the tree that ended.
+        on_killed: then called too if a signal killed it, and not by cvmfsd's doing:
+            cvmfsd did not signal it or its parent (:data:`cvmfsd.launch.SIGNALLED`)
+            and ``expected()`` is false.
+        expected: true while cvmfsd is ending its tree itself (its kills cascade).
+        use_netlink: False skips the connector (tests force the fallback so).
+        proc_root: where /proc is.
+
+    Attributes:
+        source: ``netlink`` or ``pidfd`` once running.
+        rejected: why the other source is not used.
+        killed: per signal name, how many processes of the tree it killed (not
+            counting cvmfsd's own kills).
+        processes: the known processes of the tree, pid -> comm (None if unknown).
+    """
+
+    def __init__(self, *, on_ended: Callable[[ProcessEnded], None] = lambda ended: None,
+                 on_killed: Callable[[ProcessEnded], None] = lambda ended: None,
+                 expected: Callable[[], bool] = lambda: False,
+                 use_netlink: bool = True, proc_root: Path = Path("/proc")) -> None:
+        self.source: str | None = None
+        self.rejected: str | None = None
+        self.killed: Counter[str] = Counter()
+        self.processes: dict[int, str | None] = {}
+        self._on_ended = on_ended
+        self._on_killed = on_killed
+        self._expected = expected
+        self._use_netlink = use_netlink
+        self._proc_root = proc_root
+        self._send_pid, self._new_pids = trio.open_memory_channel[int](float("inf"))
+
+    def watch(self, pid: int) -> None:
+        """Make sure the end of ``pid``, a process of the tree, is seen."""
+        self.processes[pid] = self._comm(pid)
+        if self.source != "netlink":
+            self._send_pid.send_nowait(pid)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+                  ) -> NoReturn:
+        """Report ends until cancelled."""
+        sock = None
+        reason = "not tried (use_netlink=False)"
+        if self._use_netlink:
+            try:
+                with trio.CancelScope(shield=True):  # bounded; a socket is never dropped
+                    sock = await trio.to_thread.run_sync(open_connector)
+            except ConnectorUnavailable as exc:
+                reason = str(exc)
+        if sock is None:
+            self.source, self.rejected = "pidfd", f"netlink: {reason}"
+            log.info("process events", source=self.source, rejected=self.rejected)
+            async with trio.open_nursery() as nursery:
+                task_status.started()
+                async for pid in self._new_pids:
+                    nursery.start_soon(self._wait_pidfd, pid)
+            raise AssertionError("unreachable")  # pragma: no cover - we keep a sender
+        try:
+            self.source, self.rejected = "netlink", PIDFD_LIMITS
+            self._read_tree()
+            log.info("process events", source=self.source, rejected=self.rejected,
+                     processes=len(self.processes))
+            task_status.started()
+            await self._read_connector(sock)
+        finally:
+            close_connector(sock)
+
+    # --- netlink ---
+    async def _read_connector(self, sock: socket.socket) -> NoReturn:
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            for _ in range(BATCH):
+                try:
+                    data = sock.recv(RECV_SIZE)
+                except BlockingIOError:
+                    break
+                except OSError as exc:
+                    if exc.errno != errno.ENOBUFS:
+                        raise
+                    log.warning("process events were lost; reading the tree from /proc")
+                    self._read_tree()
+                    continue
+                for event in parse_messages(data):
+                    self.feed(event)
+            await trio.sleep(GATHER)
+
+    def feed(self, event: ProcEvent) -> None:
+        """Follow the tree through one connector event, and report an end in it."""
+        tree = self.processes
+        if isinstance(event, Fork):
+            if event.child_pid == event.child_tgid and event.parent_tgid in tree:
+                tree[event.child_pid] = tree[event.parent_tgid]
+        elif isinstance(event, Exec):
+            if event.pid in tree:
+                tree[event.pid] = self._comm(event.pid)
+        elif isinstance(event, Comm):
+            if event.pid == event.tgid and event.pid in tree:
+                tree[event.pid] = event.comm
+        elif isinstance(event, Exit) and event.pid == event.tgid and (
+                event.pid in tree or event.parent_tgid in tree):
+            comm = tree.pop(event.pid, None)
+            ours = event.pid in launch.SIGNALLED or event.parent_tgid in launch.SIGNALLED
+            self._ended(ProcessEnded(event.pid, decode_wait_status(event.wait_status), comm,
+                                     "netlink", ours))
+
+    def _read_tree(self) -> None:
+        me = os.getpid()
+        known = self.processes
+        self.processes = {pid: known.get(pid) or self._comm(pid)
+                          for pid in (me, *launch.descendants(me, self._proc_root))}
+
+    # --- pidfd ---
+    async def _wait_pidfd(self, pid: int) -> None:
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            self._ended(ProcessEnded(pid, UNKNOWN, self.processes.pop(pid, None), "pidfd"))
+            return
+        except OSError as exc:  # no pidfds before Linux 5.3
+            log.warning("cannot watch a process", pid=pid, error=str(exc))
+            return
+        try:
+            await trio.lowlevel.wait_readable(fd)
+            ending = _child_ending(fd)
+        finally:
+            os.close(fd)
+        self._ended(ProcessEnded(pid, ending, self.processes.pop(pid, None), "pidfd",
+                                 pid in launch.SIGNALLED))
+
+    # --- both ---
+    def _ended(self, ended: ProcessEnded) -> None:
+        launch.SIGNALLED.discard(ended.pid)
+        if not ended.by_cvmfsd and self._expected():
+            ended = dataclasses.replace(ended, by_cvmfsd=True)
+        self._on_ended(ended)
+        if ended.ending.signal is not None and not ended.by_cvmfsd:
+            self.killed[ended.ending.signal] += 1
+            self._on_killed(ended)
+
+    def _comm(self, pid: int) -> str | None:
+        try:
+            return (self._proc_root / str(pid) / "comm").read_text().rstrip("\n")
+        except OSError:
+            return None
+
+
+def _child_ending(pidfd: int) -> Ending:
+    """How the exited process behind ``pidfd`` ended, if it is our child; it stays unreaped."""
+    try:
+        info = os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOWAIT | os.WNOHANG)
+    except OSError:  # ECHILD: not our child, or someone reaped it first
+        return UNKNOWN
+    if info is None:
+        return UNKNOWN
+    status = wait_status_from_siginfo(info.si_code, info.si_status)
+    return UNKNOWN if status is None else decode_wait_status(status)

@@ -1,0 +1,325 @@
+"""Process watch: the connector's messages decoded, the tree followed, both sources for real.
+
+The netlink source needs the initial user and pid namespaces, and, before Linux
+6.6, CAP_NET_ADMIN; CI runs this file as an unprivileged user and again as root.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import signal
+import struct
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import prctl
+import pytest
+import trio
+
+from cvmfsd import launch, procevents
+from cvmfsd.procevents import (
+    UNKNOWN,
+    Ack,
+    Comm,
+    Ending,
+    Exec,
+    Exit,
+    Fork,
+    ProcessEnded,
+    ProcessEvents,
+    decode_wait_status,
+    parse_messages,
+    wait_status_from_siginfo,
+)
+
+# --- decoding ----------------------------------------------------------------------
+
+WAIT_STATUSES = [
+    (0, Ending(exit_status=0)),
+    (3 << 8, Ending(exit_status=3)),
+    (255 << 8, Ending(exit_status=255)),
+    (signal.SIGKILL, Ending(signal="SIGKILL")),
+    (signal.SIGTERM, Ending(signal="SIGTERM")),
+    (signal.SIGABRT | 0x80, Ending(signal="SIGABRT", core=True)),
+    (signal.SIGSEGV | 0x80, Ending(signal="SIGSEGV", core=True)),
+    (signal.SIGRTMIN + 1, Ending(signal="SIGRTMIN+1")),
+    (0x137F, UNKNOWN),  # stopped by SIGSTOP: not an end
+]
+
+
+@pytest.mark.parametrize(("status", "expected"), WAIT_STATUSES)
+def test_decode_wait_status(status: int, expected: Ending) -> None:
+    """The connector's exit_code is a wait status: an exit status, or a signal and a core flag."""
+    assert decode_wait_status(status) == expected
+
+
+SIGINFOS = [
+    (os.CLD_EXITED, 3, 3 << 8),
+    (os.CLD_KILLED, signal.SIGKILL, signal.SIGKILL),
+    (os.CLD_DUMPED, signal.SIGABRT, signal.SIGABRT | 0x80),
+    (os.CLD_STOPPED, signal.SIGSTOP, None),
+]
+
+
+@pytest.mark.parametrize(("code", "status", "expected"), SIGINFOS)
+def test_wait_status_from_siginfo(code: int, status: int, expected: int | None) -> None:
+    """waitid's si_code and si_status become the same wait status the connector gives."""
+    assert wait_status_from_siginfo(code, status) == expected
+
+
+def message(what: int, data: bytes, *, ack: int = 0, idx: int = 1) -> bytes:
+    """One connector datagram: nlmsghdr, cn_msg, proc_event head, event data."""
+    event = struct.pack("=IIQ", what, 0, 123) + data
+    body = struct.pack("=IIIIHH", idx, 1, 7, ack, len(event), 0) + event
+    return struct.pack("=IHHII", 16 + len(body), 3, 0, 7, 0) + body
+
+
+# A real acknowledgement, as Linux 6.18 sent it (ack = ours + 1, err 0).
+REAL_ACK = bytes.fromhex(
+    "4c000000030000002b0300000000000001000000010000002b03000001000000280000000000000001000000"
+    "a737b0654a080000000000000000000000000000000000000000000000000000")
+
+MESSAGES = [
+    (REAL_ACK, [Ack(ack=1, err=0)]),
+    (message(0, struct.pack("=I", 1), ack=43), [Ack(ack=43, err=1)]),
+    (message(0x1, struct.pack("=4I", 10, 10, 11, 11)),
+     [Fork(parent_tgid=10, child_pid=11, child_tgid=11)]),
+    (message(0x2, struct.pack("=2I", 11, 11)), [Exec(pid=11, tgid=11)]),
+    (message(0x200, struct.pack("=2I16s", 11, 11, b"cvmfs2\0junk")),
+     [Comm(pid=11, tgid=11, comm="cvmfs2")]),
+    (message(0x80000000, struct.pack("=6I", 11, 11, 9, 17, 10, 10)),
+     [Exit(pid=11, tgid=11, wait_status=9, parent_tgid=10)]),
+    (message(0x4, struct.pack("=4I", 11, 11, 0, 0)), []),  # uid change: not followed
+    (message(0x2, struct.pack("=2I", 11, 11), idx=2), []),  # another connector user
+    (message(0x80000000, struct.pack("=2I", 11, 11)), []),  # truncated
+    (message(0x2, struct.pack("=2I", 1, 1)) + message(0x2, struct.pack("=2I", 2, 2)),
+     [Exec(pid=1, tgid=1), Exec(pid=2, tgid=2)]),
+    (b"\x04\x00", []),
+]
+
+
+@pytest.mark.parametrize(("data", "expected"), MESSAGES)
+def test_parse_messages(data: bytes, expected: list[procevents.ProcEvent]) -> None:
+    """Datagrams decode to the events the tree needs; anything else is skipped."""
+    assert parse_messages(data) == expected
+
+
+def test_constants_match_pyroute2() -> None:
+    """The kernel ABI values kept here (to spare the import) are pyroute2's."""
+    from pyroute2.netlink.connector import cn_proc
+
+    assert (procevents.CN_IDX_PROC, procevents.CN_VAL_PROC) == (cn_proc.CN_IDX_PROC,
+                                                                cn_proc.CN_VAL_PROC)
+    assert [procevents.PROC_EVENT_NONE, procevents.PROC_EVENT_FORK, procevents.PROC_EVENT_EXEC,
+            procevents.PROC_EVENT_COMM, procevents.PROC_EVENT_EXIT] == [
+        cn_proc.PROC_EVENT_NONE, cn_proc.PROC_EVENT_FORK, cn_proc.PROC_EVENT_EXEC,
+        cn_proc.PROC_EVENT_COMM, cn_proc.PROC_EVENT_EXIT]
+
+
+# --- following the tree ------------------------------------------------------------
+
+
+def test_the_tree_is_followed_through_forks_and_exits() -> None:
+    """Forks from the tree join it, threads and strangers do not, and only its ends count."""
+    ended: list[ProcessEnded] = []
+    events = ProcessEvents(on_ended=ended.append)
+    events.processes = {100: "cvmfsd"}
+    feed: list[procevents.ProcEvent] = [
+        Fork(parent_tgid=100, child_pid=101, child_tgid=101),  # our child
+        Fork(parent_tgid=101, child_pid=102, child_tgid=102),  # our grandchild
+        Fork(parent_tgid=101, child_pid=103, child_tgid=101),  # a thread of the child
+        Fork(parent_tgid=500, child_pid=501, child_tgid=501),  # someone else's
+        Comm(pid=102, tgid=102, comm="cvmfs2"),
+        Exit(pid=103, tgid=101, wait_status=0, parent_tgid=100),  # the thread ends
+        Exit(pid=501, tgid=501, wait_status=9, parent_tgid=500),
+        Exit(pid=102, tgid=102, wait_status=9, parent_tgid=1),  # reparented, then killed
+        Exit(pid=104, tgid=104, wait_status=3 << 8, parent_tgid=101),  # forked before we looked
+    ]
+    for event in feed:
+        events.feed(event)
+    assert ended == [
+        ProcessEnded(102, Ending(signal="SIGKILL"), "cvmfs2", "netlink"),
+        ProcessEnded(104, Ending(exit_status=3), None, "netlink"),
+    ]
+    assert events.processes == {100: "cvmfsd", 101: "cvmfsd"}
+    assert events.killed == {"SIGKILL": 1}
+
+
+# --- both sources for real ---------------------------------------------------------
+
+
+class Ends:
+    """Collects the ends a ProcessEvents reports, and waits for one."""
+
+    def __init__(self) -> None:
+        self.ended: list[ProcessEnded] = []
+        self.killed: list[ProcessEnded] = []
+        self._changed = trio.Event()
+
+    def __call__(self, ended: ProcessEnded) -> None:
+        self.ended.append(ended)
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def of(self, pid: int) -> ProcessEnded:
+        with trio.fail_after(5):
+            while True:
+                for ended in self.ended:
+                    if ended.pid == pid:
+                        return ended
+                await self._changed.wait()
+
+
+@pytest.fixture(name="subreaper")
+def _subreaper() -> Iterator[None]:
+    """This test process adopts the orphans of its tree, as cvmfsd does."""
+    before = prctl.get_child_subreaper()
+    prctl.set_child_subreaper(1)
+    yield
+    prctl.set_child_subreaper(before)
+
+
+async def orphan() -> int:
+    """A ``sleep`` whose parent shell has exited: it is reparented to us (a subreaper)."""
+    shell = await trio.run_process(["sh", "-c", "sleep 60 >/dev/null 2>&1 & echo $!"],
+                                   capture_stdout=True)
+    pid = int(shell.stdout)
+    assert launch.parent_pid(pid) == os.getpid()
+    return pid
+
+
+def kernel_version() -> tuple[int, int]:
+    match = re.match(r"(\d+)\.(\d+)", platform.release())
+    assert match is not None
+    return int(match[1]), int(match[2])
+
+
+def connector_allowed() -> bool:
+    """Before Linux 6.6, only CAP_NET_ADMIN could join the connector's process group."""
+    return os.geteuid() == 0 or kernel_version() >= (6, 6)
+
+
+async def test_netlink_reports_sigkill_of_a_child_and_an_orphan(subreaper: None) -> None:
+    """Through the connector: SIGKILL of a child and of an adopted orphan, and an exit status."""
+    if not connector_allowed():
+        with pytest.raises(procevents.ConnectorUnavailable, match=r"^bind: EPERM "):
+            procevents.open_connector()
+        return
+    ends = Ends()
+    events = ProcessEvents(on_ended=ends, on_killed=ends.killed.append)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(events.run)
+        assert (events.source, events.rejected) == ("netlink", procevents.PIDFD_LIMITS)
+        assert os.getpid() in events.processes
+
+        child = await trio.lowlevel.open_process(["sleep", "60"])
+        os.kill(child.pid, signal.SIGKILL)
+        assert await ends.of(child.pid) == ProcessEnded(
+            child.pid, Ending(signal="SIGKILL"), "sleep", "netlink")
+        await child.wait()
+
+        grandchild = await orphan()
+        os.kill(grandchild, signal.SIGKILL)
+        assert await ends.of(grandchild) == ProcessEnded(
+            grandchild, Ending(signal="SIGKILL"), "sleep", "netlink")
+        await trio.to_thread.run_sync(os.waitpid, grandchild, 0)
+
+        exited = await trio.lowlevel.open_process(["sh", "-c", "exit 3"])
+        assert (await ends.of(exited.pid)).ending == Ending(exit_status=3)
+        await exited.wait()
+        nursery.cancel_scope.cancel()
+    assert events.killed == {"SIGKILL": 2}
+    assert [e.pid for e in ends.killed] == [child.pid, grandchild]
+
+
+async def test_pidfd_fallback_knows_how_its_children_ended() -> None:
+    """Forced fallback: registered pids are seen end; how, only for our own children."""
+    ends = Ends()
+    events = ProcessEvents(on_ended=ends, use_netlink=False)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(events.run)
+        assert (events.source, events.rejected) == ("pidfd", "netlink: not tried "
+                                                    "(use_netlink=False)")
+        killed = await trio.lowlevel.open_process(["sleep", "60"])
+        events.watch(killed.pid)
+        exited = await trio.lowlevel.open_process(["sh", "-c", "exit 3"])
+        events.watch(exited.pid)
+        shell = await trio.lowlevel.open_process(
+            ["sh", "-c", "sleep 60 >/dev/null 2>&1 & echo $!; wait"], stdout=subprocess.PIPE)
+        assert shell.stdout is not None
+        not_ours = int(await shell.stdout.receive_some())
+        events.watch(not_ours)
+
+        os.kill(killed.pid, signal.SIGKILL)
+        assert await ends.of(killed.pid) == ProcessEnded(
+            killed.pid, Ending(signal="SIGKILL"), "sleep", "pidfd")
+        assert (await ends.of(exited.pid)).ending == Ending(exit_status=3)
+        os.kill(not_ours, signal.SIGKILL)
+        assert (await ends.of(not_ours)).ending == UNKNOWN  # its parent, not we, may wait
+        # waitid(WNOWAIT) left our children for their owner to reap
+        assert await killed.wait() == -signal.SIGKILL
+        assert await exited.wait() == 3
+        await shell.wait()
+        await shell.stdout.aclose()
+        nursery.cancel_scope.cancel()
+    assert events.killed == {"SIGKILL": 1}
+    assert events.processes == {}
+
+
+@pytest.mark.parametrize("use_netlink", [True, False])
+async def test_cvmfsds_own_kills_are_not_counted_as_hard_kills(use_netlink: bool) -> None:
+    """A kill sent through launch.send_signal, or while expected() is true, is ours."""
+    ends = Ends()
+    ending_the_tree = False
+    events = ProcessEvents(on_ended=ends, use_netlink=use_netlink,
+                           expected=lambda: ending_the_tree)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(events.run)
+        ours = await trio.lowlevel.open_process(["sleep", "60"])
+        theirs = await trio.lowlevel.open_process(["sleep", "60"])
+        late = await trio.lowlevel.open_process(["sleep", "60"])
+        for process in (ours, theirs, late):
+            events.watch(process.pid)
+        assert launch.send_signal(ours.pid, signal.SIGKILL)
+        assert (await ends.of(ours.pid)).by_cvmfsd
+        os.kill(theirs.pid, signal.SIGKILL)
+        assert not (await ends.of(theirs.pid)).by_cvmfsd
+        ending_the_tree = True
+        os.kill(late.pid, signal.SIGKILL)
+        assert (await ends.of(late.pid)).by_cvmfsd
+        for process in (ours, theirs, late):
+            await process.wait()
+        nursery.cancel_scope.cancel()
+    assert events.killed == {"SIGKILL": 1}
+    assert ours.pid not in launch.SIGNALLED
+
+
+FALLBACK_IN_USERNS = """
+import trio
+from cvmfsd.log import configure_logging
+from cvmfsd.procevents import ProcessEvents
+
+async def main():
+    events = ProcessEvents()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(events.run)
+        print(events.source, events.rejected, sep="\\n")
+        nursery.cancel_scope.cancel()
+
+configure_logging()  # to stderr
+trio.run(main)
+"""
+
+
+def test_the_connector_is_refused_in_a_user_namespace() -> None:
+    """In a user namespace the kernel ignores the subscription: the pidfd source says why."""
+    result = subprocess.run(["unshare", "--user", "--map-root-user", sys.executable, "-c",
+                             FALLBACK_IN_USERNS], capture_output=True, text=True, check=False,
+                            timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "pidfd", "netlink: the kernel ignored the subscription: cvmfsd is not in the initial "
+        "user and pid namespaces"]
