@@ -9,7 +9,6 @@ must be what the real consumers accept.
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -22,71 +21,14 @@ import classad2
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cvmfsd import ctl, glidein
 from cvmfsd.collect import parse_raw_counters
 from tests.conftest import REPO_A, REPO_B, reap, wait_for
+from tests.livedaemon import Daemon, talk, talk_socket
 
 pytestmark = pytest.mark.fuse
 
-CVMFSD = [sys.executable, "-m", "cvmfsd"]
 CVMFSCTL = str(Path(sys.executable).parent / "cvmfsctl")
 PUSHGATEWAY = "/usr/bin/prometheus-pushgateway"
-READS = (f"/cvmfs/{REPO_A}/hello.txt", f"/cvmfs/{REPO_A}/sub/deeper/file.txt",
-         f"/cvmfs/{REPO_B}/data.csv", f"/cvmfs/{REPO_A}/hello.txt")
-
-
-class Daemon:
-    """A background ``cvmfsd run`` whose payload reads READS, then sleeps."""
-
-    def __init__(self, dist: Path, work: Path, *extra: str) -> None:
-        self.work = work
-        self.gconfig = work / "glidein_config"
-        self.gconfig.write_text("GLIDEIN_Site Test_Site\nGLIDEIN_Entry_Name Test_Entry\n"
-                                "GLIDEIN_UUID 1234-abcd\n")
-        self.socket = work / "sock" / "s"
-        self.marker = work / "reads-done"
-        script = f"cat {' '.join(READS)} > /dev/null && touch {self.marker} && exec sleep 120"
-        self.process = subprocess.Popen(
-            [*CVMFSD, "run", "--dist", str(dist), "--repos", f"{REPO_A},{REPO_B}",
-             "--glidein-config", str(self.gconfig), "--socket", str(self.socket),
-             "--metrics-interval", "0.3", "--probe-interval", "0.3", "--probe-deadline", "1",
-             *extra, "--", "sh", "-c", script],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            text=True)
-        wait_for(lambda: self.marker.exists() or self.process.poll() is not None, 60)
-        assert self.process.poll() is None, self.stop()
-
-    @property
-    def address(self) -> str:
-        return glidein.read_glidein_config(self.gconfig).values["CVMFSD_METRICS_ADDRESS"]
-
-    def scrape(self, accept: str = "") -> tuple[float, str]:
-        """(seconds the scrape took, the body)."""
-        request = urllib.request.Request(f"http://{self.address}/metrics",
-                                         headers={"Accept": accept} if accept else {})
-        start = time.monotonic()
-        with urllib.request.urlopen(request, timeout=10) as answer:  # noqa: S310
-            body = answer.read().decode()
-        return time.monotonic() - start, body
-
-    def samples(self) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-        return {(s.name, frozenset(s.labels.items())): s.value
-                for f in text_string_to_metric_families(self.scrape()[1]) for s in f.samples}
-
-    def status(self) -> dict[str, object]:
-        result = ctl.call(str(self.socket), "status").result
-        assert isinstance(result, dict)
-        return result
-
-    def stop(self) -> str:
-        """SIGTERM, wait, and return the log."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            _, err = self.process.communicate(timeout=60)
-        finally:
-            reap(self.process)
-        return err
 
 
 @pytest.fixture(name="daemon")
@@ -94,21 +36,6 @@ def _daemon(dist: Path, short_tmp: Path) -> Iterator[Daemon]:
     daemon = Daemon(dist, short_tmp)
     yield daemon
     daemon.stop()
-
-
-def _talk(path: Path, command: str) -> str:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(10)
-        sock.connect(str(path))
-        sock.sendall(command.encode())
-        chunks = []
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
-    return b"".join(chunks).decode()
-
-
-def _talk_socket(dist: Path, repo: str) -> Path:
-    return dist / "dist" / "var" / "lib" / "cvmfs" / "shared" / f"cvmfs_io.{repo}"
 
 
 def test_exported_counters_equal_the_repositorys_own(daemon: Daemon, dist: Path) -> None:
@@ -127,7 +54,7 @@ def test_exported_counters_equal_the_repositorys_own(daemon: Daemon, dist: Path)
     shim = daemon.status()["shim_pid"]
     for repo in (REPO_A, REPO_B):
         labels = frozenset({("repo", repo)})
-        counters = parse_raw_counters(_talk(_talk_socket(dist, repo), "internal affairs"))
+        counters = parse_raw_counters(talk(talk_socket(dist, repo), "internal affairs"))
         mount = f"/proc/{shim}/root/cvmfs/{repo}"
         requests = samples["cvmfs_fetch_requests_total", labels]
         downloads = samples["cvmfs_fetch_downloads_total", labels]
@@ -151,7 +78,7 @@ def test_exported_counters_equal_the_repositorys_own(daemon: Daemon, dist: Path)
 
 
 def test_a_hung_repository_never_slows_a_scrape_or_status(daemon: Daemon, dist: Path) -> None:
-    assert _talk(_talk_socket(dist, REPO_B), "sim hang") == "OK\n"
+    assert talk(talk_socket(dist, REPO_B), "sim hang") == "OK\n"
     hung = frozenset({("repo", REPO_B), ("state", "hung")})
     slowest = 0.0
     deadline = time.monotonic() + 20
