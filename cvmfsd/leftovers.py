@@ -24,12 +24,22 @@ whereas stat may be answered from the kernel's attribute cache.  Cleaning kills
 the cvmfs2 processes first (SIGTERM, a grace period, SIGKILL; pid and start time
 re-checked through a pidfd before each signal), then unmounts: normally, and
 lazily only where no cvmfs2 serves the mount any more (cvmfs PR #1281).
+
+One cvmfsd per distribution: :func:`lock_dist` takes an exclusive flock(2) on
+``<dist>/.cvmfsd.lock`` for the life of ``cvmfsd run`` (close-on-exec, so
+nothing it starts inherits it), and a second cvmfsd on a distribution in use
+fails with :class:`DistInUse`.  Leftovers are looked for only once the lock is
+held: a live cvmfsd's mounts and cvmfs2 look exactly like leftovers, and are
+never touched.  The lock file records the owner and its janitor (pid and start
+time); the janitor outlives a SIGKILLed cvmfsd without holding the lock, so the
+next owner first waits (bounded) for that janitor's clean-up to finish.
 """
 
 from __future__ import annotations
 
 import enum
 import errno
+import fcntl
 import os
 import signal
 import sys
@@ -39,10 +49,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cvmfsd import janitor
-from cvmfsd.launch import Dist
+from cvmfsd.launch import Dist, LaunchError
 
 PROBE_TIMEOUT = 2.0
 STOP_GRACE = 1.0
+LOCK_NAME = ".cvmfsd.lock"
+#: How long a new owner waits for the janitor of a dead cvmfsd to finish its
+#: clean-up (bounded by the janitor's own timeouts: a few seconds per mount).
+JANITOR_WAIT = 30.0
+_NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 _PROBE = ("import os, sys\n"
           "try:\n    os.statvfs(sys.argv[1])\n"
           "except OSError as exc:\n    sys.exit(exc.errno or 255)\n")
@@ -210,3 +225,156 @@ def clean_leftovers(dist: Dist, leftovers: Leftovers, *, grace: float = STOP_GRA
     return Report(signalled=tuple(signalled), unmounted=tuple(unmounted),
                   lazily_unmounted=tuple(lazily), remaining_mounts=tuple(remaining),
                   remaining_processes=tuple(pid for pid, _, _ in left))
+
+
+# --- one cvmfsd per distribution ------------------------------------------------------
+
+
+class DistInUse(LaunchError):
+    """The distribution belongs to another cvmfsd that is alive, or to its janitor.
+
+    Attributes:
+        owner: the other cvmfsd's pid, if it is recorded.
+    """
+
+    def __init__(self, message: str, *, owner: int | None, hint: str) -> None:
+        super().__init__(message, hint=hint)
+        self.owner = owner
+
+
+def _holders(fd: int) -> dict[str, tuple[int, int]]:
+    """What the lock file records: {"cvmfsd" | "janitor": (pid, start time)}."""
+    try:
+        text = os.pread(fd, 4096, 0).decode(errors="replace")
+    except OSError:
+        return {}
+    found = {}
+    for line in text.splitlines():
+        words = line.split()
+        if len(words) == 3 and words[0] in ("cvmfsd", "janitor") and all(
+                w.isdigit() for w in words[1:]):
+            found[words[0]] = (int(words[1]), int(words[2]))
+    return found
+
+
+def _alive(ident: tuple[int, int] | None, marker: bytes, proc_root: str) -> bool:
+    """Whether ``ident`` (pid, start time) still runs and its command line holds ``marker``.
+
+    The start time names the process; an empty command line (it reads so for
+    an instant during execve) counts as a match.
+    """
+    if ident is None or ident[0] <= 0 or janitor.process_start(ident[0], proc_root) != ident[1]:
+        return False
+    try:
+        cmdline = Path(f"{proc_root}/{ident[0]}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return not cmdline or marker in cmdline
+
+
+@dataclass
+class DistLock:
+    """cvmfsd's exclusive lock on a distribution, from :func:`lock_dist`.
+
+    Attributes:
+        path: the lock file.
+        fd: its descriptor, which holds the lock until cvmfsd exits; None
+            where the file system has no flock(2) (nothing is exclusive then).
+        unsupported: why there is no lock (the errno's message), if there is none.
+    """
+
+    path: Path
+    fd: int | None
+    unsupported: str = ""
+
+    @property
+    def exclusive(self) -> bool:
+        """Whether no other live cvmfsd can be using the distribution."""
+        return self.fd is not None
+
+    def record(self, janitor_pid: int | None = None) -> None:
+        """Write us (and our janitor, whose clean-up the next owner waits for) to the file."""
+        if self.fd is None:
+            return
+        holders = {"cvmfsd": os.getpid(), "janitor": janitor_pid}
+        text = "".join(f"{name} {pid} {janitor.process_start(pid) or 0}\n"
+                       for name, pid in holders.items() if pid is not None)
+        try:  # only informative (and the janitor wait): a full disk must not stop us
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, text.encode(), 0)
+        except OSError:
+            pass
+
+    def release(self) -> None:
+        """Give the distribution up (cvmfsd's exit does the same)."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def lock_dist(dist: Dist, *, janitor_wait: float = JANITOR_WAIT,
+              proc_root: Path = Path("/proc")) -> DistLock:
+    """Make this process the only cvmfsd of ``dist`` for as long as it lives.
+
+    If the previous owner was killed and its janitor is still cleaning up,
+    wait for the janitor to finish (at most ``janitor_wait`` s).  It takes
+    microseconds otherwise.
+
+    Raises:
+        DistInUse: another cvmfsd that is alive has the distribution, or the
+            janitor of a dead one did not finish in time.
+        LaunchError: the lock file cannot be opened or locked.
+    """
+    path = dist.root / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+    except OSError as exc:
+        raise LaunchError(f"cannot open {path} to lock distribution {dist.root}: {exc.strerror}",
+                          hint="the distribution must be writable by the user cvmfsd runs as"
+                          ) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        owner = _holders(fd).get("cvmfsd")
+        os.close(fd)
+        raise _in_use(dist, owner, str(proc_root)) from None
+    except OSError as exc:
+        if exc.errno in _NO_FLOCK:  # e.g. a network file system without locks
+            os.close(fd)
+            return DistLock(path, None, unsupported=exc.strerror or str(exc))
+        os.close(fd)
+        raise LaunchError(f"cannot lock distribution {dist.root} ({path}): {exc.strerror}"
+                          ) from None
+    lock = DistLock(path, fd)
+    previous = _holders(fd)
+    cleaner = previous.get("janitor", (0, 0))
+    deadline = time.monotonic() + janitor_wait
+    while _alive(cleaner, b"cvmfsd.janitor", str(proc_root)):
+        if time.monotonic() >= deadline:
+            lock.release()  # let a later run try again
+            dead = previous.get("cvmfsd", (0, 0))[0]
+            raise DistInUse(
+                f"distribution {dist.root} is still being cleaned up by the janitor "
+                f"(pid {cleaner[0]}) of cvmfsd pid {dead}, which died; waited {janitor_wait:g} s",
+                owner=None, hint=f"see {dist.root / 'log' / 'janitor.log'}; use another "
+                "distribution (--dist), or try again once that janitor has exited")
+        time.sleep(0.01)
+    lock.record()
+    return lock
+
+
+def _in_use(dist: Dist, owner: tuple[int, int] | None, proc_root: str) -> DistInUse:
+    hint = "give each cvmfsd a distribution of its own (--dist)"
+    if owner is None:
+        return DistInUse(f"distribution {dist.root} is in use by another cvmfsd (its pid is "
+                         "not recorded yet); expected one cvmfsd per distribution",
+                         owner=None, hint=f"{hint}, or stop the other one first")
+    if _alive(owner, b"cvmfsd", proc_root):
+        return DistInUse(f"distribution {dist.root} is in use by cvmfsd pid {owner[0]}; "
+                         "expected one cvmfsd per distribution", owner=owner[0],
+                         hint=f"{hint}, or stop the other one (pid {owner[0]}) first")
+    lock = dist.root / LOCK_NAME
+    return DistInUse(f"distribution {dist.root} is in use: {lock} is locked, though the cvmfsd "
+                     f"that took it (pid {owner[0]}) has exited; expected one cvmfsd per "
+                     "distribution", owner=owner[0],
+                     hint=f"{hint}, or end the process that holds it (fuser {lock})")

@@ -20,7 +20,14 @@ from cvmfsd import glidein, launch, mode, probe
 from cvmfsd.config import Config, default_socket_path, exported_variables
 from cvmfsd.janitor import Janitor, spawn_janitor
 from cvmfsd.launch import Dist, LaunchError, LaunchPlan, Spawned
-from cvmfsd.leftovers import Leftovers, Report, clean_leftovers, find_leftovers
+from cvmfsd.leftovers import (
+    DistLock,
+    Leftovers,
+    Report,
+    clean_leftovers,
+    find_leftovers,
+    lock_dist,
+)
 
 FORCED = {"host": mode.Mode.HOST, "3": mode.Mode.MODE3, "2": mode.Mode.MODE2,
           "1": mode.Mode.MODE1}
@@ -35,8 +42,9 @@ class Prepared:
 
     Attributes:
         launch_error: why the chosen cvmfsexec mode cannot even start (no or a
-            broken distribution, cvmfsexec not executable); the policy decides
-            what it means.
+            broken distribution, one in use by another cvmfsd, cvmfsexec not
+            executable); the policy decides what it means.
+        dist_lock: our lock on the distribution, held until cvmfsd exits.
     """
 
     config: Config
@@ -51,6 +59,7 @@ class Prepared:
     launch_error: LaunchError | None = None
     socket_path: Path = Path()
     janitor: Janitor | None = None
+    dist_lock: DistLock | None = None
     leftovers: Leftovers | None = None
     cleaned: Report | None = None
 
@@ -110,14 +119,19 @@ def prepare(config: Config, facts: probe.HostFacts | None = None, *,
     try:
         prepared.dist = _find_dist(config)
         if start:
-            # An earlier run of this distribution that was hard-killed may have
-            # left stale mounts and orphan cvmfs2 (never another pilot's).
-            prepared.leftovers = find_leftovers(prepared.dist)
-            if prepared.leftovers:
-                prepared.cleaned = clean_leftovers(prepared.dist, prepared.leftovers)
+            # One cvmfsd per distribution (DistInUse otherwise), until we exit.
+            prepared.dist_lock = lock_dist(prepared.dist)
+            if prepared.dist_lock.exclusive:
+                # No live cvmfsd owns what is there: an earlier run that was
+                # hard-killed may have left stale mounts and orphan cvmfs2
+                # (never another pilot's, never a live run's).
+                prepared.leftovers = find_leftovers(prepared.dist)
+                if prepared.leftovers:
+                    prepared.cleaned = clean_leftovers(prepared.dist, prepared.leftovers)
             # Started before anything mounts: if cvmfsd is SIGKILLed from here
             # on, the janitor ends the namespace or unmounts.
             prepared.janitor = spawn_janitor(prepared.dist.root)
+            prepared.dist_lock.record(janitor_pid=prepared.janitor.pid)
         if decision.mode is mode.Mode.MODE3:
             prepared.plan = LaunchPlan(
                 dist=prepared.dist, repos=config.repos, payload=config.payload,

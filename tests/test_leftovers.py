@@ -13,21 +13,27 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from cvmfsd import janitor
 from cvmfsd.launch import Dist
 from cvmfsd.leftovers import (
+    LOCK_NAME,
+    DistInUse,
     LeftoverMount,
     MountState,
     OrphanProcess,
     clean_leftovers,
     find_leftovers,
+    lock_dist,
 )
 from cvmfsd.sim import makedist, stratum
-from tests.conftest import REPO_A, REPO_B, cvmfs2_pids, mounts_under, wait_for
+from tests.conftest import REPO_A, REPO_B, cvmfs2_pids, mounts_under, reap, wait_for
 
 
 def _proc(root: Path, pid: int, argv: list[str], *, uid: int, state: str = "S",
@@ -135,3 +141,178 @@ def test_hung_mount_is_probed_with_a_deadline(dist: Path, stratum_dir: Path) -> 
         for pid in cvmfs2_pids(dist):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+# --- one cvmfsd per distribution -------------------------------------------------------
+
+CVMFSD = [sys.executable, "-m", "cvmfsd"]
+_HOLDER = ("import sys, time\nfrom pathlib import Path\nfrom cvmfsd.launch import Dist\n"
+           "from cvmfsd.leftovers import lock_dist\nlock = lock_dist(Dist(Path(sys.argv[1])))\n"
+           "print('locked', flush=True)\ntime.sleep(600)\n")
+
+
+def _start(argv: list[str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+
+
+def _sleeper(marker: str, seconds: float) -> subprocess.Popen[str]:
+    """A process whose command line holds ``marker`` (posing as a janitor)."""
+    return _start([sys.executable, "-c", f"import time; time.sleep({seconds})", marker])
+
+
+def test_second_lock_is_refused_naming_the_owner(dist: Path) -> None:
+    """A distribution locked by a live cvmfsd cannot be locked again; its pid is named."""
+    holder = _start([sys.executable, "-c", _HOLDER, str(dist)])
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline() == "locked\n"
+        with pytest.raises(DistInUse) as caught:
+            lock_dist(Dist(dist))
+        assert caught.value.owner == holder.pid
+        assert str(caught.value) == (f"distribution {dist} is in use by cvmfsd pid {holder.pid}; "
+                                     "expected one cvmfsd per distribution")
+        assert caught.value.hint is not None
+        assert f"stop the other one (pid {holder.pid})" in caught.value.hint
+        assert caught.value.exit_status == 69  # a launch error: the policy decides
+    finally:
+        reap(holder)
+    lock = lock_dist(Dist(dist))  # the owner's death released it
+    try:
+        assert lock.exclusive
+        assert (dist / LOCK_NAME).read_text() == (
+            f"cvmfsd {os.getpid()} {janitor.process_start(os.getpid())}\n")
+    finally:
+        lock.release()
+
+
+def test_lock_is_not_inherited_by_children(dist: Path) -> None:
+    """A child started while the lock is held does not keep it after cvmfsd lets go."""
+    lock = lock_dist(Dist(dist))
+    child = _sleeper("child", 600)
+    try:
+        with pytest.raises(DistInUse, match="is in use"):
+            lock_dist(Dist(dist))
+        lock.release()
+        again = lock_dist(Dist(dist))
+        assert again.exclusive
+        again.release()
+    finally:
+        lock.release()
+        reap(child)
+
+
+def test_new_owner_waits_for_the_janitor_of_a_dead_one(dist: Path) -> None:
+    """The janitor of a killed cvmfsd is waited for; one that takes too long is an error."""
+    dead = _sleeper("cvmfsd", 0)
+    dead.wait()
+    cleaning = _sleeper("cvmfsd.janitor", 600)
+    try:
+        wait_for(lambda: janitor.process_start(cleaning.pid) is not None)
+        (dist / LOCK_NAME).write_text(
+            f"cvmfsd {dead.pid} 1\njanitor {cleaning.pid} "
+            f"{janitor.process_start(cleaning.pid)}\n")
+        with pytest.raises(DistInUse, match=f"still being cleaned up by the janitor "
+                                            f"\\(pid {cleaning.pid}\\) of cvmfsd pid {dead.pid}"):
+            lock_dist(Dist(dist), janitor_wait=0.2)
+        threading.Timer(0.3, cleaning.kill).start()
+        started = time.monotonic()
+        lock = lock_dist(Dist(dist), janitor_wait=30)
+        try:
+            assert cleaning.poll() is not None  # it returned only once the janitor was gone
+            assert 0.25 < time.monotonic() - started < 10
+            assert lock.exclusive
+        finally:
+            lock.release()
+    finally:
+        reap(dead)
+        reap(cleaning)
+
+
+def _cvmfsd_run(dist: Path, *args: str, policy: str = "required") -> subprocess.Popen[str]:
+    env = {**os.environ, "GLIDEIN_CVMFS": policy}
+    return subprocess.Popen([*CVMFSD, "run", "--dist", str(dist), *args],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _identities(pids: list[int]) -> dict[int, int | None]:
+    return {pid: janitor.process_start(pid) for pid in pids}
+
+
+@pytest.mark.fuse
+def test_second_run_on_a_busy_distribution_leaves_the_first_alone(
+        dist: Path, short_tmp: Path) -> None:
+    """A second cvmfsd run fails early (69, the owner named); the first one is not touched."""
+    go = short_tmp / "go"
+    first = _cvmfsd_run(dist, "--repos", REPO_A, "--", "sh", "-c",
+                        f"echo started; while [ ! -e {go} ]; do sleep 0.05; done; "
+                        f"cat /cvmfs/{REPO_A}/hello.txt")
+    try:
+        assert first.stdout is not None
+        assert first.stdout.readline() == "started\n"
+        daemons = _identities(cvmfs2_pids(dist))
+        assert daemons
+        second = _cvmfsd_run(dist, "--repos", REPO_A, "--", "echo", "second payload ran")
+        out, err = second.communicate(timeout=60)
+        assert second.returncode == 69, err
+        assert "second payload ran" not in out
+        assert (f"cvmfsd: error: distribution {dist} is in use by cvmfsd pid {first.pid}; "
+                "expected one cvmfsd per distribution") in err
+        assert "cleaned up after an earlier run" not in err
+        assert _identities(list(daemons)) == daemons  # every cvmfs2 of the first run lives
+        go.touch()
+        out, err = first.communicate(timeout=60)
+        assert (first.returncode, out) == (0, "hello from repo.a\n"), err
+        assert "enotconn" not in err
+    finally:
+        reap(first)
+    wait_for(lambda: not cvmfs2_pids(dist))
+
+
+@pytest.mark.fuse
+@pytest.mark.parametrize("mode", ["3", "1"])
+def test_after_sigkill_the_janitor_cleans_and_a_new_run_takes_the_dist(
+        dist: Path, mode: str) -> None:
+    """A SIGKILLed run's janitor finishes its clean-up before a new run takes the dist.
+
+    The janitor is held stopped for a while: the new run must wait for it, not
+    clean up alongside it (and have its own mounts taken by it).
+    """
+    first = _cvmfsd_run(dist, "--mode", mode, "--repos", REPO_A, "--", "sh", "-c",
+                        "echo started $$; exec sleep 6011")
+    cleaner, second, payload = None, None, 0
+    try:
+        assert first.stdout is not None
+        word, payload_pid = first.stdout.readline().split()
+        assert word == "started"
+        payload = int(payload_pid) if mode == "1" else 0  # in mode 3, a pid of the namespace
+        holders = (dist / LOCK_NAME).read_text().split()
+        assert holders[:2] == ["cvmfsd", str(first.pid)]
+        cleaner = int(holders[4])
+        os.kill(cleaner, signal.SIGSTOP)  # our cvmfsd's janitor, by pid
+        first.kill()
+        first.wait()
+        second = _cvmfsd_run(dist, "--mode", mode, "--repos", REPO_A, "--", "sh", "-c",
+                             f'cat "${{CVMFS_MOUNT_DIR:-/cvmfs}}/{REPO_A}/hello.txt"')
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            second.wait(timeout=2)
+        assert second.poll() is None, "the new run did not wait for the janitor"
+        assert cvmfs2_pids(dist), "nothing was cleaned while the janitor was stopped"
+        os.kill(cleaner, signal.SIGCONT)
+        out, err = second.communicate(timeout=90)
+        assert (second.returncode, out) == (0, "hello from repo.a\n"), err
+        assert "cleaned up after an earlier run" not in err  # the janitor had done it
+        assert janitor.process_start(cleaner) is None
+        assert "clean-up complete" in (dist / "log" / "janitor.log").read_text()
+    finally:
+        if cleaner is not None and janitor.process_start(cleaner) is not None:
+            os.kill(cleaner, signal.SIGCONT)
+        # Mode 1's payload runs on the host: the janitor leaves it to the pilot.
+        with contextlib.suppress(OSError):
+            if payload and Path(f"/proc/{payload}/cmdline").read_bytes() == b"sleep\x006011\x00":
+                os.kill(payload, signal.SIGKILL)
+        reap(first)
+        if second is not None:
+            reap(second)
+    assert not mounts_under(dist)
+    wait_for(lambda: not cvmfs2_pids(dist))
