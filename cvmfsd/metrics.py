@@ -49,6 +49,8 @@ STATES = ("mounting", "ok", "enotconn", "hung", "absent", "error", "remounting",
 PHASES = ("starting", "mounting", "running", "stopping", "done")
 TALK_ERRORS = ("timeout", "refused", "missing", "protocol")
 CLEANUPS = ("mount", "process", "swept")
+CONTROL_VERBS = ("ping", "status", "get", "env", "config", "mounts", "wait", "exec", "remount",
+                 "stop", "metrics", "classad")
 MOUNT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 PROBE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                  10.0, 30.0)
@@ -94,6 +96,7 @@ class ProcessStats:
     user_seconds: float
     system_seconds: float
     rss_bytes: int
+    start_time: float | None = None  # epoch seconds
 
 
 @dataclass
@@ -237,7 +240,8 @@ class Metrics:
         self.events: dict[str, RepoEvents] = {r: RepoEvents() for r in state.repos}
         self.snapshot_time = time.time()
         self.cleanups: collections.Counter[str] = collections.Counter(dict.fromkeys(CLEANUPS, 0))
-        self.control_requests: collections.Counter[str] = collections.Counter()
+        self.control_requests: collections.Counter[str] = collections.Counter(
+            dict.fromkeys(CONTROL_VERBS, 0))
         self.collect_seconds = Buckets(PROBE_BUCKETS)
         # processes of the tree seen killed, by signal name (the process watch's count)
         self.killed: Callable[[], Mapping[str, int]] = dict
@@ -453,6 +457,10 @@ class Metrics:
             cpu.add_metric([repo, "system"], o.process.system_seconds)
             f.gauge("cvmfs_process_resident_memory_bytes", "Resident memory of cvmfs2.",
                     ["repo"]).add_metric([repo], o.process.rss_bytes)
+            if o.process.start_time is not None:
+                f.gauge("cvmfs_process_start_time_seconds",
+                        "When the repository's cvmfs2 started (its cache counters restart then).",
+                        ["repo"]).add_metric([repo], o.process.start_time)
 
     @staticmethod
     def _xattr_families(f: _Families, repo: str, probe: ProbeResult) -> None:
@@ -496,8 +504,19 @@ def process_stats(pid: int, proc_root: Path = Path("/proc")) -> ProcessStats | N
         status = (proc_root / str(pid) / "status").read_text()
     except OSError:
         return None
-    fields = stat[stat.rindex(")") + 2:].split()
+    fields = stat[stat.rindex(")") + 2:].split()  # from field 3 (state) on
     ticks = os.sysconf("SC_CLK_TCK")
     rss = next((int(line.split()[1]) * 1024 for line in status.splitlines()
                 if line.startswith("VmRSS:")), 0)
-    return ProcessStats(int(fields[11]) / ticks, int(fields[12]) / ticks, rss)
+    boot = _boot_time(proc_root)
+    start = None if boot is None else boot + int(fields[19]) / ticks
+    return ProcessStats(int(fields[11]) / ticks, int(fields[12]) / ticks, rss, start)
+
+
+def _boot_time(proc_root: Path) -> float | None:
+    try:
+        text = (proc_root / "stat").read_text()
+    except OSError:
+        return None
+    return next((float(line.split()[1]) for line in text.splitlines()
+                 if line.startswith("btime ")), None)

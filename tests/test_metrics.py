@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,12 +16,18 @@ from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
-from cvmfsd import classad, httpd
+from cvmfsd import classad, httpd, protocol
 from cvmfsd.collect import parse_raw_counters
 from cvmfsd.config import Config, parse_address, pushgateway_url
 from cvmfsd.errors import UsageError
 from cvmfsd.exports import Textfile
-from cvmfsd.metrics import Metrics, ProcessStats, pilot_identity, process_stats
+from cvmfsd.metrics import (
+    CONTROL_VERBS,
+    Metrics,
+    ProcessStats,
+    pilot_identity,
+    process_stats,
+)
 from cvmfsd.state import DaemonState, RepoState
 from cvmfsd.watch import ProbeResult
 
@@ -162,6 +169,8 @@ def test_pilot_identity_falls_back_to_host_and_pid() -> None:
 def test_process_stats_of_ourselves_and_of_a_gone_pid(tmp_path: Path) -> None:
     stats = process_stats(__import__("os").getpid())
     assert stats is not None and stats.rss_bytes > 1 << 20
+    assert stats.start_time is not None
+    assert time.time() - 3600 < stats.start_time <= time.time()
     assert process_stats(1 << 30) is None
 
 
@@ -328,3 +337,10 @@ def test_fast_encoder_writes_what_prometheus_client_writes() -> None:
     registry.register(Fixed())
     assert exposition.encode(families, openmetrics=False) == generate_latest(registry)
     assert exposition.encode(families, openmetrics=True) == generate_openmetrics(registry)  # type: ignore[no-untyped-call]
+
+
+def test_every_control_verb_has_a_series_from_the_start() -> None:
+    assert set(CONTROL_VERBS) == {verb.value for verb in protocol.Verb}
+    samples = _samples(_metrics().text())
+    assert all(samples["cvmfsd_control_requests_total", frozenset({("verb", verb)})] == 0
+               for verb in CONTROL_VERBS)
