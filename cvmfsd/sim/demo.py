@@ -4,7 +4,8 @@ It publishes two small repositories, makes a distribution, writes a
 glidein_config as a pilot would have it, and runs ``cvmfsd run`` with a
 payload that reads a file from each repository (twice from one, to show a
 cache hit), prints hit rate and download count from the magic extended
-attributes, and prints a glidein variable it got inside the namespace.
+attributes, prints a glidein variable it got inside the namespace, and shows
+a few of cvmfsd's metrics and ClassAd lines through ``cvmfsctl``.
 """
 
 from __future__ import annotations
@@ -36,6 +37,11 @@ for repo in ("software.demo.test", "data.demo.test"):
     print(f"{repo}: revision {get('revision')}, hitrate {get('hitrate')}%, "
           f"{get('ndownload')} downloads, {get('nopen')} opens")
 PY
+sleep 1.5  # one metrics collection after the reads (--metrics-interval 1)
+echo "--- cvmfsctl metrics (some; all at http://$("$CVMFSCTL" get CVMFSD_METRICS_ADDRESS)/metrics)"
+"$CVMFSCTL" metrics | grep -E '^cvmfs_(mount_up|fetch_(requests|downloads)_total|cache_hit_ratio)'
+echo "--- cvmfsctl classad (for an HTCondor startd cron)"
+"$CVMFSCTL" classad | grep -E 'HAS_CVMFS|_REVISION|_HIT_RATIO'
 """
 
 
@@ -91,7 +97,8 @@ def run_demo(workdir: Path | None, *, keep: bool = False) -> int:
         config = root / "glidein_config"
         config.write_text("GLIDEIN_Site Demo Site (simulated)\nGLIDEIN_CVMFS required\n")
         argv = [sys.executable, "-m", "cvmfsd", "run", "--dist", str(dist),
-                "--repos", ",".join(REPOS), "--glidein-config", str(config), "--",
+                "--repos", ",".join(REPOS), "--glidein-config", str(config),
+                "--metrics-interval", "1", "--",
                 "/bin/sh", "-c", PAYLOAD]
         _say("running: cvmfsd " + " ".join(argv[3:-1]) + " <payload>")
         env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
