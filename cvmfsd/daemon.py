@@ -387,7 +387,7 @@ class Supervisor:
 
     def _on_ns_init(self, pid: int) -> None:
         """Namespace PID 1 exists: watch it, and have the janitor guard it."""
-        self.procevents.watch(pid)
+        self.procevents.namespace_init(pid)
         janitor = self.prepared.janitor
         if janitor is not None:
             try:
@@ -501,10 +501,14 @@ def _sweep_descendants(keep: Sequence[int] = ()) -> int:
     for pid in reversed(launch.descendants(os.getpid())):
         if pid in keep or not launch.is_running(pid):
             continue
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            argv = b""
         if not launch.send_signal(pid, signal.SIGKILL):
             continue
         killed += 1
-        log.warning("leftover process killed", pid=pid)
+        log.warning("leftover process killed", pid=pid, argv=argv.decode(errors="replace")[:200])
     return killed
 
 

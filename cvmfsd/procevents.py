@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import math
 import os
 import secrets
 import signal
@@ -72,6 +73,10 @@ BATCH = 256  # messages handled per wake-up before trio runs other tasks
 # forks thousands of times a second, and each wake-up costs ~15 times the handling
 # of one message.  The first message of a burst is handled at once.
 GATHER = 0.01
+# When namespace PID 1 ends, the kernel SIGKILLs everything left in the namespace:
+# a SIGKILL inside it is judged only after this long, and counts as a hard kill only
+# if namespace PID 1 is still alive by then.
+HOLD = 0.25
 
 _NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
 _CN_MSG = struct.Struct("=IIIIHH")  # idx, val, seq, ack, len, flags
@@ -313,7 +318,9 @@ class ProcessEnded:
     ending: Ending
     comm: str | None
     source: str
-    by_cvmfsd: bool = False  # cvmfsd signalled it (or its parent), or was ending the tree
+    # cvmfsd signalled it (or its parent), was ending the tree, or the namespace it was in
+    # ended (the kernel kills what is left in a pid namespace when its PID 1 exits)
+    by_cvmfsd: bool = False
 
 
 class ProcessEvents:
@@ -350,6 +357,15 @@ class ProcessEvents:
         self._use_netlink = use_netlink
         self._proc_root = proc_root
         self._send_pid, self._new_pids = trio.open_memory_channel[int](float("inf"))
+        self._ns_init: int | None = None
+        self._in_ns: set[int] = set()  # the namespace's processes (netlink only)
+        self._held: list[tuple[float, ProcessEnded]] = []  # (judge at, SIGKILLed in the ns)
+
+    def namespace_init(self, pid: int) -> None:
+        """``pid`` is namespace PID 1: what dies with it is not a hard kill."""
+        self.watch(pid)
+        self._ns_init = pid
+        self._in_ns = set(launch.descendants(pid, self._proc_root))
 
     def watch(self, pid: int) -> None:
         """Make sure the end of ``pid``, a process of the tree, is seen."""
@@ -389,7 +405,8 @@ class ProcessEvents:
     # --- netlink ---
     async def _read_connector(self, sock: socket.socket) -> NoReturn:
         while True:
-            await trio.lowlevel.wait_readable(sock)
+            with trio.move_on_at(self._held[0][0] if self._held else math.inf):
+                await trio.lowlevel.wait_readable(sock)
             for _ in range(BATCH):
                 try:
                     data = sock.recv(RECV_SIZE)
@@ -403,6 +420,7 @@ class ProcessEvents:
                     continue
                 for event in parse_messages(data):
                     self.feed(event)
+            self._judge_held(trio.current_time())
             await trio.sleep(GATHER)
 
     def feed(self, event: ProcEvent) -> None:
@@ -411,6 +429,8 @@ class ProcessEvents:
         if isinstance(event, Fork):
             if event.child_pid == event.child_tgid and event.parent_tgid in tree:
                 tree[event.child_pid] = tree[event.parent_tgid]
+            if event.parent_tgid == self._ns_init or event.parent_tgid in self._in_ns:
+                self._in_ns.add(event.child_tgid)
         elif isinstance(event, Exec):
             if event.pid in tree:
                 tree[event.pid] = self._comm(event.pid)
@@ -421,8 +441,28 @@ class ProcessEvents:
                 event.pid in tree or event.parent_tgid in tree):
             comm = tree.pop(event.pid, None)
             ours = event.pid in launch.SIGNALLED or event.parent_tgid in launch.SIGNALLED
-            self._ended(ProcessEnded(event.pid, decode_wait_status(event.wait_status), comm,
-                                     "netlink", ours))
+            ended = ProcessEnded(event.pid, decode_wait_status(event.wait_status), comm,
+                                 "netlink", ours)
+            in_ns = event.pid in self._in_ns or event.parent_tgid == self._ns_init
+            self._in_ns.discard(event.pid)
+            if event.pid == self._ns_init:
+                self._namespace_ended()
+            elif in_ns and ended.ending.signal == "SIGKILL" and not ours:
+                self._held.append((trio.current_time() + HOLD, ended))
+                return
+            self._ended(ended)
+
+    def _namespace_ended(self) -> None:
+        """Namespace PID 1 ended: the SIGKILLs held were the kernel emptying the namespace."""
+        for _, ended in self._held:
+            self._ended(dataclasses.replace(ended, by_cvmfsd=True))
+        self._held.clear()
+        self._ns_init, self._in_ns = None, set()
+
+    def _judge_held(self, now: float) -> None:
+        """SIGKILLs held long enough while namespace PID 1 lives on were hard kills."""
+        while self._held and self._held[0][0] <= now:
+            self._ended(self._held.pop(0)[1])
 
     def _read_tree(self) -> None:
         me = os.getpid()

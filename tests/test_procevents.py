@@ -148,6 +148,33 @@ def test_the_tree_is_followed_through_forks_and_exits() -> None:
     assert events.killed == {"SIGKILL": 1}
 
 
+async def test_what_dies_with_namespace_pid_1_is_not_a_hard_kill() -> None:
+    """SIGKILLs inside the namespace are held; the end of its PID 1 says they were the
+    kernel emptying it, and only PID 1's own kill counts; held too long, they count."""
+    ended: list[ProcessEnded] = []
+    events = ProcessEvents(on_ended=ended.append)
+    events.processes = {100: "cvmfsd", 200: "bash"}
+    events.namespace_init(200)
+    for event in (Fork(parent_tgid=200, child_pid=201, child_tgid=201),   # cvmfs2
+                  Fork(parent_tgid=201, child_pid=202, child_tgid=202),   # its child
+                  Exit(pid=202, tgid=202, wait_status=9, parent_tgid=201),
+                  Exit(pid=201, tgid=201, wait_status=9, parent_tgid=200)):
+        events.feed(event)
+    assert ended == []  # held
+    events.feed(Exit(pid=200, tgid=200, wait_status=9, parent_tgid=100))  # PID 1 killed
+    assert [(e.pid, e.by_cvmfsd) for e in ended] == [(202, True), (201, True), (200, False)]
+    assert events.killed == {"SIGKILL": 1}
+
+    ended.clear()
+    events.processes.update({300: "bash", 301: "cvmfs2"})
+    events.namespace_init(300)
+    events.feed(Fork(parent_tgid=300, child_pid=301, child_tgid=301))
+    events.feed(Exit(pid=301, tgid=301, wait_status=9, parent_tgid=300))
+    events._judge_held(trio.current_time() + procevents.HOLD)  # PID 1 lives on
+    assert [(e.pid, e.by_cvmfsd) for e in ended] == [(301, False)]
+    assert events.killed == {"SIGKILL": 2}
+
+
 # --- both sources for real ---------------------------------------------------------
 
 
