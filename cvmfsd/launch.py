@@ -218,24 +218,17 @@ def is_namespace_init(pid: int, proc_root: Path = Path("/proc")) -> bool:
 SIGNALLED: set[int] = set()
 
 
-def send_signal(pid: int, signum: int) -> bool:
-    """``kill(pid, signum)``, remembered in :data:`SIGNALLED`; False if ``pid`` is gone."""
+def send_signal(pid: int, signum: int, *, group: bool = False) -> bool:
+    """``kill(pid, signum)`` (``killpg`` with ``group``), remembered in :data:`SIGNALLED`.
+
+    Returns:
+        False if there is no such process (or group).
+    """
     SIGNALLED.add(pid)
     try:
-        os.kill(pid, signum)
+        (os.killpg if group else os.kill)(pid, signum)
     except ProcessLookupError:
         SIGNALLED.discard(pid)
-        return False
-    return True
-
-
-def send_group_signal(pgid: int, signum: int) -> bool:
-    """``killpg(pgid, signum)``, the leader remembered; False if the group is gone."""
-    SIGNALLED.add(pgid)
-    try:
-        os.killpg(pgid, signum)
-    except ProcessLookupError:
-        SIGNALLED.discard(pgid)
         return False
     return True
 

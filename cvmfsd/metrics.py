@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar, cast
 
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import (
@@ -118,35 +119,34 @@ class RepoObservation:
         return 1.0 - self.counters.get("fetch.n_downloads", 0) / requests
 
 
+_Family = TypeVar("_Family", GaugeMetricFamily, CounterMetricFamily, HistogramMetricFamily,
+                  InfoMetricFamily)
+
+
 @dataclass
 class _Families:
     """Families under construction, created on first use so each has one HELP/TYPE."""
 
     items: dict[str, Metric] = field(default_factory=dict)
 
-    def gauge(self, name: str, text: str, labels: Iterable[str]) -> GaugeMetricFamily:
+    def family(self, kind: type[_Family], name: str, text: str,
+               labels: Iterable[str]) -> _Family:
         family = self.items.get(name)
         if family is None:
-            family = self.items[name] = GaugeMetricFamily(name, text, labels=list(labels))
-        return family  # type: ignore[return-value]
+            family = self.items[name] = kind(name, text, labels=list(labels))
+        return cast(_Family, family)
+
+    def gauge(self, name: str, text: str, labels: Iterable[str]) -> GaugeMetricFamily:
+        return self.family(GaugeMetricFamily, name, text, labels)
 
     def counter(self, name: str, text: str, labels: Iterable[str]) -> CounterMetricFamily:
-        family = self.items.get(name)
-        if family is None:
-            family = self.items[name] = CounterMetricFamily(name, text, labels=list(labels))
-        return family  # type: ignore[return-value]
+        return self.family(CounterMetricFamily, name, text, labels)
 
     def histogram(self, name: str, text: str, labels: Iterable[str]) -> HistogramMetricFamily:
-        family = self.items.get(name)
-        if family is None:
-            family = self.items[name] = HistogramMetricFamily(name, text, labels=list(labels))
-        return family  # type: ignore[return-value]
+        return self.family(HistogramMetricFamily, name, text, labels)
 
     def info(self, name: str, text: str, labels: Iterable[str]) -> InfoMetricFamily:
-        family = self.items.get(name)
-        if family is None:
-            family = self.items[name] = InfoMetricFamily(name, text, labels=list(labels))
-        return family  # type: ignore[return-value]
+        return self.family(InfoMetricFamily, name, text, labels)
 
 
 def pilot_identity(values: Mapping[str, str]) -> dict[str, str]:
