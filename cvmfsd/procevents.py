@@ -29,8 +29,13 @@ was not taken are logged once and kept in ``source`` and ``rejected``.
   (``waitid`` with ``WNOWAIT`` leaves the zombie to whoever reaps it); for any
   other process, or a child someone reaped first, it is unknown.
 
-pyroute2 provides the subscription message; the socket is a plain non-blocking
-one read with ``trio.lowlevel.wait_readable``.  pyroute2 0.9's
+pyroute2 provides the subscription messages, in a disposable child process
+(``python -m cvmfsd.procevents --subscribe FD``): importing it would add some
+10 MB to cvmfsd's resident memory for good.  The child opens, binds and
+subscribes the socket, and hands it over with SCM_RIGHTS, together with the
+unsubscribe message for later; the subscription belongs to the socket, not to
+the process.  The socket is a plain non-blocking one read with
+``trio.lowlevel.wait_readable``.  pyroute2 0.9's
 ``ProcEventSocket`` is not used for the I/O: it drives a private asyncio loop
 that consumes the socket's messages whenever one of its methods runs, and its
 ``bind`` turns EPERM into ``KeyError('no free address available')``.
@@ -47,6 +52,8 @@ import secrets
 import signal
 import socket
 import struct
+import subprocess
+import sys
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -73,6 +80,7 @@ BATCH = 256  # messages handled per wake-up before trio runs other tasks
 # forks thousands of times a second, and each wake-up costs ~15 times the handling
 # of one message.  The first message of a burst is handled at once.
 GATHER = 0.01
+SUBSCRIBE_DEADLINE = 10.0  # policy: the subscribing child's start, pyroute2's import
 # When namespace PID 1 ends, the kernel SIGKILLs everything left in the namespace:
 # a SIGKILL inside it is judged only after this long, and counts as a hard kill only
 # if namespace PID 1 is still alive by then.
@@ -235,7 +243,8 @@ def _errno_text(step: str, exc: OSError) -> str:
     return f"{step}: {name} ({exc.strerror})"
 
 
-def _control(sock: socket.socket, listen: bool, nonce: int) -> None:
+def _control(listen: bool, nonce: int) -> bytes:
+    """The (un)subscribe message, built by pyroute2."""
     from pyroute2.netlink import NLMSG_DONE
     from pyroute2.netlink.connector import cn_proc
 
@@ -246,14 +255,64 @@ def _control(sock: socket.socket, listen: bool, nonce: int) -> None:
     msg["len"] = 4  # the payload: one u32, the operation
     msg["action"] = cn_proc.PROC_CN_MCAST_LISTEN if listen else cn_proc.PROC_CN_MCAST_IGNORE
     msg.encode()
-    sock.send(msg.data)
+    return bytes(msg.data)
 
 
-def open_connector() -> socket.socket:
-    """Subscribe to the kernel's process events (blocks ~0.1 s importing pyroute2).
+@dataclass
+class Connector:
+    """A socket subscribed to the process events, and how to unsubscribe it."""
+
+    sock: socket.socket
+    unsubscribe: bytes
+
+
+def open_connector(deadline: float = SUBSCRIBE_DEADLINE) -> Connector:
+    """Subscribe to the kernel's process events, through a child that imports pyroute2.
+
+    Blocks for the child's start (~0.2 s); run it in a thread.
+
+    Raises:
+        ConnectorUnavailable: as :func:`subscribe` says, or the child failed.
+    """
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with parent:
+        try:
+            with child:
+                process = subprocess.Popen(
+                    [sys.executable, "-m", "cvmfsd.procevents", "--subscribe",
+                     str(child.fileno())], pass_fds=[child.fileno()], stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        except OSError as exc:
+            raise ConnectorUnavailable(f"cannot start the subscribing child: {exc}") from None
+        parent.settimeout(deadline)
+        try:
+            data, ancillary, _, _ = parent.recvmsg(65536, socket.CMSG_SPACE(4))
+        except OSError as exc:  # a timeout included
+            process.kill()
+            data, ancillary = b"", []
+            problem = f"no answer from the subscribing child: {exc}"
+        else:
+            problem = ""
+        _, err = process.communicate()
+    fds = [fd for level, kind, raw in ancillary
+           if (level, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS)
+           for fd in struct.unpack(f"{len(raw) // 4}i", raw[:len(raw) - len(raw) % 4])]
+    if len(fds) != 1:
+        for fd in fds:
+            os.close(fd)
+        reason = data.decode(errors="replace") or problem or err.decode(errors="replace")
+        raise ConnectorUnavailable(reason.strip() or f"the subscribing child exited "
+                                                    f"{process.returncode}")
+    sock = socket.socket(fileno=fds[0])
+    sock.setblocking(False)
+    return Connector(sock, data)
+
+
+def subscribe() -> tuple[socket.socket, bytes]:
+    """Subscribe to the kernel's process events; with the unsubscribe message.
 
     Returns:
-        The subscribed, non-blocking socket; close it with :func:`close_connector`.
+        The subscribed, non-blocking socket, and the message that unsubscribes it.
 
     Raises:
         ConnectorUnavailable: pyroute2 is missing, the kernel refused (e.g.
@@ -275,7 +334,7 @@ def open_connector() -> socket.socket:
         sock.setblocking(False)
         step = "subscribe"
         nonce = secrets.randbits(31)
-        _control(sock, True, nonce)
+        sock.send(_control(True, nonce))
         # The kernel answers while send() runs.  No answer means it ignored the
         # request, which it does outside the initial user and pid namespaces.
         while True:
@@ -291,7 +350,7 @@ def open_connector() -> socket.socket:
                 if isinstance(event, Ack) and event.ack == nonce + 1:
                     if event.err:
                         raise OSError(event.err, os.strerror(event.err))
-                    return sock
+                    return sock, _control(False, 0)
     except OSError as exc:
         sock.close()
         raise ConnectorUnavailable(_errno_text(step, exc)) from None
@@ -300,11 +359,25 @@ def open_connector() -> socket.socket:
                                "the initial user and pid namespaces")
 
 
-def close_connector(sock: socket.socket) -> None:
+def close_connector(connector: Connector) -> None:
     """Unsubscribe (kernels before 6.6 count listeners until told) and close."""
     with contextlib.suppress(OSError):
-        _control(sock, False, 0)
-    sock.close()
+        connector.sock.send(connector.unsubscribe)
+    connector.sock.close()
+
+
+def _subscribe_main(fd: int) -> int:
+    """The child: subscribe, send the socket and the unsubscribe message over ``fd``."""
+    with socket.socket(fileno=fd) as channel:
+        try:
+            sock, unsubscribe = subscribe()
+        except ConnectorUnavailable as exc:
+            channel.send(str(exc).encode())
+            return 1
+        with sock:
+            channel.sendmsg([unsubscribe], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                             struct.pack("i", sock.fileno()))])
+    return 0
 
 
 # --- the service -------------------------------------------------------------------
@@ -376,15 +449,15 @@ class ProcessEvents:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
                   ) -> NoReturn:
         """Report ends until cancelled."""
-        sock = None
+        connector = None
         reason = "not tried (use_netlink=False)"
         if self._use_netlink:
             try:
                 with trio.CancelScope(shield=True):  # bounded; a socket is never dropped
-                    sock = await trio.to_thread.run_sync(open_connector)
+                    connector = await trio.to_thread.run_sync(open_connector)
             except ConnectorUnavailable as exc:
                 reason = str(exc)
-        if sock is None:
+        if connector is None:
             self.source, self.rejected = "pidfd", f"netlink: {reason}"
             log.info("process events", source=self.source, rejected=self.rejected)
             async with trio.open_nursery() as nursery:
@@ -398,9 +471,9 @@ class ProcessEvents:
             log.info("process events", source=self.source, rejected=self.rejected,
                      processes=len(self.processes))
             task_status.started()
-            await self._read_connector(sock)
+            await self._read_connector(connector.sock)
         finally:
-            close_connector(sock)
+            close_connector(connector)
 
     # --- netlink ---
     async def _read_connector(self, sock: socket.socket) -> NoReturn:
@@ -515,3 +588,10 @@ def _child_ending(pidfd: int) -> Ending:
         return UNKNOWN
     status = wait_status_from_siginfo(info.si_code, info.si_status)
     return UNKNOWN if status is None else decode_wait_status(status)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3 or sys.argv[1] != "--subscribe" or not sys.argv[2].isdigit():
+        sys.stderr.write("usage: python -m cvmfsd.procevents --subscribe FD\n")
+        sys.exit(2)
+    sys.exit(_subscribe_main(int(sys.argv[2])))
