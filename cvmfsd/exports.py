@@ -109,11 +109,17 @@ class Pushgateway:
 
     async def delete(self) -> None:
         """Delete this pilot's group from the gateway (logged, never raised)."""
-        try:
-            await trio.to_thread.run_sync(lambda: delete_from_gateway(
-                self.url, job=JOB, grouping_key=self.grouping, timeout=PUSH_DEADLINE))
-        except OSError as exc:
-            log.warning("cannot delete this pilot's metrics from the pushgateway",
-                        url=self.url, error=str(exc))
+        with trio.move_on_after(PUSH_DEADLINE) as scope:
+            try:
+                await trio.to_thread.run_sync(lambda: delete_from_gateway(
+                    self.url, job=JOB, grouping_key=self.grouping, timeout=PUSH_DEADLINE),
+                    abandon_on_cancel=True)
+            except OSError as exc:
+                log.warning("cannot delete this pilot's metrics from the pushgateway",
+                            url=self.url, error=str(exc))
+                return
+        if scope.cancelled_caught:
+            log.warning("the pushgateway did not answer the deletion in time; the pilot's "
+                        "group stays there", url=self.url, deadline_seconds=PUSH_DEADLINE)
             return
         log.info("pushgateway group deleted", url=self.url, **self.grouping)
