@@ -20,7 +20,7 @@ from cvmfsd import classad, httpd, protocol
 from cvmfsd.collect import parse_raw_counters
 from cvmfsd.config import Config, parse_address, pushgateway_url
 from cvmfsd.errors import UsageError
-from cvmfsd.exports import Textfile
+from cvmfsd.exports import Pushgateway, Textfile
 from cvmfsd.metrics import (
     CONTROL_VERBS,
     Metrics,
@@ -344,3 +344,15 @@ def test_every_control_verb_has_a_series_from_the_start() -> None:
     samples = _samples(_metrics().text())
     assert all(samples["cvmfsd_control_requests_total", frozenset({("verb", verb)})] == 0
                for verb in CONTROL_VERBS)
+
+
+async def test_an_unreachable_pushgateway_costs_a_warning_not_the_pilot() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # bound, never listening: connections are refused
+        gateway = Pushgateway(_metrics(), f"http://127.0.0.1:{port}", pilot="g-1")
+        start = trio.current_time()
+        await gateway()
+        assert gateway._failing
+        await gateway.delete()
+        assert trio.current_time() - start < 5
