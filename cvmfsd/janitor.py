@@ -1,9 +1,10 @@
 """The janitor: a small process that cleans up CVMFS if cvmfsd dies without doing it.
 
-cvmfsd starts it once per run with :func:`spawn_janitor`, as
-``python -m cvmfsd.janitor --dist DIR --parent PID [--config-repo NAME] [--log FILE]``,
-and keeps the returned :class:`Janitor` to tell it namespace PID 1 (mode 3) and,
-on a clean exit, that there is nothing to do.
+cvmfsd starts it once per run with :func:`spawn_janitor`, as ``python -m
+cvmfsd.janitor --parent PID [--dist DIR] [--config-repo NAME] [--log FILE]
+[--lock-fd N] [--payload-tmp DIR]``, and keeps the returned :class:`Janitor` to
+tell it namespace PID 1 (mode 3) and, on a clean exit, that there is nothing to
+do.  Without ``--dist`` (the host's /cvmfs, or none) it guards the payload alone.
 
 Theory of operation:
 
@@ -20,31 +21,47 @@ Theory of operation:
   in order, and if cvmfsd dies of it instead, the janitor is still there.
   :func:`spawn_janitor` blocks those signals before the fork, so there is no
   window while the interpreter starts; the janitor ignores and then unblocks them.
+* **Holding the distribution.**  ``--lock-fd`` is cvmfsd's descriptor of
+  ``<dist>/.cvmfsd.lock`` (:func:`cvmfsd.leftovers.lock_dist`), passed on
+  explicitly: the flock(2) belongs to the open file, so it stays taken while
+  either process holds it.  A SIGKILLed cvmfsd thus leaves the distribution
+  locked until the janitor has cleaned it, and a new cvmfsd never cleans or
+  mounts alongside it.  The janitor makes the descriptor close-on-exec at once
+  (an ``umount`` stuck in FUSE must not keep the lock) and closes it once its
+  clean-up is finished.
 * **Cleaning.**  (1) SIGKILL namespace PID 1 (mode 3; it ignores the catchable
   signals), which makes the kernel kill every process of its pid namespace, and
-  so every cvmfs2 there and their mounts.  (2) Unmount every mount below the
+  so every cvmfs2 there and their mounts.  (2) SIGKILL the payload, all of
+  it at once (:func:`find_payload`; no SIGTERM and grace): it has lost its
+  supervisor and, in modes 1 and 2, is about to lose /cvmfs; in mode 3 the
+  kernel has just killed it as abruptly; and while it runs, its open files
+  keep the mounts busy and the lock taken.  (3) Unmount every mount below the
   distribution's ``dist/cvmfs`` in the janitor's mount namespace (modes 1 and 2),
   newest first and the configuration repository last, with ``umount`` as root
-  and ``fusermount -u`` otherwise.  (3) End the cvmfs2 processes of this
+  and ``fusermount -u`` otherwise.  (4) End the cvmfs2 processes of this
   distribution that remain: time to exit on their own, SIGTERM, SIGKILL.
-  (4) Lazily unmount what is still mounted, but only where no cvmfs2 serves it
+  (5) Lazily unmount what is still mounted, but only where no cvmfs2 serves it
   any more (cvmfs PR #1281: a lazily unmounted repository whose cvmfs2 lives on
-  keeps its lock, and the next mount of it hangs).  Then exit.
+  keeps its lock, and the next mount of it hangs).  The payload's TMPDIR
+  (``--payload-tmp``) is removed between (3) and (4).  (6) Release the lock
+  and exit.
 * **Never a stranger.**  A process is named by its pid *and* its start time
   (field 22 of ``/proc/<pid>/stat``).  Before each signal the janitor opens a
-  pidfd, checks the start time and what the process is (namespace PID 1, or a
-  cvmfs2 naming this distribution's mount directory), then signals through the
-  pidfd, so a reused pid cannot be hit.  Mounts outside ``dist/cvmfs`` are
-  never touched.
+  pidfd, checks the start time and what the process is (namespace PID 1, a
+  cvmfs2 naming this distribution's mount directory, or a process found to
+  carry the payload's TMPDIR, which no other process has), then signals
+  through the pidfd, so a reused pid cannot be hit.  Mounts outside
+  ``dist/cvmfs`` are never touched; no process group is signalled by number.
 * **Light.**  It starts on every run, so it imports only os, select, signal,
   sys, time, prctl and cvmfsd.errors, and parses /proc by hand (no pathlib,
-  argparse or subprocess: hence the plain ``os`` calls).  It holds no
-  descriptor of cvmfsd's but the pipe: stdout and stderr are /dev/null, and the
-  log file is opened only to report a clean-up.
+  argparse or subprocess: hence the plain ``os`` calls; shutil only to remove
+  the payload's TMPDIR).  It holds no descriptor of cvmfsd's but the pipe and
+  the lock: stdout and stderr are /dev/null, and the log file is opened only to
+  report a clean-up.
 """
 
 # The janitor starts on every run: plain os calls, no pathlib import.
-# ruff: noqa: PTH100, PTH103, PTH112, PTH118, PTH119, PTH120
+# ruff: noqa: PTH100, PTH103, PTH112, PTH117, PTH118, PTH119, PTH120
 
 from __future__ import annotations
 
@@ -69,6 +86,9 @@ PDEATH_SIGNAL = signal.SIGUSR1
 UNMOUNT_TIMEOUT = 2.0  # per umount/fusermount run: a hung daemon may stall it
 EXIT_GRACE = 1.0  # for a cvmfs2 to exit by itself once its mount is gone
 TERM_GRACE = 1.0  # between SIGTERM and SIGKILL
+PAYLOAD_WAIT = 1.0  # for the SIGKILLed payload to be gone (one stuck in FUSE may not be)
+#: How cvmfsd names the payload's TMPDIR (tempfile.mkdtemp's prefix).
+PAYLOAD_TMP_PREFIX = "cvmfsd-payload-"
 _POLL = 0.005
 _DEFAULT_PATH = ("/usr/bin", "/bin", "/usr/sbin", "/sbin")
 _SIM_CVMFS2 = "cvmfsd.sim.cvmfs2"
@@ -102,8 +122,8 @@ def _read(path: str) -> bytes | None:
         os.close(fd)
 
 
-def process_start(pid: int, proc_root: str = "/proc") -> int | None:
-    """``pid``'s start time (clock ticks after boot), or None if it is gone or a zombie."""
+def _stat(pid: int, proc_root: str) -> tuple[int, int, int] | None:
+    """``pid``'s (start time, process group, session), or None if it is gone or a zombie."""
     stat = _read(f"{proc_root}/{pid}/stat")
     if stat is None:
         return None
@@ -111,7 +131,13 @@ def process_start(pid: int, proc_root: str = "/proc") -> int | None:
     fields = stat.rpartition(b")")[2].split()
     if len(fields) < 20 or fields[0] in (b"Z", b"X"):
         return None
-    return int(fields[19])
+    return int(fields[19]), int(fields[2]), int(fields[3])
+
+
+def process_start(pid: int, proc_root: str = "/proc") -> int | None:
+    """``pid``'s start time (clock ticks after boot), or None if it is gone or a zombie."""
+    stat = _stat(pid, proc_root)
+    return None if stat is None else stat[0]
 
 
 def _status(pid: int, proc_root: str) -> dict[str, str]:
@@ -193,6 +219,11 @@ def _unescape(field: str) -> str:
                               for p in parts[1:])
 
 
+def _mount_points(mountinfo: str) -> list[str]:
+    fields = (line.split(" ") for line in mountinfo.splitlines())
+    return [_unescape(f[4]) for f in fields if len(f) >= 5]
+
+
 def dist_mounts(mountinfo: str, dirs: Sequence[str], config_repo: str | None = None) -> list[str]:
     """The mount points strictly below ``dirs``, in unmount order.
 
@@ -200,11 +231,7 @@ def dist_mounts(mountinfo: str, dirs: Sequence[str], config_repo: str | None = N
     configuration repository last, since the others' configuration comes from it.
     """
     found: list[str] = []
-    for line in mountinfo.splitlines():
-        fields = line.split(" ")
-        if len(fields) < 5:
-            continue
-        point = _unescape(fields[4])
+    for point in _mount_points(mountinfo):
         if any(point.startswith(d + "/") for d in dirs) and point not in found:
             found.append(point)
     found.reverse()
@@ -294,6 +321,98 @@ def stop_cvmfs2(procs: Sequence[Cvmfs2], dirs: Sequence[str], *, exit_grace: flo
                 on_signal((*ident, by_ident[ident]), sig)
         alive = wait_gone(alive, grace, proc_root)
     return [(pid, start, by_ident[(pid, start)]) for pid, start in alive]
+
+
+def _payload_marker(tmp: str) -> bytes:
+    return b"TMPDIR=" + os.fsencode(tmp)
+
+
+def _marked(pid: int, marker: bytes, proc_root: str) -> bool:
+    environ = _read(f"{proc_root}/{pid}/environ")
+    return environ is not None and marker in environ.split(b"\0")
+
+
+def find_payload(tmp: str, proc_root: str = "/proc", uid: int | None = None) -> list[Ident]:
+    """The live processes of ``uid`` (ours by default) that belong to the payload.
+
+    cvmfsd gives the payload, and no one else, ``TMPDIR=tmp`` (a directory that
+    mkdtemp made for this run), and its children inherit it: a process belongs
+    if its environment (as of its last execve) holds that entry, or if it is in
+    a session led by such a process (cvmfsd starts the payload in a session of
+    its own; this also reaches what the payload ran with another TMPDIR).  The
+    janitor, and its session (the pilot's), never belong.
+    """
+    uid = os.getuid() if uid is None else uid
+    marker, me, my_session = _payload_marker(tmp), os.getpid(), os.getsid(0)
+    try:
+        pids = [int(e.name) for e in os.scandir(proc_root) if e.name.isdigit()]
+    except OSError:
+        return []
+    found: dict[int, tuple[int, int, bool]] = {}  # pid: (start, session, marked)
+    for pid in pids:
+        stat = _stat(pid, proc_root) if pid != me else None
+        if stat is None or _real_uid(_status(pid, proc_root)) != uid:
+            continue
+        found[pid] = (stat[0], stat[2], _marked(pid, marker, proc_root))
+    leaders = {pid for pid, (_, sid, marked) in found.items()
+               if marked and sid == pid and sid != my_session}
+    return [(pid, start) for pid, (start, sid, marked) in found.items()
+            if marked or sid in leaders]
+
+
+def end_payload(tmp: str, *, timeout: float = PAYLOAD_WAIT, proc_root: str = "/proc",
+                log: Callable[[str], None] = lambda _: None) -> list[Ident]:
+    """SIGKILL the payload (:func:`find_payload`) and wait up to ``timeout`` s for it to go.
+
+    Each process is signalled through a pidfd once its start time is checked
+    again (it belonged when found: whatever it does since, it stays the
+    payload's); what it forked meanwhile is found on the next look, until one
+    finds nothing new.
+
+    Returns:
+        The processes still alive (stuck in a hung FUSE mount, say).
+    """
+    deadline = time.monotonic() + timeout
+    signalled: list[Ident] = []
+    while True:
+        new = [i for i in find_payload(tmp, proc_root) if i not in signalled]
+        for ident in new:
+            if signal_process(ident, signal.SIGKILL, lambda _: True, proc_root):
+                signalled.append(ident)
+        alive = wait_gone(signalled, max(0.0, deadline - time.monotonic()), proc_root)
+        if not new or time.monotonic() >= deadline:
+            break
+    if signalled:
+        log(f"killed the payload: SIGKILL to pids {sorted(pid for pid, _ in signalled)}")
+    if alive:
+        log(f"payload processes still alive after SIGKILL: {[pid for pid, _ in alive]}")
+    return alive
+
+
+def remove_payload_tmp(path: str, log: Callable[[str], None] = lambda _: None) -> bool:
+    """Remove the payload's TMPDIR, which cvmfsd made; whether it is gone.
+
+    Only a directory named as cvmfsd names them, and not if anything is mounted
+    at or below it: removing would descend into that file system (a hung one
+    would stall the janitor for good).
+    """
+    if not os.path.isabs(path) or not os.path.basename(path).startswith(PAYLOAD_TMP_PREFIX):
+        log(f"not removing {path}: not a payload TMPDIR of cvmfsd")
+        return False
+    if not os.path.lexists(path):
+        return True
+    real = os.path.realpath(path)
+    if any(p == real or p.startswith(real + "/") for p in _mount_points(read_mountinfo())):
+        log(f"not removing the payload's TMPDIR {path}: something is mounted in it")
+        return False
+    import shutil  # only now: the janitor's start-up stays light
+
+    shutil.rmtree(path, ignore_errors=True)
+    if os.path.lexists(path):
+        log(f"cannot remove the payload's TMPDIR {path} entirely")
+        return False
+    log(f"removed the payload's TMPDIR {path}")
+    return True
 
 
 def _which(name: str) -> str | None:
@@ -394,24 +513,31 @@ def _kill_namespace_init(ident: Ident, log: Callable[[str], None]) -> None:
         log(f"killed namespace PID 1 (pid {ident[0]})")
 
 
-def clean_up(root: str, *, config_repo: str | None = None,
-             namespace_init: Ident | None = None, log: Callable[[str], None] = lambda _: None,
-             out_fd: int | None = None) -> bool:
-    """End CVMFS of the distribution at ``root`` (the steps are in the module docstring).
+def clean_up(root: str | None, *, config_repo: str | None = None,
+             namespace_init: Ident | None = None, payload_tmp: str | None = None,
+             log: Callable[[str], None] = lambda _: None, out_fd: int | None = None) -> bool:
+    """End the payload and CVMFS of the distribution at ``root`` (steps (1) to (6) of
+    the module docstring, but the lock); without ``root``, the payload alone.
 
     Returns:
-        Whether nothing of the distribution is left: no mount below its
-        ``dist/cvmfs`` in this mount namespace, no cvmfs2 of it.
+        Whether nothing is left: no payload process or TMPDIR, no mount below
+        the distribution's ``dist/cvmfs`` in this mount namespace, no cvmfs2 of it.
     """
-    dirs = mount_dirs(root)
     if namespace_init is not None:
         _kill_namespace_init(namespace_init, log)
+    # Before the unmounts: the payload's open files and cwd keep the mounts busy.
+    payload_left = end_payload(payload_tmp, log=log) if payload_tmp else []
+    dirs = () if root is None else mount_dirs(root)
     stuck = []
-    for point in dist_mounts(read_mountinfo(), dirs, config_repo):
+    for point in dist_mounts(read_mountinfo(), dirs, config_repo) if dirs else ():
         if unmount(point, lazy=False, out_fd=out_fd):
             log(f"unmounted {point}")
         else:
             stuck.append(point)
+    # Now, not after the cvmfs2 processes' exit, which may take a second.
+    tmp_gone = payload_tmp is None or remove_payload_tmp(payload_tmp, log)
+    if not dirs:
+        return tmp_gone and not payload_left
 
     def on_signal(proc: Cvmfs2, sig: signal.Signals) -> None:
         log(f"sent {sig.name} to cvmfs2 pid {proc[0]} ({proc[2]})")
@@ -432,7 +558,7 @@ def clean_up(root: str, *, config_repo: str | None = None,
     clean = not find_cvmfs2(dirs) and not dist_mounts(read_mountinfo(), dirs)
     if left:
         log(f"cvmfs2 processes still alive: {[pid for pid, _, _ in left]}")
-    return clean
+    return clean and tmp_gone and not payload_left
 
 
 class _Commands:
@@ -460,18 +586,31 @@ class _Commands:
 
 def _parse_args(argv: Sequence[str]) -> dict[str, str]:
     # argparse would double the janitor's start-up time.
-    known = {"--dist", "--parent", "--config-repo", "--log"}
+    known = {"--dist", "--parent", "--config-repo", "--log", "--lock-fd", "--payload-tmp"}
     opts: dict[str, str] = {}
     args = list(argv)
     while args:
         flag = args.pop(0)
         if flag not in known or not args:
-            raise SystemExit(f"usage: python -m cvmfsd.janitor --dist DIR --parent PID "
-                             f"[--config-repo NAME] [--log FILE] (bad: {flag})")
+            raise SystemExit(f"usage: python -m cvmfsd.janitor --parent PID [--dist DIR] "
+                             f"[--config-repo NAME] [--log FILE] [--lock-fd N] "
+                             f"[--payload-tmp DIR] (bad: {flag})")
         opts[flag[2:]] = args.pop(0)
-    if "dist" not in opts or "parent" not in opts:
-        raise SystemExit("cvmfsd.janitor: --dist and --parent are required")
+    if "parent" not in opts:
+        raise SystemExit("cvmfsd.janitor: --parent is required")
     return opts
+
+
+def _hold_lock(fd_text: str | None) -> int | None:
+    """The inherited lock descriptor, made close-on-exec: no umount child may keep it."""
+    if fd_text is None:
+        return None
+    try:
+        fd = int(fd_text)
+        os.set_inheritable(fd, False)
+    except (ValueError, OSError):
+        return None
+    return fd
 
 
 def _arm_parent_death() -> int:
@@ -526,6 +665,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, IGNORED_SIGNALS)
     opts = _parse_args(sys.argv[1:] if argv is None else argv)
     parent = int(opts["parent"])
+    lock_fd = _hold_lock(opts.get("lock-fd"))  # the distribution stays ours until closed
     os.chdir("/")  # never keep a mount busy
     log = _Log(opts.get("log"))
     commands = _Commands(log)
@@ -533,11 +673,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if commands.done:
         return 0
     started = time.monotonic()
-    log(f"cvmfsd (pid {parent}) {why}: cleaning up {opts['dist']}")
-    clean = clean_up(opts["dist"], config_repo=opts.get("config-repo"),
+    dist, payload_tmp = opts.get("dist"), opts.get("payload-tmp")
+    log(f"cvmfsd (pid {parent}) {why}: cleaning up {dist or 'after the payload'}")
+    clean = clean_up(dist, config_repo=opts.get("config-repo"), payload_tmp=payload_tmp,
                      namespace_init=commands.namespace_init, log=log, out_fd=log.open())
     log(f"clean-up {'complete' if clean else 'INCOMPLETE'} after "
         f"{time.monotonic() - started:.3f} s")
+    if lock_fd is not None:
+        os.close(lock_fd)  # a new cvmfsd may take the distribution now
     return 0 if clean else 1
 
 
@@ -623,7 +766,8 @@ class Janitor:
             return None
 
 
-def spawn_janitor(dist: Path, *, log: Path | None = None) -> Janitor:
+def spawn_janitor(dist: Path | None, *, log: Path | None = None, lock_fd: int | None = None,
+                  payload_tmp: Path | None = None) -> Janitor:
     """Start the janitor of the cvmfsexec distribution at ``dist`` (its root directory).
 
     Call it from the thread that will live as long as cvmfsd (the main thread)
@@ -633,9 +777,16 @@ def spawn_janitor(dist: Path, *, log: Path | None = None) -> Janitor:
     written meanwhile waits in the pipe.
 
     Args:
-        dist: the distribution's root directory.
+        dist: the distribution's root directory; None: there is none to
+            clean (the payload uses the host's /cvmfs, or none).
         log: where the janitor reports a clean-up; by default
-            ``<dist>/log/janitor.log``.  Nothing is written after a normal close.
+            ``<dist>/log/janitor.log`` (nowhere without ``dist``).  Nothing is
+            written after a normal close.
+        lock_fd: cvmfsd's locked descriptor of the distribution's lock file,
+            passed on to the janitor, which holds the lock until it has cleaned.
+        payload_tmp: the payload's TMPDIR (absolute, exactly as in the
+            payload's environment): if cvmfsd dies, the janitor kills every
+            process that has it (and their sessions), then removes it.
 
     Raises:
         JanitorError: the janitor process could not be started.
@@ -644,12 +795,20 @@ def spawn_janitor(dist: Path, *, log: Path | None = None) -> Janitor:
 
     from cvmfsd.launch import Dist
 
-    root = dist.absolute()
-    argv = [sys.executable, "-m", "cvmfsd.janitor", "--dist", str(root),
-            "--parent", str(os.getpid()), "--log", str(log or root / "log" / "janitor.log")]
-    config_repo = Dist(root).config_repo()
-    if config_repo:
-        argv += ["--config-repo", config_repo]
+    argv = [sys.executable, "-m", "cvmfsd.janitor", "--parent", str(os.getpid())]
+    if dist is not None:
+        root = dist.absolute()
+        argv += ["--dist", str(root)]
+        log = log or root / "log" / "janitor.log"
+        config_repo = Dist(root).config_repo()
+        if config_repo:
+            argv += ["--config-repo", config_repo]
+    if log is not None:
+        argv += ["--log", str(log)]
+    if lock_fd is not None:
+        argv += ["--lock-fd", str(lock_fd)]
+    if payload_tmp is not None:
+        argv += ["--payload-tmp", str(payload_tmp)]  # as the payload's TMPDIR says it
     read_end, write_end = os.pipe()  # both close-on-exec; Popen dups read_end to stdin
     # Blocked signals stay pending across fork and exec: the janitor sets them
     # to SIG_IGN before unblocking them, so none can kill it while it starts.
@@ -658,7 +817,8 @@ def spawn_janitor(dist: Path, *, log: Path | None = None) -> Janitor:
         # Same cwd as cvmfsd, so that ``-m`` finds cvmfsd as cvmfsd found itself;
         # the janitor then moves to / so as never to keep a mount busy.
         process = subprocess.Popen(argv, stdin=read_end, stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.DEVNULL)
+                                   stderr=subprocess.DEVNULL,
+                                   pass_fds=() if lock_fd is None else (lock_fd,))
     except OSError as exc:
         os.close(write_end)
         raise JanitorError(f"cannot start the janitor ({sys.executable}): {exc}") from None

@@ -30,9 +30,13 @@ One cvmfsd per distribution: :func:`lock_dist` takes an exclusive flock(2) on
 nothing it starts inherits it), and a second cvmfsd on a distribution in use
 fails with :class:`DistInUse`.  Leftovers are looked for only once the lock is
 held: a live cvmfsd's mounts and cvmfs2 look exactly like leftovers, and are
-never touched.  The lock file records the owner and its janitor (pid and start
-time); the janitor outlives a SIGKILLed cvmfsd without holding the lock, so the
-next owner first waits (bounded) for that janitor's clean-up to finish.
+never touched.  cvmfsd passes its locked descriptor to its janitor, which keeps
+the lock until its clean-up is finished: a cvmfsd killed outright leaves the
+distribution locked while its janitor cleans (tens of milliseconds, a few
+seconds with hung mounts).  The lock file records the owner and its janitor
+(pid and start time), for the error message, and so that a new run waits
+(bounded) for the lock of a dead owner's janitor but fails at once on a live
+owner.
 """
 
 from __future__ import annotations
@@ -57,6 +61,9 @@ LOCK_NAME = ".cvmfsd.lock"
 #: How long a new owner waits for the janitor of a dead cvmfsd to finish its
 #: clean-up (bounded by the janitor's own timeouts: a few seconds per mount).
 JANITOR_WAIT = 30.0
+#: How long it waits for a lock whose holder is not recorded as alive (the
+#: owner recording itself, or a janitor whose pid cvmfsd had no time to record).
+UNRECORDED_WAIT = 1.0
 _NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 _PROBE = ("import os, sys\n"
           "try:\n    os.statvfs(sys.argv[1])\n"
@@ -293,20 +300,21 @@ class DistLock:
         return self.fd is not None
 
     def record(self, janitor_pid: int | None = None) -> None:
-        """Write us (and our janitor, whose clean-up the next owner waits for) to the file."""
+        """Write us (and our janitor, which holds the lock too) to the file."""
         if self.fd is None:
             return
         holders = {"cvmfsd": os.getpid(), "janitor": janitor_pid}
         text = "".join(f"{name} {pid} {janitor.process_start(pid) or 0}\n"
                        for name, pid in holders.items() if pid is not None)
-        try:  # only informative (and the janitor wait): a full disk must not stop us
+        try:  # only informative (and how long to wait): a full disk must not stop us
             os.ftruncate(self.fd, 0)
             os.pwrite(self.fd, text.encode(), 0)
         except OSError:
             pass
 
     def release(self) -> None:
-        """Give the distribution up (cvmfsd's exit does the same)."""
+        """Give the distribution up (cvmfsd's exit does the same), once our janitor
+        (which shares the lock) has exited too."""
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
@@ -316,9 +324,9 @@ def lock_dist(dist: Dist, *, janitor_wait: float = JANITOR_WAIT,
               proc_root: Path = Path("/proc")) -> DistLock:
     """Make this process the only cvmfsd of ``dist`` for as long as it lives.
 
-    If the previous owner was killed and its janitor is still cleaning up,
-    wait for the janitor to finish (at most ``janitor_wait`` s).  It takes
-    microseconds otherwise.
+    If the previous owner was killed and its janitor, which holds the lock
+    until it has cleaned up, is still at work, wait for it (at most
+    ``janitor_wait`` s).  It takes microseconds otherwise.
 
     Raises:
         DistInUse: another cvmfsd that is alive has the distribution, or the
@@ -332,33 +340,38 @@ def lock_dist(dist: Dist, *, janitor_wait: float = JANITOR_WAIT,
         raise LaunchError(f"cannot open {path} to lock distribution {dist.root}: {exc.strerror}",
                           hint="the distribution must be writable by the user cvmfsd runs as"
                           ) from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        owner = _holders(fd).get("cvmfsd")
-        os.close(fd)
-        raise _in_use(dist, owner, str(proc_root)) from None
-    except OSError as exc:
-        if exc.errno in _NO_FLOCK:  # e.g. a network file system without locks
+    root = str(proc_root)
+    started = time.monotonic()
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            holders = _holders(fd)  # read again each time: a new owner records itself
+            owner, cleaner = holders.get("cvmfsd"), holders.get("janitor")
+            owned = _alive(owner, b"cvmfsd", root)
+            cleaning = not owned and _alive(cleaner, b"cvmfsd.janitor", root)
+            patience = janitor_wait if cleaning else min(janitor_wait, UNRECORDED_WAIT)
+            if owned or time.monotonic() - started >= patience:
+                os.close(fd)
+                if cleaning and cleaner is not None:
+                    dead = owner[0] if owner else "unknown"
+                    raise DistInUse(
+                        f"distribution {dist.root} is still being cleaned up by the janitor "
+                        f"(pid {cleaner[0]}) of cvmfsd pid {dead}, which died; waited "
+                        f"{janitor_wait:g} s", owner=None,
+                        hint=f"see {dist.root / 'log' / 'janitor.log'}; use another "
+                        "distribution (--dist), or try again once that janitor has exited"
+                        ) from None
+                raise _in_use(dist, owner, root) from None
+            time.sleep(0.01)
+        except OSError as exc:
             os.close(fd)
-            return DistLock(path, None, unsupported=exc.strerror or str(exc))
-        os.close(fd)
-        raise LaunchError(f"cannot lock distribution {dist.root} ({path}): {exc.strerror}"
-                          ) from None
+            if exc.errno in _NO_FLOCK:  # e.g. a network file system without locks
+                return DistLock(path, None, unsupported=exc.strerror or str(exc))
+            raise LaunchError(f"cannot lock distribution {dist.root} ({path}): {exc.strerror}"
+                              ) from None
     lock = DistLock(path, fd)
-    previous = _holders(fd)
-    cleaner = previous.get("janitor", (0, 0))
-    deadline = time.monotonic() + janitor_wait
-    while _alive(cleaner, b"cvmfsd.janitor", str(proc_root)):
-        if time.monotonic() >= deadline:
-            lock.release()  # let a later run try again
-            dead = previous.get("cvmfsd", (0, 0))[0]
-            raise DistInUse(
-                f"distribution {dist.root} is still being cleaned up by the janitor "
-                f"(pid {cleaner[0]}) of cvmfsd pid {dead}, which died; waited {janitor_wait:g} s",
-                owner=None, hint=f"see {dist.root / 'log' / 'janitor.log'}; use another "
-                "distribution (--dist), or try again once that janitor has exited")
-        time.sleep(0.01)
     lock.record()
     return lock
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from cvmfsd import glidein, launch, mode, probe
 from cvmfsd.config import Config, default_socket_path, exported_variables
-from cvmfsd.janitor import Janitor, spawn_janitor
+from cvmfsd.janitor import PAYLOAD_TMP_PREFIX, Janitor, spawn_janitor
 from cvmfsd.launch import Dist, LaunchError, LaunchPlan, Spawned
 from cvmfsd.leftovers import (
     DistLock,
@@ -110,11 +110,13 @@ def prepare(config: Config, facts: probe.HostFacts | None = None, *,
     policy = glidein.resolve_policy({**values, **env_policy})
     facts = facts or probe.probe_host(repos=config.repos)
     decision = mode.select_mode(policy, facts, forced=FORCED.get(config.mode))
-    payload_tmp = Path(tempfile.mkdtemp(prefix="cvmfsd-payload-",
-                                        dir=config.environ.get("TMPDIR") or None))
+    payload_tmp = Path(tempfile.mkdtemp(prefix=PAYLOAD_TMP_PREFIX,
+                                        dir=config.environ.get("TMPDIR") or None)).absolute()
     prepared = Prepared(config, values, problems, facts, decision, payload_tmp,
                         socket_path=config.socket or default_socket_path(config.environ))
     if decision.mode not in CVMFSEXEC_MODES:
+        if start:  # the payload runs here: the janitor ends it if cvmfsd is killed
+            prepared.janitor = _start_janitor(prepared)
         return prepared
     try:
         prepared.dist = _find_dist(config)
@@ -129,8 +131,8 @@ def prepare(config: Config, facts: probe.HostFacts | None = None, *,
                 if prepared.leftovers:
                     prepared.cleaned = clean_leftovers(prepared.dist, prepared.leftovers)
             # Started before anything mounts: if cvmfsd is SIGKILLed from here
-            # on, the janitor ends the namespace or unmounts.
-            prepared.janitor = spawn_janitor(prepared.dist.root)
+            # on, the janitor ends the namespace or unmounts, holding the lock.
+            prepared.janitor = _start_janitor(prepared)
             prepared.dist_lock.record(janitor_pid=prepared.janitor.pid)
         if decision.mode is mode.Mode.MODE3:
             prepared.plan = LaunchPlan(
@@ -141,4 +143,14 @@ def prepare(config: Config, facts: probe.HostFacts | None = None, *,
                 prepared.spawned = launch.spawn(prepared.plan)
     except LaunchError as exc:
         prepared.launch_error = exc
+        if start and prepared.janitor is None:  # the payload may run without CVMFS
+            prepared.janitor = _start_janitor(prepared)
     return prepared
+
+
+def _start_janitor(prepared: Prepared) -> Janitor:
+    """The janitor: of the distribution only if we hold it, of the payload in any case."""
+    lock = prepared.dist_lock
+    dist = prepared.dist if lock is not None else None
+    return spawn_janitor(None if dist is None else dist.root, payload_tmp=prepared.payload_tmp,
+                         lock_fd=None if lock is None else lock.fd)

@@ -8,6 +8,7 @@ helper, and as a last resort the janitor and namespace PID 1 it reported), by pi
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import subprocess
@@ -20,8 +21,9 @@ import pytest
 
 from cvmfsd import janitor, launch
 from cvmfsd.janitor import Janitor, spawn_janitor
+from cvmfsd.leftovers import LOCK_NAME
 from cvmfsd.sim.makedist import DEFAULT_CONFIG_REPO
-from tests.conftest import REPO_A, REPO_B, cvmfs2_pids, mounts_under, wait_for
+from tests.conftest import REPO_A, REPO_B, cvmfs2_pids, mounts_under, reap, wait_for
 
 HELPER = r"""
 import os, signal, subprocess, sys, threading, time
@@ -318,3 +320,181 @@ def test_spawning_thread_exit_is_not_cvmfsd_exit(dist: Path, helpers: list[Helpe
     helper.kill()
     wait_for(lambda: not mounts_under(dist), timeout=1.0, interval=0.005)
     wait_for(lambda: not cvmfs2_pids(dist), timeout=5)
+
+
+def _canned(root: Path, pid: int, *, sid: int, env: dict[str, str], uid: int | None = None,
+            state: str = "S") -> None:
+    d = root / str(pid)
+    d.mkdir(parents=True)
+    uid = os.getuid() if uid is None else uid
+    (d / "status").write_text(f"Name:\tx\nUid:\t{uid}\t{uid}\t{uid}\t{uid}\n")
+    fields = [state, "1", str(sid), str(sid), *["0"] * 15, str(1000 + pid), "0"]
+    (d / "stat").write_text(f"{pid} (a) b) {' '.join(fields)}\n")
+    (d / "environ").write_bytes(b"".join(f"{k}={v}".encode() + b"\0" for k, v in env.items()))
+
+
+def test_find_payload_by_its_tmpdir_and_its_session(tmp_path: Path) -> None:
+    """Marked processes and the sessions they lead; never strangers, zombies or our session."""
+    tmp = "/scratch/cvmfsd-payload-x1"
+    mine = os.getsid(0)
+    _canned(tmp_path, 100, sid=100, env={"TMPDIR": tmp})  # the payload, leading its session
+    _canned(tmp_path, 101, sid=100, env={"TMPDIR": "/elsewhere"})  # its child, TMPDIR changed
+    _canned(tmp_path, 102, sid=102, env={"X": "1", "TMPDIR": tmp})  # a child in a new session
+    _canned(tmp_path, 103, sid=102, env={})  # ... and its child
+    _canned(tmp_path, 104, sid=104, env={"TMPDIR": tmp + "2"})  # another run's payload
+    _canned(tmp_path, 105, sid=100, env={"TMPDIR": tmp}, uid=os.getuid() + 1)  # another user
+    _canned(tmp_path, 106, sid=100, env={"TMPDIR": tmp}, state="Z")  # a zombie
+    _canned(tmp_path, 107, sid=mine, env={"TMPDIR": tmp})  # marked, in the pilot's session
+    _canned(tmp_path, 108, sid=mine, env={})  # the pilot's other processes
+    _canned(tmp_path, 109, sid=109, env={"TMPDIR=" + tmp: "x"})  # no exact entry
+    found = janitor.find_payload(tmp, str(tmp_path))
+    assert sorted(found) == [(100, 1100), (101, 1101), (102, 1102), (103, 1103), (107, 1107)]
+
+
+def test_payload_tmp_is_removed_only_if_cvmfsd_named_it(tmp_path: Path) -> None:
+    """A directory not named as cvmfsd names its payload's TMPDIR is left alone."""
+    other = tmp_path / "keep"
+    (other / "sub").mkdir(parents=True)
+    assert not janitor.remove_payload_tmp(str(other))
+    assert not janitor.remove_payload_tmp(janitor.PAYLOAD_TMP_PREFIX + "relative")
+    assert (other / "sub").is_dir()
+    ours = tmp_path / (janitor.PAYLOAD_TMP_PREFIX + "abc")
+    (ours / "sub").mkdir(parents=True)
+    (ours / "sub" / "f").write_text("x")
+    (ours / "link").symlink_to(other)
+    assert janitor.remove_payload_tmp(str(ours))
+    assert not ours.exists()
+    assert (other / "sub").is_dir()  # a symlink inside is removed, never followed
+
+
+# --- cvmfsd run, SIGKILLed -------------------------------------------------------------
+
+CVMFSD = [sys.executable, "-m", "cvmfsd"]
+# Moves to a process group of its own and drops the payload's TMPDIR, then sleeps:
+# only its session says it is the payload's.
+_ESCAPE = ("import os; os.setpgid(0, 0); os.environ['TMPDIR'] = '/'; "
+           "os.execvp('sleep', ['sleep', '6013'])")
+PAYLOAD = (f"sleep 6012 & a=$!; {sys.executable} -c \"{_ESCAPE}\" & b=$!; "
+           'echo started $$ $a $b "$TMPDIR"; exec sleep 6011')
+
+
+def _cvmfsd_run(dist: Path | None, *args: str, policy: str = "required") -> subprocess.Popen[str]:
+    where = [] if dist is None else ["--dist", str(dist)]
+    return subprocess.Popen([*CVMFSD, "run", *where, *args], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "GLIDEIN_CVMFS": policy})
+
+
+def _sleeps(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"sleep\x00601")
+    except OSError:
+        return False
+
+
+class Run:
+    """A ``cvmfsd run`` whose payload is :data:`PAYLOAD`, and what it reported."""
+
+    def __init__(self, dist: Path | None, *args: str, policy: str = "required") -> None:
+        self.process = _cvmfsd_run(dist, *args, "--", "sh", "-c", PAYLOAD, policy=policy)
+        assert self.process.stdout is not None
+        words = self.process.stdout.readline().split()
+        assert words[:1] == ["started"], self.process.communicate()
+        self.payload = [int(w) for w in words[1:4]]
+        self.tmp = Path(words[4])
+        wait_for(lambda: all(_sleeps(pid) for pid in self.payload))  # _ESCAPE has run
+
+    def payload_gone(self) -> bool:
+        return all(janitor.process_start(pid) is None for pid in self.payload)
+
+    def reap(self) -> None:
+        """SIGKILL cvmfsd and what is left of its payload (by pid), and wait for cvmfsd."""
+        for pid in self.payload:
+            if _sleeps(pid):
+                os.kill(pid, signal.SIGKILL)
+        reap(self.process)
+
+
+@pytest.fixture(name="runs")
+def _runs() -> Iterator[list[Run]]:
+    started: list[Run] = []
+    yield started
+    for run in started:
+        run.reap()
+
+
+@pytest.mark.fuse
+def test_sigkilled_run_mode1_leaves_no_payload_mount_or_tmpdir(
+        dist: Path, runs: list[Run]) -> None:
+    """Mode 1, cvmfsd SIGKILLed: payload (all its session), mounts and TMPDIR gone within 1 s."""
+    run = Run(dist, "--mode", "1", "--repos", REPO_A)
+    runs.append(run)
+    assert mounts_under(dist)
+    assert run.tmp.name.startswith(janitor.PAYLOAD_TMP_PREFIX) and run.tmp.is_dir()
+    cleaner = int((dist / LOCK_NAME).read_text().split()[4])
+    run.process.kill()
+    killed = time.monotonic()
+    wait_for(lambda: run.payload_gone() and not mounts_under(dist) and not run.tmp.exists(),
+             timeout=1.0, interval=0.005)
+    latency = time.monotonic() - killed
+    wait_for(lambda: not _alive(cleaner, b"cvmfsd.janitor"), timeout=5)
+    log = _log(dist)
+    assert "clean-up complete" in log, log
+    assert f"killed the payload: SIGKILL to pids {sorted(run.payload)}" in log, log
+    assert f"removed the payload's TMPDIR {run.tmp}" in log, log
+    assert not cvmfs2_pids(dist)
+    assert latency < 1.0
+
+
+def test_sigkilled_run_without_cvmfs_leaves_no_payload_or_tmpdir(runs: list[Run]) -> None:
+    """No distribution (policy never): the janitor still ends the payload and its TMPDIR."""
+    run = Run(None, policy="never")
+    runs.append(run)
+    run.process.kill()
+    wait_for(lambda: run.payload_gone() and not run.tmp.exists(), timeout=1.0, interval=0.005)
+
+
+def _locked(path: Path) -> bool:
+    """Whether someone holds the flock of ``path`` (tried, and given back at once)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+@pytest.mark.fuse
+def test_janitor_holds_the_distribution_until_it_is_clean(dist: Path, runs: list[Run]) -> None:
+    """After cvmfsd's SIGKILL the lock stays taken by its janitor, recorded or not.
+
+    The janitor is held stopped; its record is erased (cvmfsd killed before it
+    could write it): a new run fails clearly and touches nothing, and the
+    distribution is free once the janitor has cleaned it.
+    """
+    run = Run(dist, "--mode", "1", "--repos", REPO_A)
+    runs.append(run)
+    lock = dist / LOCK_NAME
+    cleaner = int(lock.read_text().split()[4])
+    daemons = {pid: janitor.process_start(pid) for pid in cvmfs2_pids(dist)}
+    os.kill(cleaner, signal.SIGSTOP)  # our cvmfsd's janitor, by pid
+    try:
+        run.process.kill()
+        run.process.wait()
+        assert _locked(lock)
+        lock.write_text("")
+        second = _cvmfsd_run(dist, "--mode", "1", "--repos", REPO_A, "--", "echo", "ran")
+        out, err = second.communicate(timeout=30)
+        assert second.returncode == 69, err
+        assert "ran" not in out
+        assert f"cvmfsd: error: distribution {dist} is in use" in err
+        assert {pid: janitor.process_start(pid) for pid in cvmfs2_pids(dist)} == daemons
+        assert mounts_under(dist) and not run.payload_gone()
+    finally:
+        os.kill(cleaner, signal.SIGCONT)
+    wait_for(lambda: not _alive(cleaner, b"cvmfsd.janitor"), timeout=5)
+    assert not _locked(lock)
+    assert run.payload_gone() and not mounts_under(dist) and not run.tmp.exists()
+    assert not cvmfs2_pids(dist)

@@ -155,6 +155,10 @@ def _start(argv: list[str]) -> subprocess.Popen[str]:
     return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
 
 
+_LOCKER = ("import fcntl, os, sys, time\nfd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
+           "fcntl.flock(fd, fcntl.LOCK_EX)\nprint('locked', flush=True)\ntime.sleep(600)\n")
+
+
 def _sleeper(marker: str, seconds: float) -> subprocess.Popen[str]:
     """A process whose command line holds ``marker`` (posing as a janitor)."""
     return _start([sys.executable, "-c", f"import time; time.sleep({seconds})", marker])
@@ -202,18 +206,20 @@ def test_lock_is_not_inherited_by_children(dist: Path) -> None:
 
 
 def test_new_owner_waits_for_the_janitor_of_a_dead_one(dist: Path) -> None:
-    """The janitor of a killed cvmfsd is waited for; one that takes too long is an error."""
+    """The lock of a killed cvmfsd's janitor is waited for; one kept too long is an error."""
     dead = _sleeper("cvmfsd", 0)
     dead.wait()
-    cleaning = _sleeper("cvmfsd.janitor", 600)
+    # A janitor holds the lock it inherited from cvmfsd until it has cleaned up.
+    cleaning = _start([sys.executable, "-c", _LOCKER, str(dist / LOCK_NAME), "cvmfsd.janitor"])
     try:
-        wait_for(lambda: janitor.process_start(cleaning.pid) is not None)
+        assert cleaning.stdout is not None
+        assert cleaning.stdout.readline() == "locked\n"
         (dist / LOCK_NAME).write_text(
             f"cvmfsd {dead.pid} 1\njanitor {cleaning.pid} "
             f"{janitor.process_start(cleaning.pid)}\n")
         with pytest.raises(DistInUse, match=f"still being cleaned up by the janitor "
                                             f"\\(pid {cleaning.pid}\\) of cvmfsd pid {dead.pid}"):
-            lock_dist(Dist(dist), janitor_wait=0.2)
+            lock_dist(Dist(dist), janitor_wait=1.5)  # longer than for an unrecorded holder
         threading.Timer(0.3, cleaning.kill).start()
         started = time.monotonic()
         lock = lock_dist(Dist(dist), janitor_wait=30)
@@ -226,6 +232,27 @@ def test_new_owner_waits_for_the_janitor_of_a_dead_one(dist: Path) -> None:
     finally:
         reap(dead)
         reap(cleaning)
+
+
+def test_lock_of_a_dead_owner_with_no_janitor_is_an_error(dist: Path) -> None:
+    """A lock still held after its owner died, by no recorded janitor, fails in about 1 s."""
+    dead = _sleeper("cvmfsd", 0)
+    dead.wait()
+    holder = _start([sys.executable, "-c", _LOCKER, str(dist / LOCK_NAME), "stray"])
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline() == "locked\n"
+        (dist / LOCK_NAME).write_text(f"cvmfsd {dead.pid} 1\n")
+        started = time.monotonic()
+        with pytest.raises(DistInUse, match=f"though the cvmfsd that took it \\(pid {dead.pid}\\) "
+                                            "has exited") as caught:
+            lock_dist(Dist(dist))
+        assert 0.9 < time.monotonic() - started < 5
+        assert caught.value.hint is not None
+        assert f"fuser {dist / LOCK_NAME}" in caught.value.hint
+    finally:
+        reap(dead)
+        reap(holder)
 
 
 def _cvmfsd_run(dist: Path, *args: str, policy: str = "required") -> subprocess.Popen[str]:
@@ -304,10 +331,11 @@ def test_after_sigkill_the_janitor_cleans_and_a_new_run_takes_the_dist(
         assert "cleaned up after an earlier run" not in err  # the janitor had done it
         assert janitor.process_start(cleaner) is None
         assert "clean-up complete" in (dist / "log" / "janitor.log").read_text()
+        assert not payload or janitor.process_start(payload) is None
     finally:
         if cleaner is not None and janitor.process_start(cleaner) is not None:
             os.kill(cleaner, signal.SIGCONT)
-        # Mode 1's payload runs on the host: the janitor leaves it to the pilot.
+        # Mode 1's payload runs on the host: the janitor has killed it (or we do).
         with contextlib.suppress(OSError):
             if payload and Path(f"/proc/{payload}/cmdline").read_bytes() == b"sleep\x006011\x00":
                 os.kill(payload, signal.SIGKILL)
