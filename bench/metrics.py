@@ -1,8 +1,9 @@
 """/metrics latency with 20 repositories, one of them hung, and cvmfsd's resident memory.
 
 Starts ``cvmfsd run`` in mode 3 on the simulated distribution with 20
-repositories (collection and probes every second, so scrapes race the
-collection loop), then:
+repositories (collection and probes every ``--interval`` seconds: 15, the
+default of both, or 1 to make scrapes race the collection loop and 20 probe
+children a second), then:
 
 1. scrapes /metrics back to back over one keep-alive connection, as
    Prometheus does, with every repository healthy;
@@ -11,7 +12,7 @@ collection loop), then:
    scrapes again while it stays hung;
 3. reads cvmfsd's VmRSS and VmHWM (/proc/<pid>/status).
 
-    python bench/metrics.py [--repos 20] [--scrapes 2000]
+    python bench/metrics.py [--repos 20] [--scrapes 2000] [--interval 15]
 
 Targets (design.md): p99 <= 20 ms with one repository hung, never blocking;
 RSS <= 40 MB.
@@ -104,6 +105,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repos", type=int, default=20)
     parser.add_argument("--scrapes", type=int, default=2000)
+    parser.add_argument("--interval", type=float, default=15.0,
+                        help="--metrics-interval and --probe-interval of cvmfsd (default 15)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="cvb", dir="/tmp") as tmp:
         work = Path(tmp)
@@ -116,7 +119,8 @@ def main() -> int:
         process = subprocess.Popen(
             [sys.executable, "-m", "cvmfsd", "run", "--dist", str(dist), "--repos",
              ",".join(repos), "--glidein-config", str(gconfig), "--socket",
-             str(work / "sock" / "s"), "--metrics-interval", "1", "--probe-interval", "1",
+             str(work / "sock" / "s"), "--metrics-interval", str(args.interval),
+             "--probe-interval", str(args.interval),
              "--probe-deadline", "1", "--hang-timeout", "3600", "--log-level", "error",
              "--", "sleep", "3600"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -127,14 +131,14 @@ def main() -> int:
                     raise SystemExit("cvmfsd did not become ready")
                 time.sleep(0.1)
             address = glidein.read_glidein_config(gconfig).values["CVMFSD_METRICS_ADDRESS"]
-            time.sleep(3)  # a few collection cycles
+            time.sleep(3)  # the first collection cycles
             print(f"scraping {args.scrapes} times, all healthy ...", file=sys.stderr)
             healthy, size_ok = scrape_many(address, args.scrapes)
             hung = repos[len(repos) // 2]
             sock = dist / "dist" / "var" / "lib" / "cvmfs" / "shared" / f"cvmfs_io.{hung}"
             if talk(sock, "sim hang") != "OK\n":
                 raise SystemExit("the simulated cvmfs2 refused to hang")
-            wait_hung(address, hung, 30)
+            wait_hung(address, hung, 2 * args.interval + 30)
             print(f"{hung} is hung; scraping {args.scrapes} times ...", file=sys.stderr)
             stalled, size_hung = scrape_many(address, args.scrapes)
             mem = memory(process.pid)
@@ -145,8 +149,8 @@ def main() -> int:
             except subprocess.TimeoutExpired:
                 os.kill(process.pid, signal.SIGKILL)
                 process.wait()
-    print(f"\n/metrics, {args.repos} repositories, 1 s collection and probe interval, "
-          "one keep-alive connection")
+    print(f"\n/metrics, {args.repos} repositories, {args.interval:g} s collection and probe "
+          "interval, one keep-alive connection")
     print(f"{'phase':<22} {'scrapes':>7} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} "
           f"{'max ms':>8} {'bytes':>9}")
     print(line("all healthy", healthy, size_ok))
