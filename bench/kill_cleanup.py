@@ -3,11 +3,16 @@
 For each target (payload, shim, namespace PID 1, cvmfsexec, unshare; and cvmfsd
 itself, which its janitor cleans up after), many trials: start ``cvmfsd run``
 in mode 3 on the simulated distribution, wait for the payload, SIGKILL the
-target, and time until no process of the trial and no mount under the
-distribution remains (polled every 2 ms, so the numbers carry that much
-granularity).  A leak is a trial still not clean after 10 s.
+target, and time until no process of the trial (cvmfsd included) and no mount
+under the distribution remains (polled every 2 ms, so the numbers carry that
+much granularity).  A leak is a trial still not clean after 10 s.
 
-    python bench/kill_cleanup.py [--trials 20]
+A process belongs to the trial if its command line names the distribution or
+holds this run's marker (the payload is ``sleep MARKER``, and the shim carries
+the payload's command line), so other cvmfsd instances on the machine are
+never counted.
+
+    python bench/kill_cleanup.py [--trials 20] [--targets payload,cvmfsd]
 
 Target (design.md): p99 <= 200 ms, 0 leaks.
 """
@@ -17,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,20 +32,29 @@ from pathlib import Path
 from cvmfsd import launch
 from cvmfsd.sim import makedist, stratum
 
-MARKER = "6179"
+# Unique to this run: the payload's `sleep MARKER` is never another run's.
+MARKER = str(6_000_000 + os.getpid())
+TARGETS = ("payload", "shim", "namespace-init", "cvmfsexec", "unshare", "cvmfsd")
+LEAK_AFTER = 10.0
+
+
+def cmdline(pid: int) -> list[bytes]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]
+    except OSError:
+        return []
 
 
 def ours(dist: Path, root_pid: int) -> list[int]:
+    """Live processes of the trial: cvmfsd, and whatever names the dist or the marker."""
     found = []
+    needle = str(dist).encode()
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or not launch.is_running(int(entry.name)):
             continue
-        try:
-            argv = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if str(dist).encode() in argv or argv == f"sleep\0{MARKER}\0".encode() \
-                or b"cvmfsd.shim" in argv or int(entry.name) == root_pid:
+        argv = cmdline(int(entry.name))
+        if int(entry.name) == root_pid or MARKER.encode() in argv \
+                or any(needle in arg for arg in argv):
             found.append(int(entry.name))
     return found
 
@@ -50,11 +65,7 @@ def mounts(dist: Path) -> bool:
 
 def find(root: int, name: str) -> int | None:
     for pid in launch.descendants(root):
-        try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        text = [a.decode(errors="replace") for a in argv]
+        text = [a.decode(errors="replace") for a in cmdline(pid)]
         if (name == "payload" and text[:2] == ["sleep", MARKER]) or \
            (name == "shim" and "cvmfsd.shim" in text) or \
            (name == "namespace-init" and launch.is_namespace_init(pid)) or \
@@ -65,25 +76,30 @@ def find(root: int, name: str) -> int | None:
 
 
 def trial(dist: Path, target: str) -> float | None:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "cvmfsd", "run", "--dist", str(dist), "--grace", "1",
-         "--log-level", "error", "--repos", "bench.sim.test", "--", "sleep", MARKER],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    """Seconds from the SIGKILL until the trial is clean; None for a leak."""
+    errors = dist.parent / "cvmfsd.err"
+    with errors.open("wb") as err:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "cvmfsd", "run", "--dist", str(dist), "--grace", "1",
+             "--log-level", "error", "--repos", "bench.sim.test", "--", "sleep", MARKER],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
     deadline = time.monotonic() + 30
     while find(process.pid, "payload") is None:
-        if time.monotonic() > deadline:
-            raise SystemExit("the payload never started")
+        if time.monotonic() > deadline or process.poll() is not None:
+            raise SystemExit(f"the payload never started (cvmfsd exit {process.poll()}):\n"
+                             + errors.read_text(errors="replace")[-2000:])
         time.sleep(0.01)
     victim = process.pid if target == "cvmfsd" else find(process.pid, target)
-    assert victim is not None
+    if victim is None:
+        raise SystemExit(f"no {target} in the tree of cvmfsd {process.pid}")
     start = time.perf_counter()
     os.kill(victim, signal.SIGKILL)
     while ours(dist, process.pid) or mounts(dist):
-        if time.perf_counter() - start > 10:
+        if time.perf_counter() - start > LEAK_AFTER:
             left = ours(dist, process.pid)
             print(f"  leak after SIGKILL of {target}: mounts={mounts(dist)} processes="
-                  + "; ".join(Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ")
-                              .decode(errors="replace")[:100] for p in left))
+                  + "; ".join(b" ".join(cmdline(p)).decode(errors="replace")[:100]
+                              for p in left), file=sys.stderr)
             for pid in left:
                 os.kill(pid, signal.SIGKILL)
             process.wait()
@@ -94,35 +110,58 @@ def trial(dist: Path, target: str) -> float | None:
     return elapsed
 
 
+def quantile(ordered: list[float], q: float) -> float:
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def row(name: str, times: list[float], leaks: int, trials: int) -> str:
+    if not times:
+        return f"{name:>15} " + " ".join(["      -"] * 6) + f" {leaks:>3}/{trials}"
+    ms = sorted(t * 1000 for t in times)
+    stdev = statistics.stdev(ms) if len(ms) > 1 else 0.0
+    return (f"{name:>15} {ms[0]:7.1f} {statistics.median(ms):7.1f} {quantile(ms, 0.9):7.1f} "
+            f"{quantile(ms, 0.99):7.1f} {ms[-1]:7.1f} {stdev:7.1f} {leaks:>3}/{trials}")
+
+
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trials", type=int, default=20)
-    parser.add_argument("--targets", default="payload,shim,namespace-init,cvmfsexec,unshare,cvmfsd")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--trials", type=int, default=20, help="trials per target")
+    parser.add_argument("--targets", default=",".join(TARGETS),
+                        help=f"comma-separated, from {','.join(TARGETS)}")
     args = parser.parse_args()
+    targets = args.targets.split(",")
+    unknown = set(targets) - set(TARGETS)
+    if unknown:
+        parser.error(f"unknown target(s) {sorted(unknown)}; expected some of {TARGETS}")
+    results: dict[str, tuple[list[float], int]] = {}
     with tempfile.TemporaryDirectory(prefix="cvk", dir="/tmp") as tmp:
         root = Path(tmp)
         (root / "src").mkdir()
         (root / "src" / "f").write_text("x")
         stratum.publish(root / "st", "bench.sim.test", root / "src")
         dist = makedist.make_dist(root / "d", stratum=root / "st")
-        everything: list[float] = []
-        for target in args.targets.split(","):
+        for target in targets:
             times, leaks = [], 0
-            for _ in range(args.trials):
+            for n in range(1, args.trials + 1):
                 elapsed = trial(dist, target)
                 if elapsed is None:
                     leaks += 1
                 else:
                     times.append(elapsed)
-            times.sort()
-            everything += times
-            p99 = times[min(len(times) - 1, int(0.99 * len(times)))] if times else float("nan")
-            print(f"{target:>15}: median {times[len(times) // 2] * 1000:6.1f} ms, "
-                  f"p99 {p99 * 1000:6.1f} ms, max {times[-1] * 1000:6.1f} ms, "
-                  f"leaks {leaks}/{args.trials}")
-        everything.sort()
-        p99 = everything[min(len(everything) - 1, int(0.99 * len(everything)))]
-        print(f"{'all':>15}: p99 {p99 * 1000:.1f} ms over {len(everything)} clean trials")
+                if n % 10 == 0 or n == args.trials:
+                    worst = max(times) * 1000 if times else float("nan")
+                    print(f"  {target}: {n}/{args.trials} trials, worst so far {worst:.1f} ms, "
+                          f"leaks {leaks}", file=sys.stderr, flush=True)
+            results[target] = (times, leaks)
+    print(f"\nSIGKILL -> no process and no mount of the trial left (ms; {args.trials} trials "
+          "per target)")
+    print(f"{'target':>15} {'min':>7} {'median':>7} {'p90':>7} {'p99':>7} {'max':>7} "
+          f"{'stdev':>7} leaks")
+    for target, (times, leaks) in results.items():
+        print(row(target, times, leaks, args.trials))
+    everything = [t for times, _ in results.values() for t in times]
+    print(row("all", everything, sum(leaks for _, leaks in results.values()),
+              args.trials * len(results)))
     return 0
 
 

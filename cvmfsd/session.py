@@ -84,19 +84,13 @@ class Outcome:
 
 
 def _kill(pid: int | None, signum: int, what: str) -> None:
-    if pid is None:
-        return
-    try:
-        os.kill(pid, signum)
-    except ProcessLookupError:
+    if pid is None or not launch.send_signal(pid, signum):
         return
     log.info("signal sent", target=what, pid=pid, signal=signal.Signals(signum).name)
 
 
 def _kill_group(pgid: int, signum: int, what: str, *, quiet: bool = False) -> None:
-    try:
-        os.killpg(pgid, signum)
-    except ProcessLookupError:
+    if not launch.send_signal(pgid, signum, group=True):
         return
     if not quiet:
         log.info("signal sent", target=what, pgid=pgid, signal=signal.Signals(signum).name)
@@ -106,34 +100,32 @@ class _Child:
     """A process started outside trio, waited for without blocking the loop.
 
     A pidfd becomes readable when the process exits (Linux >= 5.3); older
-    kernels fall back to a worker thread blocked in waitpid.
+    kernels fall back to a worker thread blocked in waitpid.  Every caller of
+    :meth:`wait` waits in its own task, on its own pidfd: a shielded clean-up
+    must learn of the exit even after the session's other tasks were cancelled
+    (waiting for an event that a cancelled task would have set cost a full
+    ``KILL_WAIT``).
     """
 
     def __init__(self, popen: subprocess.Popen[bytes]) -> None:
         self.popen = popen
         self.pid = popen.pid
         self.returncode: int | None = None
-        self._exited = trio.Event()
-
-    async def watch(self) -> None:
-        """Wait for the exit (run this in exactly one task)."""
-        try:
-            pidfd = os.pidfd_open(self.pid)
-        except (AttributeError, OSError):
-            self.returncode = await trio.to_thread.run_sync(
-                self.popen.wait, abandon_on_cancel=True)
-        else:
-            try:
-                await trio.lowlevel.wait_readable(pidfd)
-            finally:
-                os.close(pidfd)
-            self.returncode = self.popen.wait()
-        self._exited.set()
 
     async def wait(self) -> int:
         """The exit status (negative for a signal), once the process has exited."""
-        await self._exited.wait()
-        assert self.returncode is not None  # noqa: S101 - set before the event
+        if self.returncode is None:
+            try:
+                pidfd = os.pidfd_open(self.pid)
+            except (AttributeError, OSError):  # no pidfds, or already reaped by another waiter
+                code = await trio.to_thread.run_sync(self.popen.wait, abandon_on_cancel=True)
+            else:
+                try:
+                    await trio.lowlevel.wait_readable(pidfd)
+                finally:
+                    os.close(pidfd)
+                code = self.popen.wait()  # the waiters that woke first may have reaped it
+            self.returncode = code
         return self.returncode
 
 
@@ -189,7 +181,14 @@ class Mode3Session:
         buffer = b""
         pid = None
         while True:
-            data, ancdata, _flags, _addr = await sock.recvmsg(65536, socket.CMSG_SPACE(_CRED.size))
+            try:
+                data, ancdata, _flags, _addr = await sock.recvmsg(
+                    65536, socket.CMSG_SPACE(_CRED.size))
+            except OSError as exc:
+                # ECONNRESET: the shim died with a request of ours unread (a
+                # remount racing the namespace's end).  Its exit follows.
+                log.info("the shim's channel is gone", error=str(exc))
+                return
             if not data:
                 return
             for level, kind, payload in ancdata:
@@ -211,14 +210,23 @@ class Mode3Session:
         await self.send_event.send(Exited(status))
 
     async def _send(self, fds: Sequence[int] = (), **body: object) -> None:
+        """Send the shim one message.
+
+        Raises:
+            LaunchError: the shim is gone (EPIPE, ECONNRESET); its exit follows.
+        """
         if self._channel is None:
             raise RuntimeError("the shim channel is not open")  # a bug, not a user error
         data = json.dumps(body).encode() + b"\n"
         ancdata = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
-        async with self._send_lock:
-            sent = await self._channel.sendmsg([data], ancdata if fds else [])
-            while sent < len(data):
-                sent += await self._channel.send(data[sent:])
+        try:
+            async with self._send_lock:
+                sent = await self._channel.sendmsg([data], ancdata if fds else [])
+                while sent < len(data):
+                    sent += await self._channel.send(data[sent:])
+        except OSError as exc:
+            raise LaunchError(f"the shim is gone ({exc.strerror or exc}): "
+                              f"cannot send it {body.get('event')}") from None
 
     async def _ask_shim(self, event: str, fds: Sequence[int] = (),
                         **body: object) -> Mapping[str, object]:
@@ -227,7 +235,11 @@ class Mode3Session:
             raise LaunchError(f"the namespace is not ready for {event}")
         request_id = next(self._request_ids)
         done = self._pending[request_id] = trio.Event()
-        await self._send(fds, event=event, id=request_id, **body)
+        try:
+            await self._send(fds, event=event, id=request_id, **body)
+        except LaunchError:
+            self._pending.pop(request_id, None)
+            raise
         await done.wait()
         answer = self._answers.pop(request_id, None)
         if answer is None:
@@ -272,7 +284,6 @@ class Mode3Session:
         self.process = _Child(spawned.process)
         self._channel = trio.socket.from_stdlib_socket(spawned.channel)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self.process.watch)
             nursery.start_soon(self._record_ns_init)
             for name, pipe in (("stdout", spawned.process.stdout),
                                ("stderr", spawned.process.stderr)):
