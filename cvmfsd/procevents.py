@@ -72,6 +72,7 @@ log = structlog.get_logger("cvmfsd.procevents")
 CN_IDX_PROC = CN_VAL_PROC = 1
 PROC_EVENT_NONE, PROC_EVENT_FORK, PROC_EVENT_EXEC = 0x0, 0x1, 0x2
 PROC_EVENT_COMM, PROC_EVENT_EXIT = 0x200, 0x80000000
+SO_ATTACH_FILTER = 26  # asm-generic/socket.h (not in Python's socket module)
 
 RECV_SIZE = 4096  # one message is 76 bytes
 RCVBUF = 1 << 20  # room for a burst of forks (capped by net.core.rmem_max)
@@ -305,7 +306,58 @@ def open_connector(deadline: float = SUBSCRIBE_DEADLINE) -> Connector:
                                                     f"{process.returncode}")
     sock = socket.socket(fileno=fds[0])
     sock.setblocking(False)
+    try:
+        attach_thread_filter(sock)
+    except OSError as exc:
+        log.info("no kernel filter for thread events; they are dropped here", error=str(exc))
     return Connector(sock, data)
+
+
+def _be(value: int) -> int:
+    """``value`` as classic BPF loads the host-order u32 that holds it (big-endian)."""
+    return int.from_bytes(struct.pack("=I", value), "big")
+
+
+# A classic BPF program: drop forks, exits and renames of threads, keep the rest.
+# Offsets: nlmsghdr (16) + cn_msg (20) -> proc_event.what at 36, its data at 52:
+# pid, tgid (exit, comm); parent pid, tgid, child pid, tgid (fork).
+_LD, _TAX, _JEQ_K, _JEQ_X, _RET = 0x20, 0x07, 0x15, 0x1D, 0x06
+_THREAD_FILTER = (
+    (_LD, 0, 0, 36),
+    (_JEQ_K, 6, 0, _be(PROC_EVENT_FORK)),   # -> 8
+    (_JEQ_K, 1, 0, _be(PROC_EVENT_EXIT)),   # -> 4
+    (_JEQ_K, 0, 8, _be(PROC_EVENT_COMM)),   # -> 4, else keep
+    (_LD, 0, 0, 52), (_TAX, 0, 0, 0), (_LD, 0, 0, 56),
+    (_JEQ_X, 4, 5, 0),                      # pid == tgid: keep, else drop
+    (_LD, 0, 0, 60), (_TAX, 0, 0, 0), (_LD, 0, 0, 64),
+    (_JEQ_X, 0, 1, 0),                      # child pid == child tgid: keep, else drop
+    (_RET, 0, 0, 0xFFFFFFFF),
+    (_RET, 0, 0, 0),
+)
+
+
+def attach_thread_filter(sock: socket.socket) -> None:
+    """Have the kernel drop thread-level events before they wake us.
+
+    Every thread of every process on the node is reported (a multithreaded job,
+    trio's worker threads in each cvmfs2 renaming themselves); the tree needs
+    processes only, and an idle cvmfsd woke some 45 times a second for threads.
+
+    Raises:
+        OSError: the kernel refused the filter.
+    """
+    import ctypes
+
+    class SockFilter(ctypes.Structure):
+        _fields_ = (("code", ctypes.c_uint16), ("jt", ctypes.c_uint8),
+                    ("jf", ctypes.c_uint8), ("k", ctypes.c_uint32))
+
+    class SockFprog(ctypes.Structure):
+        _fields_ = (("len", ctypes.c_uint16), ("filter", ctypes.POINTER(SockFilter)))
+
+    program = (SockFilter * len(_THREAD_FILTER))(*(SockFilter(*op) for op in _THREAD_FILTER))
+    fprog = SockFprog(len(_THREAD_FILTER), program)
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, bytes(fprog))  # the kernel copies it
 
 
 def subscribe() -> tuple[socket.socket, bytes]:

@@ -13,6 +13,7 @@ import signal
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 
 import prctl
@@ -260,6 +261,42 @@ async def test_netlink_reports_sigkill_of_a_child_and_an_orphan(subreaper: None)
         nursery.cancel_scope.cancel()
     assert events.killed == {"SIGKILL": 2}
     assert [e.pid for e in ends.killed] == [child.pid, grandchild]
+
+
+THREADED = "import threading\nfor _ in range(5):\n t = threading.Thread(target=min, args=[0])\n" \
+    " t.start(); t.join()"
+
+
+def test_the_kernel_drops_thread_events_before_they_wake_us() -> None:
+    """Unfiltered, a threaded child is a dozen events; filtered, its fork, exec and exit."""
+    if not connector_allowed():
+        return  # test_netlink_reports_sigkill_of_a_child_and_an_orphan checks the refusal
+    raw, _ = procevents.subscribe()
+    connector = procevents.open_connector()
+    try:
+        child = subprocess.Popen([sys.executable, "-c", THREADED])
+        child.wait()
+        time.sleep(0.3)
+        seen = {}
+        for name, sock in (("raw", raw), ("filtered", connector.sock)):
+            events: list[procevents.ProcEvent] = []
+            while True:
+                try:
+                    events += procevents.parse_messages(sock.recv(65536))
+                except BlockingIOError:
+                    break
+            seen[name] = [
+                (type(e).__name__, e.pid if isinstance(e, (Exit, Exec)) else e.child_pid)
+                for e in events
+                if (isinstance(e, (Exit, Exec)) and e.tgid == child.pid)
+                or (isinstance(e, Fork) and e.child_tgid == child.pid)]
+        threads = [event for event in seen["raw"] if event[1] != child.pid]
+        assert len(threads) >= 10, seen["raw"]  # 5 forks and 5 exits of threads
+        assert seen["filtered"] == [("Fork", child.pid), ("Exec", child.pid),
+                                    ("Exit", child.pid)]
+    finally:
+        raw.close()
+        procevents.close_connector(connector)
 
 
 async def test_pidfd_fallback_knows_how_its_children_ended() -> None:
