@@ -92,6 +92,8 @@ class Supervisor:
         self.metrics = Metrics(self.state, pilot=self.pilot)
         self._mount_started: dict[str, float] = {}  # trio time each repository's mount began
         self.collection: Collection | None = None
+        self._stop_target: Callable[[session.Stop], Awaitable[None]] | None = None
+        self._early_stop: session.Stop | None = None
         self._textfile: Textfile | None = None
         # A process killed while cvmfsd ends its tree is cvmfsd's doing, not a hard kill.
         self.procevents = ProcessEvents(
@@ -229,6 +231,8 @@ class Supervisor:
         _become_subreaper()
         try:
             async with trio.open_nursery() as nursery:
+                # First: from here on SIGTERM, SIGINT and SIGHUP stop the run in order.
+                await nursery.start(self._receive_signals)
                 path = await nursery.start(control.serve_control,
                                            self.prepared.socket_path, self.backend())
                 self.state.socket = str(path)
@@ -279,6 +283,33 @@ class Supervisor:
             daemon_pid=daemon_pid, interval=config.metrics_interval, exporters=exporters)
         nursery.start_soon(self.collection.run)
         return pushgateway
+
+    # --- signals -------------------------------------------------------------------
+    async def _receive_signals(self, *, task_status: trio.TaskStatus[None]
+                               = trio.TASK_STATUS_IGNORED) -> None:
+        """Turn SIGTERM, SIGINT and SIGHUP into a stop of the session under way.
+
+        A signal that comes before there is a session to stop (while the control
+        server, the process watch or the mounts of modes 1/2 start) is kept, and
+        the session is stopped as soon as it starts.
+        """
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            task_status.started()
+            async for signum in signals:
+                name = signal.Signals(signum).name
+                log.info("signal received", signal=name)
+                self.state.phase = "stopping"
+                stop = session.Stop(f"received {name}")
+                if self._stop_target is None:
+                    self._early_stop = self._early_stop or stop
+                else:
+                    await self._stop_target(stop)
+
+    async def _stop_with(self, target: Callable[[session.Stop], Awaitable[None]]) -> None:
+        """Signals stop ``target`` from now on (at once if one came already)."""
+        self._stop_target = target
+        if self._early_stop is not None:
+            await target(self._early_stop)
 
     def _report_leftovers(self) -> None:
         leftovers, cleaned = self.prepared.leftovers, self.prepared.cleaned
@@ -454,12 +485,14 @@ class Supervisor:
                               lambda repo: shim_path(f"root/cvmfs/{repo}"))
         failure: LaunchError | None = None
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_relay_signals, self.state, runner.send_event.send)
+            await self._stop_with(runner.send_event.send)
             await nursery.start(keeper.run)
             try:
                 outcome = await runner.run(self.prepared.spawned)
             except LaunchError as exc:
                 failure = exc  # re-raised below, outside the nursery's exception group
+            finally:
+                self._stop_target = None
             nursery.cancel_scope.cancel()
         self._provided, self._exec = None, None
         if failure is not None:
@@ -477,11 +510,15 @@ class Supervisor:
                 send.send_nowait(session.Stop("cvmfsctl stop"))
 
         self._stop = stop
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_relay_signals, self.state, send.send)
+        if self._early_stop is not None:
+            log.info("stopped before the payload started", reason=self._early_stop.reason)
+            return 128 + signal.SIGTERM
+        await self._stop_with(send.send)
+        try:
             outcome = await session.run_direct(self.config.payload, env,
                                                grace=self.config.grace, stops=receive)
-            nursery.cancel_scope.cancel()
+        finally:
+            self._stop_target = None
         self.state.payload_status = outcome.status
         return outcome.status
 
@@ -516,15 +553,6 @@ def _sweep_descendants(keep: Sequence[int] = ()) -> int:
         killed += 1
         log.warning("leftover process killed", pid=pid, argv=argv.decode(errors="replace")[:200])
     return killed
-
-
-async def _relay_signals(state: DaemonState,
-                         send: Callable[[session.Stop], Awaitable[None]]) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        async for signum in signals:
-            log.info("signal received", signal=signal.Signals(signum).name)
-            state.phase = "stopping"
-            await send(session.Stop(f"received {signal.Signals(signum).name}"))
 
 
 def _leaves(error: BaseException) -> list[BaseException]:

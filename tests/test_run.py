@@ -162,3 +162,25 @@ def test_probe_json_reports_userns_and_fuse() -> None:
         assert facts[name]["value"] is True, facts[name]
         assert facts[name]["evidence"]
     assert os.access("/dev/fuse", os.R_OK | os.W_OK) == facts["dev_fuse"]["value"]
+
+
+@pytest.mark.parametrize("mode", ["3", "1"])
+def test_sigterm_while_starting_stops_in_order(dist: Path, short_tmp: Path, mode: str) -> None:
+    """SIGTERM as soon as the control socket exists (mounts not done): an orderly stop."""
+    sock = short_tmp / "sock" / "s"
+    process = subprocess.Popen(
+        [*CVMFSD, "run", "--dist", str(dist), "--mode", mode, "--socket", str(sock),
+         "--repos", f"{REPO_A},{REPO_B}", "--", "sleep", "6019"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    try:
+        wait_for(sock.exists, timeout=30, interval=0.005)
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=60)
+        assert process.returncode not in (-signal.SIGTERM, 0), err
+        assert "signal received" in err
+        assert "Traceback" not in err
+        wait_for(lambda: not cvmfs2_pids(dist), timeout=2)
+        assert not mounts_under(dist)
+        assert not processes_with_argv(["sleep", "6019"])
+    finally:
+        reap(process)
