@@ -236,7 +236,9 @@ class Supervisor:
                 path = await nursery.start(control.serve_control,
                                            self.prepared.socket_path, self.backend())
                 self.state.socket = str(path)
-                await nursery.start(self.procevents.run)
+                # Not awaited: subscribing takes ~0.2 s (a child imports pyroute2), and the
+                # mounts, already under way, must not wait for it.
+                nursery.start_soon(self.procevents.run)
                 pushgateway = await self._start_metrics(nursery)
                 try:
                     status = await self._run()

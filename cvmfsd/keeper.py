@@ -26,8 +26,9 @@ import trio
 
 from cvmfsd import launch
 from cvmfsd.metrics import Metrics
+from cvmfsd.probing import ProbeResult
 from cvmfsd.state import DaemonState, RepoState
-from cvmfsd.watch import MountWatcher, ProbeResult
+from cvmfsd.watch import MountWatcher
 
 log = structlog.get_logger("cvmfsd.keeper")
 

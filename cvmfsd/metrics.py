@@ -43,8 +43,8 @@ from prometheus_client.samples import Sample
 
 from cvmfsd import __version__, classad, exposition
 from cvmfsd.classad import RepoAd
+from cvmfsd.probing import ProbeResult
 from cvmfsd.state import DaemonState
-from cvmfsd.watch import ProbeResult
 
 #: Repository states, as ``cvmfs_mount_state`` enumerates them.
 STATES = ("mounting", "ok", "enotconn", "hung", "absent", "error", "remounting", "failed")

@@ -2,14 +2,8 @@
 
 Theory of operation
 -------------------
-Looking at a FUSE mount can block forever (a stuck cvmfs2 leaves ``stat`` in
-D state), so every look is done by a disposable child process,
-:mod:`cvmfsd.probe_child`, with a deadline (:func:`probe_repo`).  A child that
-misses its deadline is SIGKILLed and handed to :class:`StuckProbes`, whose
-system task reaps it whenever the kernel lets it go (when the FUSE request is
-answered or aborted, or the daemon dies).  Until then no new child is started
-for that repository: at most one probe is pending per repository, stuck ones
-included, so a hung mount cannot pile up D-state processes.
+Every look at a mount goes through :mod:`cvmfsd.probing` (a probe worker with
+deadlines; a hung look never blocks cvmfsd).
 
 :class:`MountWatcher` probes each repository on a timer (15 s) and, without
 waiting for the timer, when one of three events says something changed:
@@ -33,7 +27,8 @@ waiting for the timer, when one of three events says something changed:
   becomes readable when the process exits.  Callers that know the pid can
   call :meth:`MountWatcher.watch_daemon` instead.
 
-* **A stuck probe child was reaped.**  The FUSE request it was stuck in has
+* **A stuck probe was released.**  The abandoned request's late answer came
+  (or a killed probe process was reaped): the FUSE request it was stuck in has
   been answered or aborted, so the mount has changed state.
 
 Idle, every task sleeps in the kernel (epoll) until an event or its timer.
@@ -41,223 +36,42 @@ Idle, every task sleeps in the kernel (epoll) until an event or its timer.
 
 from __future__ import annotations
 
-import json
 import os
 import select
-import subprocess
-import sys
-import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
 import structlog
 import trio
 
-from cvmfsd import launch, probe_child
 from cvmfsd.mountinfo import parse_mountinfo
+from cvmfsd.probing import PROBE_DEADLINE, PROBE_WORKER, ProbeResult, ProbeWorker, StuckProbes
 from cvmfsd.talk import talk
 
 log = structlog.get_logger("cvmfsd.watch")
 
-PROBE_STATES = ("ok", "enotconn", "hung", "absent", "error")
 PROBE_INTERVAL = 15.0
-PROBE_DEADLINE = 5.0
 TALK_PID_DEADLINE = 2.0  # policy: the talk socket answers at once unless cvmfs2 is busy
-REAP_GRACE = 1.0  # bound on reaping a killed child when trio.run ends
-# The probe child, run without site-packages for a fast start (~20 ms).
-PROBE_CHILD: tuple[str, ...] = (sys.executable, "-I", "-S", str(Path(probe_child.__file__)))
-_MAX_OUTPUT = 65536
 
 OnChange = Callable[[str, "str | None", "ProbeResult"], Awaitable[None]]
-
-
-@dataclass(frozen=True)
-class ProbeResult:
-    """What one look at a repository found.
-
-    Attributes:
-        repo: the repository name.
-        state: ``ok``, ``enotconn``, ``hung``, ``absent`` or ``error``.
-        revision: the catalog revision (``user.revision``) when ``ok``.
-        error: why the state is not ``ok``.
-        duration: seconds the probe took (the deadline when ``hung``; 0 when
-            decided from the mount table alone).
-        attrs: the observation xattrs that could be read (``ok`` only), by
-            name without ``user.``; see :data:`cvmfsd.probe_child.OBSERVED`.
-        cache: ``(used, limit)`` bytes of the cache, from statfs (``ok`` only).
-        finished: when the probe ended (``time.time()``).
-    """
-
-    repo: str
-    state: str
-    revision: str | None = None
-    error: str | None = None
-    duration: float = 0.0
-    attrs: Mapping[str, str] = field(default_factory=dict)
-    cache: tuple[int, int] | None = None
-    finished: float = field(default_factory=time.time)
-
-    def __post_init__(self) -> None:
-        if self.state not in PROBE_STATES:
-            raise ValueError(f"probe state {self.state!r}: expected one of {PROBE_STATES}")
 
 
 @dataclass(frozen=True)
 class WatchStatistics:
     """A snapshot of :class:`MountWatcher` counters."""
 
-    probes: int  # probe children started
+    probes: int  # probe requests sent
     timeouts: int  # probes that missed their deadline (state hung)
-    stuck: int  # killed probe children the kernel has not released yet
-    skipped: int  # probes not started because the repository's last child is stuck
+    stuck: int  # abandoned probes not released yet (threads, killed processes)
+    skipped: int  # probes not started because the repository's last probe is stuck
     table_events: int  # mount-table change notifications
     daemon_deaths: int  # watched cvmfs2 processes seen to exit
     watched_daemons: int  # cvmfs2 processes watched now
     table_source: str  # "epoll" (events), "timer" (no events available) or "none"
-
-
-class StuckProbes:
-    """Killed probe children that have not exited yet, by repository.
-
-    Each adopted child is waited for by a trio system task without a deadline:
-    the child must be reaped eventually, but nobody may block on it, and the
-    wait must outlive the probe (and the watcher) that gave up on it.
-    """
-
-    def __init__(self, on_reaped: Callable[[str], None] | None = None) -> None:
-        self._by_repo: dict[str, int] = {}
-        self._changed = trio.Event()
-        self.total = 0
-        self.on_reaped = on_reaped
-
-    @property
-    def count(self) -> int:
-        """Children stuck now, all repositories."""
-        return sum(self._by_repo.values())
-
-    def pending(self, repo: str) -> int:
-        """Children stuck now for ``repo``."""
-        return self._by_repo.get(repo, 0)
-
-    def adopt(self, proc: trio.Process, repo: str) -> None:
-        """Take over a child that was sent SIGKILL; reap it whenever it exits."""
-        self._by_repo[repo] = self._by_repo.get(repo, 0) + 1
-        self.total += 1
-        trio.lowlevel.spawn_system_task(self._reap, proc, repo,
-                                        name=f"cvmfsd.watch.reap[{repo}:{proc.pid}]")
-
-    async def wait_clear(self, repo: str) -> None:
-        """Return once no child of ``repo`` is stuck."""
-        while self.pending(repo):
-            await self._changed.wait()
-
-    async def _reap(self, proc: trio.Process, repo: str) -> None:
-        start = trio.current_time()
-        try:
-            try:
-                await proc.wait()
-            except trio.Cancelled:
-                # trio.run is ending.  A child that was not stuck in FUSE dies
-                # from its SIGKILL at once: reap it; a stuck one is left to init.
-                with trio.CancelScope(shield=True), trio.move_on_after(REAP_GRACE):
-                    await proc.wait()
-                raise
-        finally:
-            if proc.stdout is not None:
-                proc.stdout.close()  # type: ignore[attr-defined]  # FdStream.close is sync
-            self._by_repo[repo] -= 1
-            if not self._by_repo[repo]:
-                del self._by_repo[repo]
-            self._changed.set()
-            self._changed = trio.Event()
-        log.info("stuck probe child reaped", repo=repo, pid=proc.pid,
-                 stuck_seconds=round(trio.current_time() - start, 3))
-        if self.on_reaped is not None:
-            self.on_reaped(repo)
-
-
-async def probe_repo(path: Path, repo: str, *, deadline: float,
-                     child: Sequence[str] = PROBE_CHILD,
-                     stuck: StuckProbes | None = None) -> ProbeResult:
-    """Look at the mount of ``repo`` at ``path`` in a child process, for at most ``deadline`` s.
-
-    The child never outlives the deadline in our eyes: on expiry it is sent
-    SIGKILL and handed to ``stuck`` (a private :class:`StuckProbes` if None),
-    and the result is ``hung``.  Cancelling the caller does the same.
-
-    Args:
-        path: where the repository is seen from this process
-            (``/proc/<shim pid>/root/cvmfs/<repo>`` in mode 3).
-        repo: the repository name the mount must serve (``user.fqrn``).
-        deadline: seconds before the mount counts as hung.
-        child: the probe command; ``path`` and ``repo`` are appended.
-        stuck: where killed children go to be reaped.
-
-    Returns:
-        The result; any failure, including failing to start the child, is a
-        state (``error``), never an exception.
-    """
-    start = trio.current_time()
-    try:
-        proc = await trio.lowlevel.open_process(
-            [*child, str(path), repo], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, cwd="/")
-    except OSError as exc:
-        return ProbeResult(repo=repo, state="error", error=f"cannot start the probe child: {exc}",
-                           duration=trio.current_time() - start)
-    stdout = proc.stdout
-    if stdout is None:  # pragma: no cover - stdout=PIPE always gives a stream
-        raise RuntimeError("probe child without a stdout pipe")
-    chunks: list[bytes | bytearray] = []
-    try:
-        with trio.move_on_after(deadline) as scope:
-            size = 0
-            while size < _MAX_OUTPUT:
-                chunk = await stdout.receive_some()
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                size += len(chunk)
-            await proc.wait()
-    finally:
-        if proc.returncode is None:
-            launch.SIGNALLED.add(proc.pid)
-            proc.kill()
-            (stuck if stuck is not None else StuckProbes()).adopt(proc, repo)
-        else:
-            stdout.close()  # type: ignore[attr-defined]  # FdStream.close is sync
-    duration = trio.current_time() - start
-    if scope.cancelled_caught:
-        return ProbeResult(repo=repo, state="hung", duration=duration,
-                           error=f"no answer from {path} within {deadline:g} s "
-                                 f"(probe child {proc.pid} killed)")
-    return _parse_answer(repo, b"".join(chunks), proc.returncode, duration)
-
-
-def _parse_answer(repo: str, output: bytes, status: int | None, duration: float) -> ProbeResult:
-    text = output.decode(errors="replace").strip()
-    try:
-        answer = json.loads(text.splitlines()[-1]) if text else None
-    except json.JSONDecodeError:
-        answer = None
-    if (not isinstance(answer, dict) or answer.get("state") not in PROBE_STATES
-            or answer["state"] == "hung"):
-        return ProbeResult(repo=repo, state="error", duration=duration,
-                           error=f"probe child exited with status {status}: {text[-300:]!r}")
-    revision, error = answer.get("revision"), answer.get("error")
-    attrs, statfs = answer.get("attrs"), answer.get("statfs")
-    cache = None
-    if (isinstance(statfs, list) and len(statfs) == 2
-            and all(isinstance(v, int) and v >= 0 for v in statfs)):
-        cache = (statfs[0], statfs[1])
-    return ProbeResult(repo=repo, state=answer["state"], duration=duration,
-                       revision=revision if isinstance(revision, str) else None,
-                       error=error if isinstance(error, str) else None,
-                       attrs={str(k): v for k, v in attrs.items() if isinstance(v, str)}
-                       if isinstance(attrs, dict) else {},
-                       cache=cache)
+    workers: int = 0  # probe worker processes started
+    released: int = 0  # abandoned probes whose late answer came (and was dropped)
 
 
 # -- pure helpers ------------------------------------------------------------------
@@ -396,7 +210,8 @@ class MountWatcher:
             cvmfs2 pid and watch it die; None disables that.
         interval: seconds between timer probes of a repository.
         deadline: seconds before a probe counts as hung.
-        child: the probe command (tests pass a fake).
+        child: the probe worker command (tests pass a fake that speaks the
+            protocol of :mod:`cvmfsd.probe_child` ``--serve``).
         proc_root: where /proc is.
 
     Call :meth:`refresh` when what the callables return may have changed (for
@@ -410,7 +225,7 @@ class MountWatcher:
                  on_probe: Callable[[ProbeResult], None] | None = None,
                  talk_socket: Callable[[str], Path | None] | None = None,
                  interval: float = PROBE_INTERVAL, deadline: float = PROBE_DEADLINE,
-                 child: Sequence[str] = PROBE_CHILD, proc_root: Path = Path("/proc")) -> None:
+                 child: Sequence[str] = PROBE_WORKER, proc_root: Path = Path("/proc")) -> None:
         self._repos = {name: _Repo(name) for name in repos}
         self._mountinfo = mountinfo
         self._probe_path = probe_path
@@ -419,9 +234,10 @@ class MountWatcher:
         self._talk_socket = talk_socket
         self._interval = interval
         self._deadline = deadline
-        self._child = tuple(child)
         self._proc_root = proc_root
         self._stuck = StuckProbes(on_reaped=self.kick)
+        self._worker = ProbeWorker(child, self._stuck, on_released=self.kick,
+                                   ping_deadline=deadline)
         self._table: _Table | None = None
         self._table_scope: trio.CancelScope | None = None
         self._probes = self._timeouts = self._skipped = 0
@@ -461,21 +277,28 @@ class MountWatcher:
         r = self._repos.get(repo)
         return None if r is None else r.pid
 
+    def probe_worker_pid(self) -> int | None:
+        """The pid of the probe worker process, if one is running."""
+        return self._worker.pid
+
     def statistics(self) -> WatchStatistics:
         """A snapshot of the counters."""
         table = self._table
         source = "none" if table is None else "epoll" if table.epoll is not None else "timer"
         return WatchStatistics(
-            probes=self._probes, timeouts=self._timeouts, stuck=self._stuck.count,
+            probes=self._probes, timeouts=self._timeouts,
+            stuck=self._stuck.count + self._worker.abandoned(),
             skipped=self._skipped, table_events=self._table_events,
             daemon_deaths=self._daemon_deaths, table_source=source,
-            watched_daemons=sum(r.pid_scope is not None for r in self._repos.values()))
+            watched_daemons=sum(r.pid_scope is not None for r in self._repos.values()),
+            workers=self._worker.starts, released=self._worker.released)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
                   ) -> NoReturn:
         """Serve until cancelled; ready once the mount table (if known) has been read."""
         try:
             async with trio.open_nursery() as nursery:
+                await nursery.start(self._worker.run)
                 await nursery.start(self._watch_table)
                 for r in self._repos.values():
                     r.kick.set()
@@ -560,12 +383,11 @@ class MountWatcher:
             await self._set(r, ProbeResult(repo=r.name, state="absent",
                                            error=f"no FUSE mount at {r.mountpoint} in {table}"))
             return
-        if self._stuck.pending(r.name):
-            self._skipped += 1  # still hung: its child is stuck; reaping it kicks us
+        if self._stuck.pending(r.name) or self._worker.abandoned(r.name):
+            self._skipped += 1  # still hung: its probe is stuck; its release kicks us
             return
         self._probes += 1
-        result = await probe_repo(path, r.name, deadline=self._deadline, child=self._child,
-                                  stuck=self._stuck)
+        result = await self._worker.probe(path, r.name, deadline=self._deadline)
         if result.state == "hung":
             self._timeouts += 1
         await self._set(r, result)

@@ -28,8 +28,8 @@ from cvmfsd.metrics import (
     pilot_identity,
     process_stats,
 )
+from cvmfsd.probing import ProbeResult
 from cvmfsd.state import DaemonState, RepoState
-from cvmfsd.watch import ProbeResult
 
 PROMTOOL = "/usr/bin/promtool"
 

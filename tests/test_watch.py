@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import signal
@@ -15,9 +16,10 @@ import pytest
 import trio
 import trio.testing
 
-from cvmfsd import probe_child, watch
+from cvmfsd import probe_child, probing, watch
+from cvmfsd.probing import ProbeResult, StuckProbes
 from cvmfsd.talk import talk
-from cvmfsd.watch import MountWatcher, ProbeResult, StuckProbes
+from cvmfsd.watch import MountWatcher
 from tests.conftest import REPO_A, REPO_B, cvmfs2_pids, mounts_under
 
 # Real mounts, never skipped: CI makes /dev/fuse usable (.ci/setup).
@@ -92,19 +94,57 @@ def fake_child(code: str) -> tuple[str, ...]:
     return (sys.executable, "-c", code)
 
 
+def fake_worker(body: str) -> tuple[str, ...]:
+    """A probe worker: the real ``--serve`` loop, with ``probe`` replaced by the function
+    ``body`` defines (``def probe(path, repo): ...`` returning the answer dict)."""
+    code = (
+        "import sys\n"
+        f"sys.path.insert(0, {str(Path(probe_child.__file__).parent)!r})\n"
+        "import probe_child\n"
+        f"{body}\n"
+        "probe_child.probe = probe\n"
+        "probe_child.main(['--serve'])\n"
+    )
+    return (sys.executable, "-I", "-S", "-c", code)
+
+
+def test_probe_worker_protocol(tmp_path: Path) -> None:
+    """The real worker answers pings, probes and bad lines by id, and exits 0 at EOF."""
+    with subprocess.Popen([*probing.PROBE_WORKER], stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, text=True) as proc:
+        assert proc.stdin is not None
+        assert proc.stdout is not None
+        try:
+            proc.stdin.write('{"id": 1, "ping": true}\n')
+            proc.stdin.write(json.dumps({"id": 2, "path": str(tmp_path / "nope"), "repo": "r"})
+                             + "\n")
+            proc.stdin.write("not json\n")
+            proc.stdin.flush()
+            answers = [json.loads(proc.stdout.readline()) for _ in range(3)]
+            by_id = {a["id"]: a for a in answers}
+            assert by_id[1] == {"id": 1, "pong": True}
+            assert by_id[2]["state"] == "absent"
+            assert "ENOENT" in by_id[2]["error"]
+            assert "bad request" in by_id[None]["error"]
+            proc.stdin.close()
+            assert proc.wait(timeout=10) == 0
+        finally:
+            proc.kill()
+
+
 async def test_probe_repo_real_child_absent(tmp_path: Path) -> None:
     """The real child, started without site-packages, reports an unmounted path as absent."""
-    result = await watch.probe_repo(tmp_path / "missing", "r", deadline=10)
+    result = await probing.probe_repo(tmp_path / "missing", "r", deadline=10)
     assert result.state == "absent"
     assert "ENOENT" in str(result.error)
 
 
 async def test_probe_repo_parses_answer(tmp_path: Path) -> None:
     """An answer line becomes a result; garbage becomes an error naming the exit status."""
-    ok = await watch.probe_repo(tmp_path, "r", deadline=10,
+    ok = await probing.probe_repo(tmp_path, "r", deadline=10,
                                 child=fake_child(f"print({OK_ANSWER!r})"))
     assert (ok.state, ok.revision, ok.error) == ("ok", "7", None)
-    bad = await watch.probe_repo(tmp_path, "r", deadline=10,
+    bad = await probing.probe_repo(tmp_path, "r", deadline=10,
                                  child=fake_child("print('boom'); raise SystemExit(3)"))
     assert bad.state == "error"
     assert "status 3" in str(bad.error)
@@ -115,7 +155,7 @@ async def test_probe_repo_hung_with_fake_child(autojump_clock: trio.testing.Mock
     """A child that never answers is hung after exactly the deadline, then killed and reaped."""
     stuck = StuckProbes()
     start = trio.current_time()
-    result = await watch.probe_repo(tmp_path, "r", deadline=5, stuck=stuck,
+    result = await probing.probe_repo(tmp_path, "r", deadline=5, stuck=stuck,
                                     child=fake_child("import time; time.sleep(600)"))
     assert trio.current_time() - start == 5
     assert result.state == "hung"
@@ -132,11 +172,12 @@ async def test_at_most_one_probe_pending_per_repo(tmp_path: Path) -> None:
     """Kicks during a probe coalesce into one follow-up probe; two probes never overlap."""
     lock = tmp_path / "lock"
     code = (
-        "import os, sys, time\n"
-        f"fd = os.open({str(lock)!r}, os.O_CREAT | os.O_EXCL)\n"
-        "time.sleep(0.3)\n"
-        "os.unlink(" + repr(str(lock)) + ")\n"
-        f"print({OK_ANSWER!r})\n"
+        "import json, os, time\n"
+        "def probe(path, repo):\n"
+        f"    fd = os.open({str(lock)!r}, os.O_CREAT | os.O_EXCL)\n"
+        "    time.sleep(0.3)\n"
+        f"    os.unlink({str(lock)!r})\n"
+        f"    return json.loads({OK_ANSWER!r})\n"
     )
     changes: list[tuple[str, str | None, ProbeResult]] = []
 
@@ -145,7 +186,7 @@ async def test_at_most_one_probe_pending_per_repo(tmp_path: Path) -> None:
 
     watcher = MountWatcher(["r"], mountinfo=lambda: None, probe_path=lambda _: tmp_path,
                            on_change=on_change, interval=3600, deadline=10,
-                           child=fake_child(code))
+                           child=fake_worker(code))
     async with trio.open_nursery() as nursery:
         await nursery.start(watcher.run)
         await eventually(lambda: bool(changes), 10)
@@ -158,7 +199,105 @@ async def test_at_most_one_probe_pending_per_repo(tmp_path: Path) -> None:
             await trio.sleep(0.5)
         nursery.cancel_scope.cancel()
     assert [(c[1], c[2].state) for c in changes] == [(None, "ok")]  # no overlap error
-    assert 4 <= watcher.statistics().probes <= 7
+    stats = watcher.statistics()
+    assert 4 <= stats.probes <= 7
+    assert stats.workers == 1  # every probe went through one worker process
+
+
+async def _open_watcher(nursery: trio.Nursery, repos: list[str], paths: dict[str, Path],
+                        child: tuple[str, ...], deadline: float,
+                        ) -> tuple[MountWatcher, list[tuple[str, str | None, ProbeResult]]]:
+    changes: list[tuple[str, str | None, ProbeResult]] = []
+
+    async def on_change(repo: str, old: str | None, new: ProbeResult) -> None:
+        changes.append((repo, old, new))
+
+    watcher = MountWatcher(repos, mountinfo=lambda: None, probe_path=paths.get,
+                           on_change=on_change, interval=3600, deadline=deadline, child=child)
+    await nursery.start(watcher.run)
+    return watcher, changes
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def test_worker_killed_from_outside_is_restarted(tmp_path: Path) -> None:
+    """A worker SIGKILLed by someone else is started again by the next probe, which
+    finds the same state (no spurious error); the watcher's end kills the new one."""
+    async with trio.open_nursery() as nursery:
+        watcher, changes = await _open_watcher(nursery, ["r"], {"r": tmp_path / "missing"},
+                                               probing.PROBE_WORKER, deadline=10)
+        await eventually(lambda: len(changes) == 1, 10)
+        first = watcher.probe_worker_pid()
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        await eventually(lambda: watcher.probe_worker_pid() is None, 5)  # EOF seen, reaped
+        probes = watcher.statistics().probes
+        watcher.kick("r")
+        await eventually(lambda: watcher.statistics().probes > probes
+                         and watcher.results()["r"].finished > changes[0][2].finished, 10)
+        second = watcher.probe_worker_pid()
+        assert second not in (None, first)
+        stats = watcher.statistics()
+        assert (stats.workers, stats.stuck, stats.timeouts) == (2, 0, 0)
+        assert [(c[1], c[2].state) for c in changes] == [(None, "absent")]
+        nursery.cancel_scope.cancel()
+    assert second is not None
+    await eventually(lambda: not _alive(second), 5)
+
+
+async def test_one_hung_repo_does_not_block_the_others(tmp_path: Path) -> None:
+    """A probe stuck in one repository (a thread of the worker) leaves the other
+    repositories probed by the same worker; the hung one is not probed again."""
+    code = (
+        "import time\n"
+        "def probe(path, repo):\n"
+        "    if repo == 'h':\n"
+        "        time.sleep(600)\n"
+        "    return {'state': 'ok', 'revision': '3', 'error': None}\n"
+    )
+    async with trio.open_nursery() as nursery:
+        watcher, changes = await _open_watcher(nursery, ["h", "o"],
+                                               {"h": tmp_path, "o": tmp_path},
+                                               fake_worker(code), deadline=0.5)
+        await eventually(lambda: {c[0]: c[2].state for c in changes} == {"h": "hung", "o": "ok"},
+                         10)
+        pid = watcher.probe_worker_pid()
+        for _ in range(3):
+            before = watcher.results()["o"].finished
+            watcher.kick("o")
+            watcher.kick("h")
+            await eventually(lambda b=before: watcher.results()["o"].finished > b, 5)  # type: ignore[misc]
+        stats = watcher.statistics()
+        assert (stats.workers, stats.timeouts, stats.stuck) == (1, 1, 1)
+        assert stats.skipped >= 1
+        assert watcher.probe_worker_pid() == pid
+        nursery.cancel_scope.cancel()
+
+
+async def test_worker_that_answers_nothing_is_replaced(tmp_path: Path) -> None:
+    """A worker that no longer answers anything (here SIGSTOPped) fails its ping after a
+    missed deadline: it is killed, reaped, and a new worker probes again."""
+    async with trio.open_nursery() as nursery:
+        watcher, changes = await _open_watcher(nursery, ["r"], {"r": tmp_path / "missing"},
+                                               probing.PROBE_WORKER, deadline=0.5)
+        await eventually(lambda: len(changes) == 1, 10)
+        first = watcher.probe_worker_pid()
+        assert first is not None
+        os.kill(first, signal.SIGSTOP)
+        watcher.kick("r")
+        await eventually(lambda: [c[2].state for c in changes] == ["absent", "hung", "absent"],
+                         10)
+        stats = watcher.statistics()
+        assert (stats.workers, stats.timeouts, stats.stuck) == (2, 1, 0)
+        assert watcher.probe_worker_pid() not in (None, first)
+        assert not _alive(first)
+        nursery.cancel_scope.cancel()
 
 
 # -- real FUSE mounts -------------------------------------------------------------------
@@ -346,3 +485,34 @@ async def test_host_pid_across_a_pid_namespace() -> None:
         proc.kill()
         await proc.wait()
         await proc.stdout.aclose()
+
+
+@pytest.mark.fuse
+@needs_fuse
+async def test_hung_repo_beside_a_healthy_one_then_released(mounted: Path) -> None:
+    """With repo.a hung, repo.b keeps being probed ok by the same worker; killing repo.a's
+    cvmfs2 releases the stuck thread (its late answer dropped) and repo.a is enotconn."""
+    async with open_harness(mounted, deadline=1.0) as h:
+        assert (await h.next_state(10)).state == "ok"
+        await h.watching_daemon()
+        worker = h.watcher.probe_worker_pid()
+        assert worker is not None
+        assert await talk(h.socket(REPO_A), "sim hang") == "OK\n"
+        h.watcher.kick(REPO_A)
+        assert (await h.next_state(5)).state == "hung"
+        for _ in range(3):
+            before = h.watcher.results()[REPO_B].finished
+            h.watcher.kick(REPO_B)
+            await eventually(lambda b=before: h.watcher.results()[REPO_B].finished > b,  # type: ignore[misc]
+                             2)
+            assert h.watcher.results()[REPO_B].state == "ok"
+        stats = h.watcher.statistics()
+        assert (stats.workers, stats.stuck, stats.released) == (1, 1, 0)
+        pid = int(await talk(h.socket(REPO_A), "pid"))
+        os.kill(pid, signal.SIGKILL)
+        assert (await h.next_state(5)).state == "enotconn"
+        await eventually(lambda: h.watcher.statistics().released == 1, 5)
+        stats = h.watcher.statistics()
+        assert (stats.workers, stats.stuck, stats.timeouts) == (1, 0, 1)
+        assert h.watcher.probe_worker_pid() == worker
+        assert h.watcher.results()[REPO_B].state == "ok"
