@@ -93,6 +93,7 @@ class Supervisor:
         self._mount_started: dict[str, float] = {}  # trio time each repository's mount began
         self.collection: Collection | None = None
         self._stop_target: Callable[[session.Stop], Awaitable[None]] | None = None
+        self._settled = trio.Event()  # mounted (or running without cvmfsexec)
         self._early_stop: session.Stop | None = None
         self._textfile: Textfile | None = None
         # A process killed while cvmfsd ends its tree is cvmfsd's doing, not a hard kill.
@@ -132,8 +133,19 @@ class Supervisor:
             if repo in self.state.repos and started is not None:
                 self.metrics.mounted(repo, now - started)
 
+    async def _watch_processes(self) -> None:
+        """The process watch, from the moment the mounts are done.
+
+        Subscribing costs ~0.2 s of CPU (a child imports pyroute2); on a 2-core
+        node that slowed the mounts, which every pilot waits for.  Until then the
+        session sees its own processes end (pidfds).
+        """
+        await self._settled.wait()
+        await self.procevents.run()
+
     def _collect_now(self) -> None:
-        """The repositories are mounted: collect, and settle the heap."""
+        """The repositories are mounted: collect, watch processes, and settle the heap."""
+        self._settled.set()
         if self.collection is not None:
             self.collection.kick()
         # What exists now (modules, the loop, the services) lives as long as cvmfsd:
@@ -236,9 +248,7 @@ class Supervisor:
                 path = await nursery.start(control.serve_control,
                                            self.prepared.socket_path, self.backend())
                 self.state.socket = str(path)
-                # Not awaited: subscribing takes ~0.2 s (a child imports pyroute2), and the
-                # mounts, already under way, must not wait for it.
-                nursery.start_soon(self.procevents.run)
+                nursery.start_soon(self._watch_processes)
                 pushgateway = await self._start_metrics(nursery)
                 try:
                     status = await self._run()
@@ -371,6 +381,7 @@ class Supervisor:
                 repo_state.state = "ok"
         self._exec = self._exec_here
         self.state.phase = "running"
+        self._collect_now()
         await self.record(GWMS_IS_CVMFS=is_cvmfs, GWMS_CVMFSEXEC_MODE="0",
                           CVMFSD_STATUS="ready" if is_cvmfs == "yes" else "without-cvmfs",
                           CVMFS_MOUNT_DIR="")
