@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import prctl
 import pytest
@@ -210,6 +211,18 @@ def _subreaper() -> Iterator[None]:
     prctl.set_child_subreaper(before)
 
 
+def _execed(pid: int, comm: str) -> None:
+    deadline = time.monotonic() + 5
+    while Path(f"/proc/{pid}/comm").read_text().strip() != comm:
+        assert time.monotonic() < deadline, f"{pid} never ran {comm}"
+        time.sleep(0.001)
+
+
+async def execed(pid: int, comm: str) -> None:
+    """Wait until process ``pid`` runs ``comm`` (a fresh child may not have exec'd yet)."""
+    await trio.to_thread.run_sync(_execed, pid, comm)
+
+
 async def orphan() -> int:
     """A ``sleep`` whose parent shell has exited: it is reparented to us (a subreaper)."""
     shell = await trio.run_process(["sh", "-c", "sleep 60 >/dev/null 2>&1 & echo $!"],
@@ -244,12 +257,14 @@ async def test_netlink_reports_sigkill_of_a_child_and_an_orphan(subreaper: None)
         assert os.getpid() in events.processes
 
         child = await trio.lowlevel.open_process(["sleep", "60"])
+        await execed(child.pid, "sleep")  # killed before its exec, it would still be python
         os.kill(child.pid, signal.SIGKILL)
         assert await ends.of(child.pid) == ProcessEnded(
             child.pid, Ending(signal="SIGKILL"), "sleep", "netlink")
         await child.wait()
 
         grandchild = await orphan()
+        await execed(grandchild, "sleep")
         os.kill(grandchild, signal.SIGKILL)
         assert await ends.of(grandchild) == ProcessEnded(
             grandchild, Ending(signal="SIGKILL"), "sleep", "netlink")
