@@ -505,8 +505,10 @@ class ProcessEvents:
         reason = "not tried (use_netlink=False)"
         if self._use_netlink:
             try:
-                with trio.CancelScope(shield=True):  # bounded; a socket is never dropped
-                    connector = await trio.to_thread.run_sync(open_connector)
+                # Abandoned if cvmfsd ends meanwhile: its exit must not wait for the
+                # subscribing child, and the socket it would bring dies with us.
+                connector = await trio.to_thread.run_sync(open_connector,
+                                                          abandon_on_cancel=True)
             except ConnectorUnavailable as exc:
                 reason = str(exc)
         if connector is None:
