@@ -358,16 +358,24 @@ class ProbeWorker:
 
     # -- internals ----------------------------------------------------------------
 
+    def _stopped(self) -> bool:
+        return self._nursery is None
+
     async def _start(self) -> _Process:
         async with self._start_lock:
             cur = self._current
             if cur is not None and cur.alive:
                 return cur
             if self._nursery is None:
-                raise RuntimeError("ProbeWorker.run is not running")
+                raise OSError("the probe worker is not running (the watcher stopped)")
             proc = await trio.lowlevel.open_process(
                 self._command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT, cwd="/")
+            if self._stopped():  # the watcher stopped while the process started
+                launch.SIGNALLED.add(proc.pid)
+                proc.kill()
+                self._stuck.adopt(proc)
+                raise OSError("the probe worker is stopping")
             cur = self._current = _Process(proc)
             self.starts += 1
             (log.info if self.starts > 1 else log.debug)(
