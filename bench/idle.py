@@ -43,8 +43,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cvmfsd import glidein
-from cvmfsd.sim import makedist, stratum
+from _repos import build, wait_ready  # bench/_repos.py, beside this script
 
 TICK = os.sysconf("SC_CLK_TCK")
 # `cvmfsd` with ProcessEvents(use_netlink=False), for --without-netlink.
@@ -69,16 +68,6 @@ class Sample:
     main_switches: int  # context switches of the main thread
     thread_switches: dict[int, int]  # per live thread
     node_forks: int
-
-
-def build(work: Path, count: int) -> tuple[Path, list[str]]:
-    repos = [f"r{i:02d}.idle.test" for i in range(count)]
-    for repo in repos:
-        src = work / "src" / repo
-        src.mkdir(parents=True)
-        (src / "file.txt").write_text(f"{repo}\n")
-        stratum.publish(work / "st", repo, src)
-    return makedist.make_dist(work / "d", stratum=work / "st"), repos
 
 
 def switches(status: Path) -> int:
@@ -176,7 +165,7 @@ def main() -> int:
         work = Path(tmp)
         work.chmod(0o755)
         print(f"publishing {args.repos} repositories ...", file=sys.stderr)
-        dist, repos = build(work, args.repos)
+        dist, repos = build(work, args.repos, "idle.test")
         gconfig = work / "glidein_config"
         gconfig.write_text("GLIDEIN_Site Bench\n")
         print("starting cvmfsd (mode 3, default intervals) ...", file=sys.stderr)
@@ -190,13 +179,7 @@ def main() -> int:
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
         windows: list[Window] = []
         try:
-            deadline = time.monotonic() + 300
-            while glidein.read_glidein_config(gconfig).values.get("CVMFSD_STATUS") != "ready":
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit("cvmfsd did not become ready:\n"
-                                     + (work / "cvmfsd.err").read_text()[-3000:])
-                time.sleep(0.2)
-            address = glidein.read_glidein_config(gconfig).values["CVMFSD_METRICS_ADDRESS"]
+            address = wait_ready(process, gconfig, timeout=300, errors=work / "cvmfsd.err")
             print(f"ready; settling for {args.settle:g} s ...", file=sys.stderr)
             time.sleep(args.settle)
             for n in range(1, args.windows + 1):

@@ -32,18 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from cvmfsd import glidein
-from cvmfsd.sim import makedist, stratum
-
-
-def build(work: Path, count: int) -> tuple[Path, list[str]]:
-    repos = [f"r{i:02d}.bench.test" for i in range(count)]
-    for repo in repos:
-        src = work / "src" / repo
-        src.mkdir(parents=True)
-        (src / "file.txt").write_text(f"{repo}\n")
-        stratum.publish(work / "st", repo, src)
-    return makedist.make_dist(work / "d", stratum=work / "st"), repos
+from _repos import build, wait_ready  # bench/_repos.py, beside this script
 
 
 def scrape_many(address: str, count: int) -> tuple[list[float], int]:
@@ -66,7 +55,7 @@ def scrape_many(address: str, count: int) -> tuple[list[float], int]:
 
 def line(name: str, latencies: list[float], size: int) -> str:
     ms = sorted(x * 1000 for x in latencies)
-    q = statistics.quantiles(ms, n=100)
+    q = statistics.quantiles(ms, n=100, method="inclusive")  # never beyond min..max
     return (f"{name:<22} {len(ms):>7} {q[49]:>8.2f} {q[89]:>8.2f} {q[98]:>8.2f} "
             f"{ms[-1]:>8.2f} {size:>9}")
 
@@ -112,7 +101,7 @@ def main() -> int:
         work = Path(tmp)
         work.chmod(0o755)
         print(f"publishing {args.repos} repositories ...", file=sys.stderr)
-        dist, repos = build(work, args.repos)
+        dist, repos = build(work, args.repos, "bench.test")
         gconfig = work / "glidein_config"
         gconfig.write_text("GLIDEIN_Site Bench\n")
         print("starting cvmfsd ...", file=sys.stderr)
@@ -125,12 +114,7 @@ def main() -> int:
              "--", "sleep", "3600"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            deadline = time.monotonic() + 120
-            while glidein.read_glidein_config(gconfig).values.get("CVMFSD_STATUS") != "ready":
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit("cvmfsd did not become ready")
-                time.sleep(0.1)
-            address = glidein.read_glidein_config(gconfig).values["CVMFSD_METRICS_ADDRESS"]
+            address = wait_ready(process, gconfig, timeout=120)
             time.sleep(3)  # the first collection cycles
             print(f"scraping {args.scrapes} times, all healthy ...", file=sys.stderr)
             healthy, size_ok = scrape_many(address, args.scrapes)

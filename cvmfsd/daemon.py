@@ -95,6 +95,7 @@ class Supervisor:
         self._stop_target: Callable[[session.Stop], Awaitable[None]] | None = None
         self._settled = trio.Event()  # mounted (or running without cvmfsexec)
         self._early_stop: session.Stop | None = None
+        self._early_signal = 0  # the signal behind _early_stop
         self._textfile: Textfile | None = None
         # A process killed while cvmfsd ends its tree is cvmfsd's doing, not a hard kill.
         self.procevents = ProcessEvents(
@@ -143,7 +144,7 @@ class Supervisor:
         await self._settled.wait()
         await self.procevents.run()
 
-    def _collect_now(self) -> None:
+    def _settle(self) -> None:
         """The repositories are mounted: collect, watch processes, and settle the heap."""
         self._settled.set()
         if self.collection is not None:
@@ -313,7 +314,8 @@ class Supervisor:
                 self.state.phase = "stopping"
                 stop = session.Stop(f"received {name}")
                 if self._stop_target is None:
-                    self._early_stop = self._early_stop or stop
+                    if self._early_stop is None:
+                        self._early_stop, self._early_signal = stop, signum
                 else:
                     await self._stop_target(stop)
 
@@ -381,7 +383,7 @@ class Supervisor:
                 repo_state.state = "ok"
         self._exec = self._exec_here
         self.state.phase = "running"
-        self._collect_now()
+        self._settle()
         await self.record(GWMS_IS_CVMFS=is_cvmfs, GWMS_CVMFSEXEC_MODE="0",
                           CVMFSD_STATUS="ready" if is_cvmfs == "yes" else "without-cvmfs",
                           CVMFS_MOUNT_DIR="")
@@ -415,7 +417,7 @@ class Supervisor:
         self._remount_hook = remount_on_host
         for repo in self.config.repos:
             self.state.repos[repo] = RepoState("ok")
-        self._collect_now()
+        self._settle()
         self._exec = self._exec_here
         self.state.phase = "running"
         try:
@@ -461,7 +463,7 @@ class Supervisor:
             self._provided, self._exec, self.state.phase = "mode3", runner_exec, "running"
             self._mounted(list(info.repos))
             keeper.refresh()
-            self._collect_now()
+            self._settle()
             await self.record(GWMS_IS_CVMFS="yes", GWMS_CVMFSEXEC_MODE="3", CVMFS_MOUNT_DIR="",
                               CVMFSD_STATUS="ready")
             print("cvmfsd: ready: " + ", ".join(
@@ -525,7 +527,7 @@ class Supervisor:
         self._stop = stop
         if self._early_stop is not None:
             log.info("stopped before the payload started", reason=self._early_stop.reason)
-            return 128 + signal.SIGTERM
+            return 128 + self._early_signal
         await self._stop_with(send.send)
         try:
             outcome = await session.run_direct(self.config.payload, env,

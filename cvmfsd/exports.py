@@ -18,7 +18,7 @@ the next cycle at most, never a scrape.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import structlog
@@ -54,27 +54,37 @@ class _Labelled(Collector):
             yield copy
 
 
-class Textfile:
+class _Export:
+    """Runs one export in a worker thread; logs the first failure and the recovery only."""
+
+    _failing = False
+
+    async def _run(self, work: Callable[[], None], failed: str, recovered: str,
+                   **context: str) -> None:
+        try:
+            await trio.to_thread.run_sync(work)
+        except OSError as exc:
+            if not self._failing:
+                log.warning(failed, error=str(exc), **context)
+            self._failing = True
+            return
+        if self._failing:
+            log.info(recovered, **context)
+        self._failing = False
+
+
+class Textfile(_Export):
     """The node exporter's textfile for one pilot."""
 
     def __init__(self, metrics: Metrics, path: Path, *, pilot: str) -> None:
         self.path = path
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Labelled(metrics.registry, {"pilot": pilot}))
-        self._failing = False
 
     async def __call__(self) -> None:
-        try:
-            await trio.to_thread.run_sync(write_to_textfile, str(self.path), self.registry)
-        except OSError as exc:
-            if not self._failing:
-                log.warning("cannot write the metrics textfile", path=str(self.path),
-                            error=str(exc))
-            self._failing = True
-            return
-        if self._failing:
-            log.info("metrics textfile written again", path=str(self.path))
-        self._failing = False
+        await self._run(lambda: write_to_textfile(str(self.path), self.registry),
+                        "cannot write the metrics textfile", "metrics textfile written again",
+                        path=str(self.path))
 
     def remove(self) -> None:
         """Remove the file: the pilot is gone, and so are its numbers."""
@@ -82,26 +92,17 @@ class Textfile:
             self.path.unlink()
 
 
-class Pushgateway:
+class Pushgateway(_Export):
     """Pushes to one Pushgateway group; deletes the group at the end."""
 
     def __init__(self, metrics: Metrics, url: str, *, pilot: str) -> None:
         self.url = url
         self.registry = metrics.registry
         self.grouping = {"instance": pilot}
-        self._failing = False
 
     async def __call__(self) -> None:
-        try:
-            await trio.to_thread.run_sync(self._push)
-        except OSError as exc:
-            if not self._failing:
-                log.warning("cannot push metrics", url=self.url, error=str(exc))
-            self._failing = True
-            return
-        if self._failing:
-            log.info("pushing metrics again", url=self.url)
-        self._failing = False
+        await self._run(self._push, "cannot push metrics", "pushing metrics again",
+                        url=self.url)
 
     def _push(self) -> None:
         push_to_gateway(self.url, job=JOB, registry=self.registry, grouping_key=self.grouping,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import functools
 import math
 import os
 import platform
@@ -522,7 +523,9 @@ def process_stats(pid: int, proc_root: Path = Path("/proc")) -> ProcessStats | N
     return ProcessStats(int(fields[11]) / ticks, int(fields[12]) / ticks, rss, start)
 
 
+@functools.cache
 def _boot_time(proc_root: Path) -> float | None:
+    """The boot time (``btime`` of /proc/stat), read once."""
     try:
         text = (proc_root / "stat").read_text()
     except OSError:
