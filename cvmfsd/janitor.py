@@ -53,7 +53,7 @@ Theory of operation:
   through the pidfd, so a reused pid cannot be hit.  Mounts outside
   ``dist/cvmfs`` are never touched; no process group is signalled by number.
 * **Light.**  It starts on every run, so it imports only os, select, signal,
-  sys, time, prctl and cvmfsd.errors, and parses /proc by hand (no pathlib,
+  sys, time, prctl, cvmfsd.errors and cvmfsd.mountinfo, and parses /proc by hand (no pathlib,
   argparse or subprocess: hence the plain ``os`` calls; shutil only to remove
   the payload's TMPDIR).  It holds no descriptor of cvmfsd's but the pipe and
   the lock: stdout and stderr are /dev/null, and the log file is opened only to
@@ -72,6 +72,7 @@ import sys
 import time
 
 from cvmfsd.errors import CvmfsdError
+from cvmfsd.mountinfo import is_fuse, parse_mountinfo
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (3 ms)
 if TYPE_CHECKING:
@@ -210,29 +211,19 @@ def find_cvmfs2(dirs: Sequence[str], proc_root: str = "/proc",
     return found
 
 
-def _unescape(field: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \NNN (octal).
-    if "\\" not in field:
-        return field
-    parts = field.split("\\")
-    return parts[0] + "".join(chr(int(p[:3], 8)) + p[3:] if p[:3].isdigit() else "\\" + p
-                              for p in parts[1:])
-
-
-def _mount_points(mountinfo: str) -> list[str]:
-    fields = (line.split(" ") for line in mountinfo.splitlines())
-    return [_unescape(f[4]) for f in fields if len(f) >= 5]
-
-
 def dist_mounts(mountinfo: str, dirs: Sequence[str], config_repo: str | None = None) -> list[str]:
-    """The mount points strictly below ``dirs``, in unmount order.
+    """The FUSE mount points strictly below ``dirs``, in unmount order.
 
     Newest first (mountinfo lists mounts in the order they were made) and the
     configuration repository last, since the others' configuration comes from it.
+    Only FUSE mounts are ours to unmount (:func:`cvmfsd.mountinfo.is_fuse`);
+    their source says nothing (``/dev/fuse`` from cvmfsexec).
     """
     found: list[str] = []
-    for point in _mount_points(mountinfo):
-        if any(point.startswith(d + "/") for d in dirs) and point not in found:
+    for m in parse_mountinfo(mountinfo):
+        point = m.mountpoint
+        if (is_fuse(m.fstype) and any(point.startswith(d + "/") for d in dirs)
+                and point not in found):
             found.append(point)
     found.reverse()
     if config_repo:
@@ -402,7 +393,8 @@ def remove_payload_tmp(path: str, log: Callable[[str], None] = lambda _: None) -
     if not os.path.lexists(path):
         return True
     real = os.path.realpath(path)
-    if any(p == real or p.startswith(real + "/") for p in _mount_points(read_mountinfo())):
+    points = (m.mountpoint for m in parse_mountinfo(read_mountinfo()))
+    if any(p == real or p.startswith(real + "/") for p in points):
         log(f"not removing the payload's TMPDIR {path}: something is mounted in it")
         return False
     import shutil  # only now: the janitor's start-up stays light

@@ -4,6 +4,14 @@ Reading a mount table never touches FUSE, so it is safe even when a
 repository hangs: this is how cvmfsd looks at mounts.  Format (proc(5)):
 ``id parent major:minor root mountpoint options [optional...] - fstype source superoptions``,
 with spaces, tabs, newlines and backslashes in paths escaped as octal ``\\NNN``.
+
+How a CVMFS mount is recognised (the one rule, used everywhere a mount is
+judged): a mount at the expected mount point whose fstype is ``fuse`` or
+``fuse.*`` (:func:`is_fuse`), whose root then answers the ``user.fqrn`` xattr
+with the repository's name (:func:`cvmfsd.shim.verify_repo`, or the probe
+worker).  Never the source: a cvmfsexec mount reads ``fuse /dev/fuse``
+(cvmfs2 mounts without ``fsname``), a system mount by ``mount.cvmfs`` reads
+``fuse cvmfs2``; see tests/test_fidelity_mounts.py for the upstream lines.
 """
 
 from __future__ import annotations
@@ -49,10 +57,14 @@ def parse_mountinfo(text: str) -> list[Mount]:
     return mounts
 
 
-def fuse_mounts(text: str) -> dict[str, str]:
-    """Mount point -> source of the FUSE mounts in a mountinfo text (the last one wins)."""
-    return {m.mountpoint: m.source for m in parse_mountinfo(text)
-            if m.fstype == "fuse" or m.fstype.startswith("fuse.")}
+def is_fuse(fstype: str) -> bool:
+    """Whether a mountinfo fstype is FUSE's: ``fuse``, or ``fuse.<subtype>``."""
+    return fstype == "fuse" or fstype.startswith("fuse.")
+
+
+def fuse_mounts(text: str) -> dict[str, Mount]:
+    """Mount point -> the FUSE mount there, in a mountinfo text (the last, topmost, one wins)."""
+    return {m.mountpoint: m for m in parse_mountinfo(text) if is_fuse(m.fstype)}
 
 
 def mounts_under(text: str, prefix: str) -> list[Mount]:

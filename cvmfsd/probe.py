@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, TypeVar, Union
 
+from cvmfsd.mountinfo import Mount, is_fuse, parse_mountinfo
+
 T_co = TypeVar("T_co", covariant=True)
 JsonValue = Union[str, int, bool, None, list[str]]
 
@@ -137,16 +139,23 @@ def _os_release(etc_root: Path) -> dict[str, str]:
     return values
 
 
-def _mount_points(proc_root: Path) -> list[tuple[str, str]]:
-    """(mount point, fs type) of each line of ``proc_root/self/mountinfo``."""
-    points = []
-    for line in (_read(proc_root / "self" / "mountinfo") or "").splitlines():
-        left, _, right = line.partition(" - ")
-        fields = left.split(" ")
-        if len(fields) >= 5 and right:
-            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[4])
-            points.append((point, right.split(" ")[0]))
-    return points
+def _judge_host_repo(repo: str, state: str | None, fqrn: str | None,
+                     mount: Mount | None) -> str:
+    """Whether a repository under the host's /cvmfs is there: ``present`` or why not.
+
+    A FUSE mount counts only if it answers ``user.fqrn`` with the repository's
+    name (the rule of :mod:`cvmfsd.mountinfo`; the source says nothing: a
+    system mount reads ``fuse cvmfs2``, a cvmfsexec one ``fuse /dev/fuse``).
+    Anything else -- a bind mount or NFS export of someone's /cvmfs, a
+    container's -- counts by GlideinWMS's test: a ``.cvmfsdirtab`` or any entry.
+    """
+    if state is None:
+        return "not checked"
+    if fqrn is not None and fqrn != repo:
+        return f"serves {fqrn!r}, not {repo}"
+    if mount is not None and fqrn is None and state == "present":
+        return "a FUSE mount that answers no user.fqrn: not CVMFS"
+    return state
 
 
 @dataclass(frozen=True)
@@ -205,13 +214,16 @@ _REPO_CHECK = """
 import json, os, sys
 for repo in sys.argv[2:]:
     path = os.path.join(sys.argv[1], repo)
+    state = fqrn = None
     try:
         dirtab = os.path.exists(os.path.join(path, ".cvmfsdirtab"))
         with os.scandir(path) as entries:
             state = "present" if dirtab or next(entries, None) else "empty"
+        fqrn = os.getxattr(path, "user.fqrn").decode(errors="replace")
     except OSError as exc:
-        state = os.strerror(exc.errno) if exc.errno else str(exc)
-    print(json.dumps([repo, state]), flush=True)
+        if state is None:
+            state = os.strerror(exc.errno) if exc.errno else str(exc)
+    print(json.dumps([repo, state, fqrn]), flush=True)
 """
 
 
@@ -232,23 +244,33 @@ def _repos(cvmfs_root: Path, wanted: tuple[str, ...], proc_root: Path,
     names = list(dict.fromkeys((GWMS_PROBE_REPO, *wanted)))
     ran = _run([sys.executable, "-I", "-S", "-c", _REPO_CHECK, str(cvmfs_root), *names], timeout)
     states: dict[str, str] = {}
+    fqrns: dict[str, str | None] = {}
     for line in ran.output.splitlines():
         try:
-            repo, state = json.loads(line)
-            states[str(repo)] = str(state)
+            repo, state, fqrn = json.loads(line)
+            states[str(repo)], fqrns[str(repo)] = str(state), fqrn
         except ValueError:
             continue
     for repo in names:
         if repo not in states:  # the first silent one is the one that hung
             states[repo] = ran.what if ran.status is None else "not checked"
             break
-    fuse = {p for p, fstype in _mount_points(proc_root) if fstype.startswith("fuse")}
+    # Read after the child looked: an autofs /cvmfs mounts a repository on access.
+    table = parse_mountinfo(_read(proc_root / "self" / "mountinfo") or "")
+    fuse = {m.mountpoint: m for m in table if is_fuse(m.fstype)}
+    for repo in names:
+        states[repo] = _judge_host_repo(repo, states.get(repo),
+                                        fqrns.get(repo), fuse.get(str(cvmfs_root / repo)))
+    autofs = any(m.mountpoint == str(cvmfs_root) and m.fstype == "autofs" for m in table)
 
     def evidence(repo: str) -> str:
-        mounted = ", a FUSE mount in mountinfo" if str(cvmfs_root / repo) in fuse else ""
-        return f"{cvmfs_root / repo}: {states.get(repo, 'not checked')}{mounted}"
+        mount = fuse.get(str(cvmfs_root / repo))
+        seen = f", a FUSE mount ({mount.fstype} {mount.source})" if mount else ""
+        fqrn = f", user.fqrn {fqrns[repo]}" if fqrns.get(repo) else ""
+        return f"{cvmfs_root / repo}: {states.get(repo, 'not checked')}{seen}{fqrn}"
 
-    how = f"checked in a child process (timeout {timeout:g} s)"
+    how = (f"checked in a child process (timeout {timeout:g} s)"
+           + (f"; {cvmfs_root} is autofs" if autofs else ""))
     host = Fact(states.get(GWMS_PROBE_REPO) == "present",
                 f"{how}: {evidence(GWMS_PROBE_REPO)}")
     present = tuple(r for r in wanted if states.get(r) == "present")
@@ -342,8 +364,8 @@ def probe_host(*, proc_root: Path = Path("/proc"), sys_root: Path = Path("/sys")
                           f"{ran.output.strip()[:200]}".rstrip())
             fuse_ns = fuse_check.result()
         host_cvmfs, present = repos_check.result()
-    masked = [p for p, _ in _mount_points(proc_root)
-              if p == "/proc/sys" or p.startswith("/proc/driver")]
+    masked = [m.mountpoint for m in parse_mountinfo(_read(proc_root / "self" / "mountinfo") or "")
+              if m.mountpoint == "/proc/sys" or m.mountpoint.startswith("/proc/driver")]
     runtime = next(filter(None, (shutil.which(n, path=search_path)
                                  for n in ("apptainer", "singularity"))), None)
     return HostFacts(

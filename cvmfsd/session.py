@@ -530,7 +530,7 @@ async def mount_on_host(dist: Dist, repos: Sequence[str], *, repo_timeout: float
 
 
 async def verify_host_mount(dist: Dist, repo: str, *, probe_timeout: float) -> str | None:
-    """None if ``dist/cvmfs/<repo>`` is a cvmfs2 mount serving ``repo``, else the problem."""
+    """None if ``dist/cvmfs/<repo>`` is a CVMFS mount serving ``repo``, else the problem."""
     from cvmfsd import shim
 
     path = str(dist.mount_dir / repo)

@@ -3,10 +3,11 @@
 ``cvmfsd run`` starts ``<dist>/cvmfsexec REPOS -- python -m cvmfsd.shim ... --
 PAYLOAD``.  Inside the namespace the shim
 
-1. checks every repository itself -- a FUSE mount of ``cvmfs2`` at
-   ``/cvmfs/<repo>`` in its own mount table *and* a root that answers with the
-   right ``user.fqrn`` within a deadline -- because cvmfsexec's exit statuses
-   cannot be trusted for that (a failed ``$CVMFSMOUNT`` may report 0);
+1. checks every repository itself -- a FUSE mount at ``/cvmfs/<repo>`` in
+   its own mount table *and* a root that answers with the right ``user.fqrn``
+   within a deadline (the rule of :mod:`cvmfsd.mountinfo`) -- because
+   cvmfsexec's exit statuses cannot be trusted for that (a failed
+   ``$CVMFSMOUNT`` may report 0);
 2. tells the supervisor the result over the socket it inherited (the
    supervisor learns the shim's host pid from the kernel, through
    SCM_CREDENTIALS, and from it namespace PID 1: the shim's parent);
@@ -35,14 +36,14 @@ import sys
 import threading
 from collections.abc import Sequence
 
-from cvmfsd.mountinfo import fuse_mounts
+from cvmfsd.mountinfo import Mount, fuse_mounts
 
 FORWARDED = (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM)
 CHECK_TIMEOUT = 10.0
 
 
-def _fuse_mounts(path: str = "/proc/self/mountinfo") -> dict[str, str]:
-    """Mount point -> file-system source, for FUSE mounts in this namespace."""
+def _fuse_mounts(path: str = "/proc/self/mountinfo") -> dict[str, Mount]:
+    """Mount point -> mount, for the FUSE mounts in this namespace."""
     with open(path, encoding="utf-8", errors="replace") as f:
         return fuse_mounts(f.read())
 
@@ -61,18 +62,18 @@ def _check_root(path: str, repo: str, result: dict[str, object]) -> None:
     result.update(ok=True, revision=revision)
 
 
-def verify_repo(repo: str, path: str, mounts: dict[str, str],
+def verify_repo(repo: str, path: str, mounts: dict[str, Mount],
                 timeout: float = CHECK_TIMEOUT) -> dict[str, object]:
-    """Check that ``path`` is a cvmfs2 mount serving ``repo``; return ``{"ok": bool, ...}``.
+    """Check that ``path`` is a CVMFS mount serving ``repo``; return ``{"ok": bool, ...}``.
 
-    The root is read in a daemon thread so that a hung FUSE daemon costs a
-    timeout, not the shim: a thread stuck in the kernel cannot be cancelled,
-    but it can be left behind.
+    ``mounts`` is this namespace's FUSE mounts (:func:`cvmfsd.mountinfo.fuse_mounts`);
+    the mount's source is not looked at: real cvmfsexec mounts read
+    ``/dev/fuse``, system mounts ``cvmfs2``.  The root is read in a daemon
+    thread so that a hung FUSE daemon costs a timeout, not the shim: a thread
+    stuck in the kernel cannot be cancelled, but it can be left behind.
     """
     if path not in mounts:
         return {"ok": False, "error": f"{path} is not a FUSE mount in this namespace"}
-    if mounts[path] != "cvmfs2":
-        return {"ok": False, "error": f"{path} is a FUSE mount of {mounts[path]!r}, not cvmfs2"}
     result: dict[str, object] = {"ok": False}
     worker = threading.Thread(target=_check_root, args=(path, repo, result), daemon=True)
     worker.start()

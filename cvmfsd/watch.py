@@ -46,7 +46,7 @@ from typing import NoReturn
 import structlog
 import trio
 
-from cvmfsd.mountinfo import parse_mountinfo
+from cvmfsd.mountinfo import is_fuse, parse_mountinfo
 from cvmfsd.probing import PROBE_DEADLINE, PROBE_WORKER, ProbeResult, ProbeWorker, StuckProbes
 from cvmfsd.talk import talk
 
@@ -100,7 +100,7 @@ def fuse_mount_ids(text: str, mountpoints: Mapping[str, str]) -> dict[str, froze
     """
     ids: dict[str, set[int]] = {}
     for m in parse_mountinfo(text):
-        if m.fstype == "fuse" or m.fstype.startswith("fuse."):
+        if is_fuse(m.fstype):
             ids.setdefault(m.mountpoint, set()).add(m.mount_id)
     return {repo: frozenset(ids.get(point, ())) for repo, point in mountpoints.items()}
 

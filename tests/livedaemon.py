@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -14,6 +15,7 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from cvmfsd import ctl, glidein
+from cvmfsd.talk import short_address
 from tests.conftest import REPO_A, REPO_B, reap, wait_for
 
 CVMFSD = [sys.executable, "-m", "cvmfsd"]
@@ -79,9 +81,14 @@ class Daemon:
 
 
 def talk(path: Path, command: str) -> str:
+    """cvmfs_talk, through a short path: the tests may run in a deep directory."""
+    dirfd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(10)
-        sock.connect(str(path))
+        try:
+            sock.connect(short_address(dirfd, path.name))
+        finally:
+            os.close(dirfd)
         sock.sendall(command.encode())
         chunks = []
         while chunk := sock.recv(65536):

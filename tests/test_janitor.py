@@ -159,12 +159,17 @@ def _log(dist: Path) -> str:
 
 
 def test_dist_mounts_order_and_boundary() -> None:
-    """Newest first, config repo last; a sibling whose path shares the prefix is not ours."""
+    """Newest first, config repo last; a sibling whose path shares the prefix is not ours.
+
+    Only FUSE mounts count, whatever their source: cvmfsexec's read ``fuse /dev/fuse``.
+    """
     dirs = janitor.mount_dirs("/d")
     text = "\n".join(
-        f"{i} 1 0:{i} / {point} rw - fuse cvmfs2 rw" for i, point in enumerate([
-            "/d/dist/cvmfs/config.repo", "/d/dist/cvmfs/a", "/d/dist/cvmfsx/b",
-            "/d/dist/cvmfs", "/d/dist/cvmfs/sp\\040ace", "/e/dist/cvmfs/c",
+        f"{i} 1 0:{i} / {point} rw - {kind} rw" for i, (point, kind) in enumerate([
+            ("/d/dist/cvmfs/config.repo", "fuse /dev/fuse"), ("/d/dist/cvmfs/a", "fuse cvmfs2"),
+            ("/d/dist/cvmfsx/b", "fuse /dev/fuse"), ("/d/dist/cvmfs", "fuse /dev/fuse"),
+            ("/d/dist/cvmfs/sp\\040ace", "fuse.cvmfs2 cvmfs2"), ("/e/dist/cvmfs/c", "fuse x"),
+            ("/d/dist/cvmfs/bound", "ext4 /dev/sda1"),
         ]))
     assert janitor.dist_mounts(text, dirs, "config.repo") == [
         "/d/dist/cvmfs/sp ace", "/d/dist/cvmfs/a", "/d/dist/cvmfs/config.repo"]

@@ -76,16 +76,33 @@ def test_host_cvmfs_and_repos() -> None:
     assert _probe("el9").host_cvmfs.value is False
 
 
-def test_repo_fuse_mount_named_from_mountinfo(tmp_path: Path) -> None:
-    """A wanted repository that is a FUSE mount in mountinfo says so in the evidence."""
-    (tmp_path / "cvmfs" / "repo.a").mkdir(parents=True)
-    (tmp_path / "cvmfs" / "repo.a" / "f").write_text("x")
+@pytest.mark.parametrize(("fstype_source", "fqrn", "present", "said"), [
+    # A system mount (mount.cvmfs adds fsname=cvmfs2, mount/mount.cvmfs.cc:593) and a
+    # cvmfsexec one (no fsname: libfuse names the device, lib/mount.c) count alike.
+    ("fuse cvmfs2", "repo.a", True, "present, a FUSE mount (fuse cvmfs2), user.fqrn repo.a"),
+    ("fuse /dev/fuse", "repo.a", True, "present, a FUSE mount (fuse /dev/fuse), user.fqrn repo.a"),
+    ("fuse.cvmfs2 cvmfs2", "repo.a", True, "present, a FUSE mount (fuse.cvmfs2 cvmfs2)"),
+    ("fuse cvmfs2", "repo.b", False, "serves 'repo.b', not repo.a"),
+    ("fuse sshfs", None, False, "a FUSE mount that answers no user.fqrn: not CVMFS"),
+    ("nfs4 server:/cvmfs/repo.a", None, True, "repo.a: present"),
+])
+def test_host_repo_is_identified_by_fuse_and_fqrn(
+        tmp_path: Path, fstype_source: str, fqrn: str | None, present: bool, said: str) -> None:
+    """A host repository is a FUSE mount answering its user.fqrn, whatever the source."""
+    repo = tmp_path / "cvmfs" / "repo.a"
+    repo.mkdir(parents=True)
+    (repo / "f").write_text("x")
+    if fqrn:
+        os.setxattr(repo, "user.fqrn", fqrn.encode())
     (tmp_path / "self").mkdir()
     (tmp_path / "self" / "mountinfo").write_text(
-        f"41 40 0:51 / {tmp_path}/cvmfs/repo.a ro - fuse cvmfs2 ro,user_id=0\n")
+        f"40 1 0:50 / {tmp_path}/cvmfs rw - autofs systemd-1 rw\n"
+        f"41 40 0:51 / {repo} ro - {fstype_source} ro,user_id=0\n")
     facts = probe_host(proc_root=tmp_path, etc_root=tmp_path, dev_root=tmp_path,
                        cvmfs_root=tmp_path / "cvmfs", repos=["repo.a"], run_checks=False)
-    assert "repo.a: present, a FUSE mount in mountinfo" in facts.repos_present.evidence
+    assert facts.repos_present.value == (("repo.a",) if present else ())
+    assert said in facts.repos_present.evidence
+    assert f"{tmp_path}/cvmfs is autofs" in facts.repos_present.evidence
 
 
 def test_empty_repo_dir_is_not_present(tmp_path: Path) -> None:
