@@ -23,6 +23,7 @@ import struct
 import subprocess
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Union
 
 import structlog
@@ -30,6 +31,7 @@ import trio
 
 from cvmfsd import launch
 from cvmfsd.launch import Dist, LaunchError, LaunchPlan
+from cvmfsd.mountinfo import Mount, fuse_mounts
 from cvmfsd.shim import exit_status
 
 log = structlog.get_logger("cvmfsd.session")
@@ -494,10 +496,61 @@ async def run_direct(argv: Sequence[str], env: Mapping[str, str], *, grace: floa
     return Outcome(exit_status(status), "payload exited", stopped=stopped)
 
 
+async def _run_mountrepo(dist: Dist, repo: str) -> subprocess.CompletedProcess[bytes]:
+    """``mountrepo REPO`` in a process group of its own.
+
+    A cvmfs2 that waits for a locked workspace waits for good (cvmfs.cc
+    ``InitSystemFs``), so the caller bounds this; cancelled, it ends the whole
+    group (mountrepo and the loader under it) with SIGKILL, and what that may
+    leave is for :func:`clear_host_repo`.
+    """
+    async def kill_group(process: trio.Process) -> None:
+        launch.send_signal(process.pid, signal.SIGKILL, group=True)
+
+    return await trio.run_process(
+        [str(dist.root / "mountrepo"), repo], check=False, capture_stdout=True,
+        capture_stderr=True, stdin=subprocess.DEVNULL, start_new_session=True,
+        deliver_cancel=kill_group)
+
+
+def clear_host_repo(dist: Dist, repo: str) -> list[str]:
+    """Leave no cvmfs2 and no mount of ``repo`` under ``dist/cvmfs``; what could not go.
+
+    For a mount that missed its deadline (its loader may have mounted, or
+    daemonised, after mountrepo was killed) and for what ``umountrepo`` could
+    not unmount.  Blocking: run it in a thread.  The cvmfs2 processes go first,
+    so that a lazy unmount is only ever done on a mount no cvmfs2 serves (cvmfs
+    PR #1281: a lazily unmounted repository whose cvmfs2 lives on holds its
+    lock, and the next mount of it hangs).
+    """
+    from cvmfsd import janitor
+
+    dirs = janitor.mount_dirs(str(dist.root))
+    points = {f"{d}/{repo}" for d in dirs}
+
+    def mounted() -> list[str]:
+        return [p for p in janitor.dist_mounts(janitor.read_mountinfo(), dirs) if p in points]
+
+    for point in mounted():  # a live cvmfs2 exits by itself once unmounted
+        janitor.unmount(point, lazy=False)
+    procs = [p for p in janitor.find_cvmfs2(dirs) if p[2] in points]
+    left = [f"cvmfs2 pid {pid}" for pid, _, _ in janitor.stop_cvmfs2(
+        procs, dirs, exit_grace=janitor.EXIT_GRACE, term_grace=janitor.TERM_GRACE)]
+    for point in mounted():
+        if not (janitor.unmount(point, lazy=False)
+                or (not left and janitor.unmount(point, lazy=True))):
+            left.append(point)
+    return left
+
+
 async def mount_on_host(dist: Dist, repos: Sequence[str], *, repo_timeout: float,
                         on_progress: Callable[[int, int, str], None],
                         with_config_repo: bool = True) -> list[str]:
     """Modes 1 and 2: mountrepo each repository in turn and verify it.
+
+    Each repository has ``repo_timeout`` seconds to be mounted and verified;
+    missing it is a failed mount like any other (a :class:`LaunchError`, so
+    the GLIDEIN_CVMFS policy decides), and leaves nothing behind.
 
     Returns:
         The repositories mounted, config repository first.
@@ -510,15 +563,24 @@ async def mount_on_host(dist: Dist, repos: Sequence[str], *, repo_timeout: float
     try:
         for index, repo in enumerate(order, 1):
             on_progress(index, len(order), repo)
-            with trio.fail_after(repo_timeout):
-                result = await trio.run_process(
-                    [str(dist.root / "mountrepo"), repo], check=False, capture_stdout=True,
-                    capture_stderr=True, stdin=subprocess.DEVNULL)
+            deadline = trio.current_time() + repo_timeout
+            result = None
+            with trio.move_on_at(deadline):
+                result = await _run_mountrepo(dist, repo)
+            if result is None:
+                with trio.CancelScope(shield=True):
+                    left = await trio.to_thread.run_sync(clear_host_repo, dist, repo)
+                raise LaunchError(
+                    f"mounting {repo}: not mounted within {repo_timeout:g} s"
+                    + (f" (left behind: {', '.join(left)})" if left else ""),
+                    repo=repo, log_tail=launch.log_tail(dist.log_file(repo)),
+                    hint="raise --mount-timeout, or see " + str(dist.log_file(repo)))
             output = (result.stdout + result.stderr).decode(errors="replace").splitlines()
             if result.returncode != 0:
                 raise launch.mount_failure(dist, repo, result.returncode, output)
             mounted.append(repo)
-            problem = await verify_host_mount(dist, repo, probe_timeout=repo_timeout)
+            problem = await verify_host_mount(
+                dist, repo, probe_timeout=max(deadline - trio.current_time(), 0.1))
             if problem:
                 raise LaunchError(f"mounting {repo}: {problem}", repo=repo)
             log.info("mounted", repo=repo)
@@ -529,12 +591,16 @@ async def mount_on_host(dist: Dist, repos: Sequence[str], *, repo_timeout: float
     return mounted
 
 
+def _host_fuse_mounts() -> dict[str, Mount]:
+    return fuse_mounts(Path("/proc/self/mountinfo").read_text(errors="surrogateescape"))
+
+
 async def verify_host_mount(dist: Dist, repo: str, *, probe_timeout: float) -> str | None:
     """None if ``dist/cvmfs/<repo>`` is a CVMFS mount serving ``repo``, else the problem."""
     from cvmfsd import shim
 
     path = str(dist.mount_dir / repo)
-    mounts = shim._fuse_mounts()
+    mounts = _host_fuse_mounts()
     if path not in mounts:
         return f"{path} is not a FUSE mount after mountrepo reported success"
     result = await trio.to_thread.run_sync(
@@ -544,12 +610,25 @@ async def verify_host_mount(dist: Dist, repo: str, *, probe_timeout: float) -> s
 
 
 async def unmount_on_host(dist: Dist, mounted: Sequence[str]) -> None:
-    """umountrepo each repository, newest first (the config repository last)."""
+    """umountrepo each repository, newest first (the config repository last); then the rest.
+
+    Real ``umountrepo`` calls ``fusermount`` only, never ``fusermount3``
+    (cvmfsexec umountrepo:73,80), and EL9 distributions are built with fuse3:
+    on a node with only ``fusermount3`` it unmounts nothing.  So whatever it
+    leaves mounted (or serving), cvmfsd ends and unmounts itself
+    (:func:`clear_host_repo`, which uses fusermount3 where there is one).
+    """
     for repo in reversed(mounted):
         with trio.move_on_after(KILL_WAIT * 2):
             result = await trio.run_process(
                 [str(dist.root / "umountrepo"), repo], check=False, capture_stdout=True,
                 capture_stderr=True, stdin=subprocess.DEVNULL)
             if result.returncode:
-                log.error("umountrepo failed", repo=repo, status=result.returncode,
-                          output=result.stderr.decode(errors="replace").strip())
+                log.info("umountrepo failed; cvmfsd unmounts it", repo=repo,
+                         status=result.returncode,
+                         output=result.stderr.decode(errors="replace").strip())
+        mounts = _host_fuse_mounts()
+        if any(str(d / repo) in mounts for d in (dist.mount_dir, dist.mount_dir.resolve())):
+            left = await trio.to_thread.run_sync(clear_host_repo, dist, repo)
+            if left:
+                log.error("left behind after unmounting", repo=repo, left=left)

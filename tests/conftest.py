@@ -37,8 +37,9 @@ def _write_tree(root: Path, files: dict[str, str]) -> Path:
 def _short_tmp() -> Iterator[Path]:
     """A temporary directory with a short path.
 
-    The cvmfs_talk socket lives under the distribution, and a unix socket path
-    must stay under 108 bytes; pytest's tmp_path is too deep for that.
+    Unix sockets the tests create (control sockets) must have paths under 108
+    bytes; pytest's tmp_path is too deep for that.  Distributions go below
+    :func:`dist_parent`, which may be deep on purpose.
     """
     path = Path(tempfile.mkdtemp(prefix="cvs", dir="/tmp"))
     path.chmod(0o755)
@@ -61,14 +62,31 @@ def _stratum_dir(short_tmp: Path) -> Path:
     return root
 
 
+#: ``CVMFSD_TEST_DEEP=1`` places every distribution as deep as a glidein would
+#: (``$_CONDOR_SCRATCH_DIR/glide_XXXXXX/...``, glidein_startup.sh:1698,1717), so
+#: that its talk sockets' paths are over 140 bytes: longer than ``sun_path``.
+DEEP = os.environ.get("CVMFSD_TEST_DEEP") == "1"
+
+
+def dist_parent(base: Path) -> Path:
+    """Where a test's distribution goes: ``base``, or a glidein-deep directory below it."""
+    if not DEEP:
+        return base
+    deep = base / "var/lib/condor/execute/dir_4242" / "glide_Xq3Tz9" / "main" / (
+        "cvmfsexec-osg-rhel9-x86_64-" + "p" * 24)
+    deep.mkdir(parents=True)
+    assert len(str(deep / "d/dist/var/lib/cvmfs/shared/cvmfs_io.repo.a")) > 140
+    return deep
+
+
 @pytest.fixture(name="dist")
 def _dist(short_tmp: Path, stratum_dir: Path) -> Iterator[Path]:
-    """A simulated cvmfsexec distribution on ``stratum_dir``.
+    """A simulated cvmfsexec distribution on ``stratum_dir`` (see :data:`DEEP`).
 
     At teardown, every cvmfs2 of this distribution still alive is killed (by
     pid) and every mount left under it is reported as a test failure.
     """
-    target = makedist.make_dist(short_tmp / "d", stratum=stratum_dir)
+    target = makedist.make_dist(dist_parent(short_tmp) / "d", stratum=stratum_dir)
     yield target
     leftovers = cvmfs2_pids(target)
     for pid in leftovers:

@@ -109,7 +109,7 @@ async def test_no_answer_is_a_timeout(tmp_path: Path) -> None:
     """A responder that never answers costs the deadline, then TimeoutError naming it."""
     r = Responder(tmp_path, answer=False)
     try:
-        with pytest.raises(TimeoutError, match="no answer within 0.3 s"):
+        with pytest.raises(TimeoutError, match=r"no answer within 0\.3 s"):
             await talk(r.path, "cache size", deadline=0.3)
     finally:
         r.close()
@@ -117,5 +117,5 @@ async def test_no_answer_is_a_timeout(tmp_path: Path) -> None:
 
 async def test_missing_socket_is_an_oserror(tmp_path: Path) -> None:
     """No socket file (no cvmfs2): OSError at once, naming the path."""
-    with trio.fail_after(1), pytest.raises(OSError, match="cvmfs_io.repo.a"):
+    with trio.fail_after(1), pytest.raises(OSError, match=r"cvmfs_io\.repo\.a"):
         await talk(tmp_path / "cvmfs_io.repo.a", "pid")
