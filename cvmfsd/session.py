@@ -37,6 +37,7 @@ from cvmfsd.shim import exit_status
 log = structlog.get_logger("cvmfsd.session")
 
 KILL_WAIT = 5.0  # seconds to wait for cvmfsexec after SIGKILL of namespace PID 1
+REMOUNT_SLACK = 15.0  # beyond the mount timeout, for the shim's unmount and its check
 _CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
@@ -242,7 +243,10 @@ class Mode3Session:
         except LaunchError:
             self._pending.pop(request_id, None)
             raise
-        await done.wait()
+        try:
+            await done.wait()
+        finally:  # cancelled (a caller's deadline): a late answer is dropped
+            self._pending.pop(request_id, None)
         answer = self._answers.pop(request_id, None)
         if answer is None:
             raise LaunchError(f"the namespace ended before the shim answered {event}")
@@ -267,10 +271,18 @@ class Mode3Session:
     async def remount(self, repo: str) -> Mapping[str, object]:
         """Unmount and mount ``repo`` again inside the namespace; the shim's verification.
 
+        Bounded by the mount timeout (plus the shim's own check): a remount
+        goes through cvmfsexec's one request processor, and a cvmfs2 waiting
+        for a locked workspace would hold it for good.
+
         Raises:
-            LaunchError: the namespace is not ready, or it ended first.
+            LaunchError: the namespace is not ready, it ended first, or the
+                shim did not answer in time.
         """
-        return await self._ask_shim("remount", repo=repo)
+        limit = self.mount_timeout + REMOUNT_SLACK
+        with trio.move_on_after(limit):
+            return await self._ask_shim("remount", repo=repo)
+        raise LaunchError(f"remounting {repo}: no answer from the namespace within {limit:g} s")
 
     # --- the session ------------------------------------------------------------
     async def run(self, spawned: launch.Spawned | None = None) -> Outcome:
