@@ -246,6 +246,45 @@ def test_crash_is_enotconn_within_a_second_then_remounted(
     assert (cvmfsd.work / "after").read_text() == CONTENT
 
 
+@pytest.mark.fuse
+def test_crash_after_the_watchdog_lazily_unmounted_is_remounted(
+        run: Callable[..., Cvmfsd], dist: Path) -> None:
+    """Mode 3, cvmfsd held up past the watchdog: still remounted, the payload reads again.
+
+    A real cvmfs2 that can become (fake) root, as in mode 3, has its watchdog
+    lazily unmount a crashed repository's mount point 2 s later (cvmfs/cvmfs
+    ae7450ec9: cvmfs/auto_umount.cc:52 sleeps 2000 ms, :76-77 needs ENOTCONN,
+    :90-91 unmounts lazily; set up at cvmfs.cc:2319-2321): ``dist/cvmfs/<repo>``
+    is gone while the ``/cvmfs/<repo>`` bind stays ENOTCONN.  cvmfsd is stopped
+    (SIGSTOP) across the crash so that the watchdog acts first, as it would
+    behind a slow or backed-off remount.
+    """
+    cvmfsd = run(mode="3")
+    cvmfsd.wait_started()
+    pid = watched_cvmfs2(cvmfsd, REPO_A)
+    _, status = cvmfsctl_status(cvmfsd.socket)
+    shim = status["shim_pid"]
+    assert isinstance(shim, int)
+    mountinfo = Path(f"/proc/{shim}/mountinfo")
+    private = str(dist / "dist" / "cvmfs" / REPO_A)
+    assert private in mountinfo.read_text()
+    pidfd = os.pidfd_open(pid)
+    cvmfsd.process.send_signal(signal.SIGSTOP)
+    try:
+        assert talk(talk_socket(dist, REPO_A), "sim crash") == "OK\n"
+        crashed = wait_exit(pid, timeout=10, fd=pidfd)
+        wait_for(lambda: private not in mountinfo.read_text(), timeout=6, interval=0.05)
+        assert f"/cvmfs/{REPO_A} " in mountinfo.read_text(), "the bind stays, ENOTCONN"
+    finally:
+        cvmfsd.process.send_signal(signal.SIGCONT)
+    seen, _ = cvmfsd.wait_log(is_event("repository state", REPO_A, new="enotconn"),
+                              after=crashed)
+    cvmfsd.wait_log(is_event("remounted", REPO_A), after=seen, timeout=30)
+    assert private in mountinfo.read_text()
+    assert cvmfsd.finish() == 0, cvmfsd.log_tail()
+    assert (cvmfsd.work / "after").read_text() == CONTENT
+
+
 # -- a hung repository ---------------------------------------------------------------
 
 
