@@ -114,6 +114,7 @@ class Sim:
         self.log = root / "repo.log"
         self.conf = root / "conf"
         self.pids: list[int] = []
+        self.helpers: list[int] = []
         (self.src / "sub").mkdir(parents=True)
         self.mnt.mkdir()
         (self.src / "hello.txt").write_text("hello world\n")
@@ -145,8 +146,11 @@ class Sim:
         argv = [*prefix, sys.executable, "-m", "cvmfsd.sim.cvmfs2"]
         argv += ["-o", f"config={self.conf}{options}", FQRN, str(self.mnt)]
         done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
-        if done.returncode == 0:
+        if done.returncode == 0 and "already mounted" not in done.stderr:
             self.pids.append(int(self.talk("pid")))
+            # Separate processes upstream: killed at clean-up too (the watchdog
+            # would otherwise linger for its 2 s crash handler).
+            self.helpers += [int(self.talk("pid watchdog")), int(self.talk("pid cachemgr"))]
         return done
 
     def talk(self, command: str) -> str:
@@ -166,7 +170,7 @@ class Sim:
             return any(line.split()[4] == str(self.mnt) for line in mountinfo)
 
     def cleanup(self) -> None:
-        for pid in self.pids:
+        for pid in self.pids + self.helpers:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         for _ in range(3):
@@ -229,7 +233,9 @@ def test_mount_read_and_cache_counters(sim: Sim) -> None:
         for x in Path("/proc/self/mountinfo").read_text().splitlines()
         if x.split()[4] == str(sim.mnt)
     )
-    assert " - fuse cvmfs2 " in line and "allow_other" not in line
+    # No fsname/subtype: loader.cc:1022/1049 mount directly, libfuse
+    # (fuse-3.10.2 lib/mount.c:447-448) then uses the device as the source.
+    assert " - fuse /dev/fuse " in line and "allow_other" not in line
     assert line.split()[5].startswith("ro,")
     assert sorted(p.name for p in sim.mnt.iterdir()) == ["hello.txt", "link", "sub"]
     assert str((sim.mnt / "link").readlink()) == "hello.txt"
@@ -255,7 +261,7 @@ def test_mount_read_and_cache_counters(sim: Sim) -> None:
     assert sim.xattr("host") == f"file://{sim.stratum}/{FQRN}"
     assert sim.xattr("nioerr") == "0"
     assert sim.xattr("root_hash") == stratum.read_manifest(sim.stratum, FQRN).root_hash
-    assert int(sim.xattr("expires")) in (3, 4)
+    assert int(sim.xattr("expires")) in (3, 4)  # 240 s TTL, truncated to minutes
     with pytest.raises(OSError) as info:
         os.getxattr(sim.mnt, "user.nonsense")
     assert info.value.errno == errno.ENODATA
@@ -276,21 +282,16 @@ def test_mount_read_and_cache_counters(sim: Sim) -> None:
 @pytest.mark.fuse
 @needs_fuse
 def test_cache_survives_remount_and_double_mount_refused(sim: Sim) -> None:
-    """A second daemon on the same cache is refused; after a clean unmount the cache hits."""
+    """Mounting again where it is mounted exits 0; after a clean unmount the cache hits.
+
+    cvmfs/loader.cc:985-990 and cvmfs/cvmfs.cc:2233-2248 (more in test_fidelity_cvmfs2).
+    """
     sim.publish()
     assert sim.mount().returncode == 0
     read_file(sim.mnt / "hello.txt")
-    other = sim.root / "mnt2"
-    other.mkdir()
-    second = subprocess.run(
-        [sys.executable, "-m", "cvmfsd.sim.cvmfs2", "-o", f"config={sim.conf}", FQRN, str(other)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert second.returncode == LoaderCode.DOUBLE_MOUNT
-    assert f"already mounted on {sim.mnt} (21 - double mount)" in second.stderr
+    second = sim.mount()
+    assert second.returncode == 0
+    assert second.stderr == f"\nCernVM-FS: repository {FQRN} already mounted on {sim.mnt}\n"
     pid = sim.pids[0]
     os.kill(pid, signal.SIGTERM)
     wait_for(lambda: process_gone(pid), 10, "cvmfs2 to exit on SIGTERM")
@@ -357,7 +358,12 @@ def test_mount_failures_exit_with_loader_codes(
 @pytest.mark.fuse
 @needs_fuse
 def test_crash_leaves_enotconn(sim: Sim) -> None:
-    """A crash kills the daemon without a core file; the mount answers ENOTCONN."""
+    """A crash kills the daemon without a core file; the mount answers ENOTCONN.
+
+    Its watchdog waits 2 s before it looks at the mount (cvmfs/auto_umount.cc), so
+    right after the crash the mount answers ENOTCONN whoever runs it; what the
+    watchdog does next is pinned in test_fidelity_cvmfs2.
+    """
     sim.publish()
     assert sim.mount().returncode == 0
     list(sim.mnt.iterdir())

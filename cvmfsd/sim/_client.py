@@ -11,10 +11,15 @@ import os
 import time
 from dataclasses import dataclass
 
+from cvmfsd.sim._cachemgr import SharedCacheClient
 from cvmfsd.sim._fetch import DownloadError, Fetcher
 from cvmfsd.sim._settings import Settings
 from cvmfsd.sim._state import Counters, Inodes, Log, Tree
+from cvmfsd.sim._watchdog import Watchdog
 from cvmfsd.sim.stratum import CATALOG_SUFFIX, Faults, StratumError, parse_catalog
+
+#: mountpoint.h ``kShortTermTTL``: the TTL applied after a failed revision check.
+SHORT_TERM_TTL = 180
 
 
 class CatalogError(Exception):
@@ -42,6 +47,9 @@ class Client:
         self.faults = Faults()
         self.boot_time = time.time()
         self.mount_time = time.monotonic()
+        #: fuse_remount.cc ``catalogs_valid_until_`` (monotonic): renewed by each
+        #: check, so it lies in the past while a check is under way or stalls.
+        self.valid_until = time.monotonic()
         self.files: dict[int, OpenFile] = {}
         self.dirs: dict[int, str] = {}
         self._next_fh = 1
@@ -50,6 +58,20 @@ class Client:
         self.hanging = False
         #: ``sim eio on|off`` overrides the fault file's ``eio`` knob.
         self.eio_override: bool | None = None
+        #: The crash watchdog process (None with ``-o disable_watchdog``).
+        self.watchdog: Watchdog | None = None
+        #: The connection to the shared cache manager (None for a private cache).
+        self.cachemgr: SharedCacheClient | None = None
+
+    @property
+    def watchdog_pid(self) -> int:
+        """``Watchdog::GetPid``: the watchdog's pid, or our own without one."""
+        return self.watchdog.pid if self.watchdog is not None else os.getpid()
+
+    @property
+    def cachemgr_pid(self) -> int:
+        """``QuotaManager::GetPid``: the shared cache manager's pid, or our own."""
+        return self.cachemgr.pid if self.cachemgr is not None else os.getpid()
 
     @property
     def tree(self) -> Tree:
@@ -86,6 +108,7 @@ class Client:
         """Serve ``tree`` from now on; return whether the revision changed."""
         old = self._tree
         self._tree = tree
+        self.valid_until = time.monotonic() + tree.manifest.ttl
         self.counters.set("catalog_revision", tree.manifest.revision)
         if old is not None and old.manifest.root_hash != tree.manifest.root_hash:
             self.fetcher.unpin(old.manifest.root_hash)
@@ -108,8 +131,13 @@ class Client:
             tree = self.load()
         except CatalogError as exc:
             self.log.info(f"failed to check for a new revision: {exc}")
+            self.valid_until = time.monotonic() + SHORT_TERM_TTL  # "applying short term TTL"
             return "Failed"
         return "New revision applied" if self.apply(tree) else "Catalog up to date"
+
+    def expires_in(self) -> float:
+        """Seconds until the root catalog's TTL runs out; negative once it has."""
+        return self.valid_until - time.monotonic()
 
     # -- handles and errors -----------------------------------------------------
 

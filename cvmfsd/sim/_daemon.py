@@ -3,7 +3,9 @@
 Theory of operation: :func:`serve` owns one nursery with the talk server, the
 revision watcher (re-reads the manifest when the root catalog TTL runs out),
 the fault watcher (polls the stratum's fault knobs once a second and fires
-``crash_after``/``hang_after``) and the signal watcher. ``pyfuse3.main()``
+``crash_after``/``hang_after``), the watchdog listener (monitor.cc
+``MainWatchdogListener``: the watchdog gone means abort) and the signal
+watcher. ``pyfuse3.main()``
 runs in the nursery's body and returns when the file system is unmounted from
 outside; a SIGTERM/SIGINT cancels everything instead, including FUSE handlers
 stalled by a hang. Either way the session is closed afterwards, unmounting
@@ -33,11 +35,21 @@ _PR_SET_DUMPABLE = 4
 
 
 def crash(client: Client, reason: str) -> NoReturn:
-    """Die abruptly like a crashing cvmfs2, leaving no core file behind.
+    """Die like a cvmfs2 that received SIGABRT, leaving no core file behind.
 
-    The kernel then aborts the FUSE connection, so the mount answers ENOTCONN.
+    With a watchdog, as its crash-signal handler does (monitor.cc
+    ``SendTrace``): tell the watchdog, which SIGKILLs this process and then
+    runs its crash handler (lazy unmount after 2 s if it can regain root).
+    Without one (``-o disable_watchdog``), abort. Either way the kernel then
+    aborts the FUSE connection, so the mount answers ENOTCONN.
     """
-    client.log.info(f"simulated crash ({reason}): aborting (signal 6)")
+    client.log.info(f"simulated crash ({reason}): signal 6")
+    if client.watchdog is not None and client.watchdog.spawned:
+        client.watchdog.send_trace(signal.SIGABRT, 0)
+    _abort()
+
+
+def _abort() -> NoReturn:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     # Not dumpable also stops pipe core handlers (systemd-coredump, apport).
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
@@ -46,15 +58,12 @@ def crash(client: Client, reason: str) -> NoReturn:
 
 async def _watch_revision(client: Client) -> NoReturn:
     while True:
-        left = client.tree.expires_in()
+        left = client.expires_in()
         if left > 0:
             await trio.sleep(left)
             continue  # a talk remount may have renewed the TTL meanwhile
-        status = await trio.to_thread.run_sync(client.check_revision)
-        if status == "Failed":
-            # Keep serving the old revision and retry soon, like the real
-            # client's short-term TTL after a failed update.
-            await trio.sleep(min(client.tree.manifest.ttl, 60))
+        # A failed check keeps the old revision with a short-term TTL (180 s).
+        await trio.to_thread.run_sync(client.check_revision)
 
 
 async def _watch_faults(client: Client, die: Callable[[str], NoReturn]) -> NoReturn:
@@ -75,6 +84,14 @@ async def _watch_faults(client: Client, die: Callable[[str], NoReturn]) -> NoRet
             if deadline is not None and deadline > elapsed:
                 wait = min(wait, deadline - elapsed)
         await trio.sleep(wait)
+
+
+async def _watch_watchdog(client: Client, listener: int) -> NoReturn:
+    """Abort when the watchdog disappears (its end of the listener pipe hangs up)."""
+    await trio.lowlevel.wait_readable(listener)
+    client.log.info("watchdog disappeared, disabling stack trace reporting")
+    client.log.info("watchdog disappeared, aborting")
+    _abort()
 
 
 async def serve(client: Client, talk: socket.socket, on_ready: Callable[[], None]) -> bool:
@@ -108,6 +125,8 @@ async def serve(client: Client, talk: socket.socket, on_ready: Callable[[], None
 
             nursery.start_soon(stop_on_signal)
             on_ready()
+            if client.watchdog is not None:
+                nursery.start_soon(_watch_watchdog, client, client.watchdog.listener)
             await pyfuse3.main()
             unmounted_outside = True
             client.log.info("file system unmounted, exiting")

@@ -54,7 +54,9 @@ def _active_proxy(c: Client) -> str:
 #: Magic xattrs (without the ``user.`` prefix) and how to compute each value.
 XATTRS: dict[str, Callable[[Client], str]] = {
     "catalog_counters": _tree_counters,
-    "expires": lambda c: str(max(0, int(c.tree.expires_in() // 60))),
+    # cvmfs.cc ExpiresMagicXattr: (valid_until - now) / 60 in C, i.e. truncated
+    # towards zero, and negative once the TTL ran out without a new catalog.
+    "expires": lambda c: str(int(c.expires_in() / 60)),
     "fqrn": lambda c: c.settings.fqrn,
     "hitrate": _hitrate,
     "host": lambda c: c.fetcher.active_url,

@@ -5,11 +5,16 @@ Defaults and derived paths follow the real client (``mount/default.conf``,
 ``CVMFS_CACHE_DIR``, else ``<CVMFS_CACHE_BASE>/shared`` for a shared cache or
 ``<CVMFS_CACHE_BASE>/<fqrn>``; the workspace is ``CVMFS_WORKSPACE``, else the
 cache directory; the talk socket is ``CVMFS_TALK_SOCKET``, else
-``<workspace>/cvmfs_io.<fqrn>``.
+``<workspace>/cvmfs_io.<fqrn>``. cvmfs2 itself binds it as
+``./cvmfs_io.<fqrn>`` (``mountpoint.cc``: ``talk_socket_path_``), relative to
+the workspace it has changed into (``FileSystem::SetupCwd``);
+:attr:`Settings.talk_bind` is that spelling, :attr:`Settings.talk_socket` the
+absolute path a client uses.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +67,7 @@ class Settings:
     cache_dir: Path
     workspace: Path
     talk_socket: Path
+    talk_bind: str
     quota_limit_mb: int
     nfiles: int
     usyslog: Path | None
@@ -128,7 +134,9 @@ def make_settings(
     shared = _is_on(config.get("CVMFS_SHARED_CACHE", "yes"))
     cache_dir = Path(config.get("CVMFS_CACHE_DIR") or (cache_base / ("shared" if shared else fqrn)))
     workspace = Path(config.get("CVMFS_WORKSPACE") or cache_dir)
-    talk = Path(config.get("CVMFS_TALK_SOCKET") or workspace / f"cvmfs_io.{fqrn}")
+    talk_bind = config.get("CVMFS_TALK_SOCKET") or f"./cvmfs_io.{fqrn}"
+    talk = workspace / talk_bind if not talk_bind.startswith("/") else Path(talk_bind)
+    talk = Path(os.path.normpath(talk))
     debuglog = config.get("CVMFS_DEBUGLOG", "")
     usyslog = config.get("CVMFS_USYSLOG", "")
     nfiles = _int(config, "CVMFS_NFILES", 131072)
@@ -149,6 +157,7 @@ def make_settings(
         cache_dir=cache_dir,
         workspace=workspace,
         talk_socket=talk,
+        talk_bind=talk_bind,
         quota_limit_mb=_int(config, "CVMFS_QUOTA_LIMIT", 4000),
         nfiles=nfiles,
         usyslog=Path(usyslog) if usyslog else None,

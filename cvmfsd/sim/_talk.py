@@ -1,9 +1,17 @@
 """The ``cvmfs_talk`` control socket of the simulated ``cvmfs2``.
 
-Like the real responder (``talk.cc``), connections are served one at a time:
-read one command (up to 4096 bytes, sent without a newline), answer, close.
-The socket lives in the trio loop next to the FUSE handlers but never waits
-on them, so it keeps answering while the file system hangs.
+Like the real responder (``talk.cc`` ``MainResponder``), connections are
+served one at a time: **one** ``recv`` of at most 512 bytes
+(``kMaxCommandSize``, talk.h:42) is the command, a single trailing NUL
+dropped, nothing else trimmed (``"pid\n"`` is an unknown command); anything a
+client sent beyond 512 bytes is never read, the answer goes to the first 512
+and the connection is shut down. The listen backlog is 1 (talk.cc:89). The
+socket lives in the trio loop next to the FUSE handlers but never waits on
+them, so it keeps answering while the file system hangs.
+
+Where the simulation differs: a client that connects and sends nothing is
+dropped after 10 s; the real responder waits in ``recv`` for ever and
+answers nobody else meanwhile.
 
 Besides the real commands, three **simulation-only** commands inject faults
 on demand (they do not exist in real CVMFS):
@@ -16,7 +24,9 @@ on demand (they do not exist in real CVMFS):
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 from collections.abc import Callable
 from typing import NoReturn
 
@@ -26,7 +36,7 @@ from cvmfsd.sim import _report
 from cvmfsd.sim._client import Client
 from cvmfsd.sim._settings import VERSION
 
-MAX_COMMAND = 4096
+MAX_COMMAND = 512  # TalkManager::kMaxCommandSize (talk.h:42)
 _CONNECTION_TIMEOUT = 10.0  # policy: a client that sends nothing is dropped
 
 _STATIC: dict[str, Callable[[Client], str]] = {
@@ -37,10 +47,10 @@ _STATIC: dict[str, Callable[[Client], str]] = {
     "mountpoint": lambda c: c.settings.mountpoint + "\n",
     "open catalogs": _report.open_catalogs,
     "parameters": _report.parameters,
-    # One process plays the fuse module, the cache manager and the watchdog.
     "pid": lambda c: f"{os.getpid()}\n",
-    "pid cachemgr": lambda c: f"{os.getpid()}\n",
-    "pid watchdog": lambda c: f"{os.getpid()}\n",
+    # Separate processes, as upstream (talk.cc ~671-677).
+    "pid cachemgr": lambda c: f"{c.cachemgr_pid}\n",
+    "pid watchdog": lambda c: f"{c.watchdog_pid}\n",
     "proxy info": _report.proxy_info,
     "revision": lambda c: f"{c.tree.manifest.revision}\n",
     "timeout info": _report.timeout_info,
@@ -94,12 +104,16 @@ async def serve_talk(
         command = ""
         with trio.move_on_after(_CONNECTION_TIMEOUT):
             data = await stream.receive_some(MAX_COMMAND)
-            # The real client may send a trailing NUL; a human may add a newline.
-            command = data.rstrip(b"\0").decode(errors="replace").strip()
-            if command:
-                client.log.debug(f"talk: {command!r}")
+            if data.endswith(b"\0"):
+                data = data[:-1]
+            command = data.decode(errors="replace")
+            if data:
+                client.log.debug(f"received {command} (length {len(data)})")
                 reply = await answer(client, command, crash)
-                await stream.send_all(reply.encode())
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await stream.send_all(reply.encode())
+        with contextlib.suppress(OSError):
+            conn.shutdown(socket.SHUT_RDWR)
         conn.close()
         if command == "sim crash":
             crash("sim crash via cvmfs_talk")

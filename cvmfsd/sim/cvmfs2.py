@@ -3,44 +3,74 @@
 It is a drop-in for the real loader as cvmfsexec's ``mountrepo`` calls it,
 and behaves like it where the supervisor can tell:
 
-1. Parse options and the configuration files (``-o config=a:b``) *before*
-   daemonising, because ``mountrepo`` deletes the file as soon as we return.
+1. Set umask 007 (``loader.cc`` ``FuseMain``), parse options and the
+   configuration files (``-o config=a:b``) *before* daemonising, because
+   ``mountrepo`` deletes the file as soon as we return. A missing mount point
+   is ``Mount point <mnt> does not exist`` and code 3, before anything is
+   printed on stdout (``loader.cc``).
 2. Print ``CernVM-FS: loading Fuse module... `` and initialise like the fuse
-   module does: fault knobs (``mount_delay``, ``mount_fail``), cache directory
-   (code 9), the per-repository lock (code 21), manifest and root catalog
-   (code 16), talk socket (code 14); then print ``done``.
-3. Mount (code 4, or 3 when /dev/fuse cannot be opened). Without
-   ``allow_other``: the kernel then lets in only the mounting user, which in
-   cvmfsexec mode 3 is the real uid behind fake root, so the supervisor can
-   read the mount through ``/proc/<pid>/root`` from the initial namespace.
-4. Fork; the child starts a session, serves, and reports through a pipe once
-   every service runs; the parent prints ``CernVM-FS: mounted cvmfs on <mnt>``
-   and exits 0. Failures print ``<reason> (<code> - <text>)`` on stderr and exit
-   with the loader code (see :mod:`cvmfsd.loader`).
+   module's ``Init`` does: fork the crash watchdog (:mod:`._watchdog`; not with
+   ``-o disable_watchdog``); fault knobs (``mount_delay``, ``mount_fail``);
+   cache directory (code 9); the workspace lock ``lock.<fqrn>`` (see
+   :func:`_lock`: a double mount exits 0, a lock held by a cvmfs2 still
+   shutting down is waited for); change into the workspace; the shared cache
+   manager (:mod:`._cachemgr`, code 12); manifest and root catalog (code 16);
+   the talk socket ``./cvmfs_io.<fqrn>``, relative to the workspace (code 14,
+   see :func:`make_socket`); then print ``done``.
+3. Mount (code 4, or 3 when /dev/fuse cannot be opened) with no ``fsname`` and
+   no ``subtype``: the loader calls ``fuse_mount``/``fuse_session_mount``
+   directly and libfuse then names the device as the source, so mountinfo
+   reads ``fuse`` / ``/dev/fuse``. Without ``allow_other``: the kernel then
+   lets in only the mounting user, which in cvmfsexec mode 3 is the real uid
+   behind fake root, so the supervisor can read the mount through
+   ``/proc/<pid>/root`` from the initial namespace.
+4. Fork; the child starts a session (keeping the workspace as its working
+   directory, as ``Daemonize`` does), starts the watchdog's supervision,
+   serves, and reports through a pipe once every service runs; the parent
+   prints ``CernVM-FS: mounted cvmfs on <mnt>`` and exits 0. Failures print
+   ``<reason> (<code> - <text>)`` on stderr and exit with the loader code (see
+   :mod:`cvmfsd.loader`).
 
 ``-f`` keeps it in the foreground (no fork), as the real ``-f``.
+``__cachemgr__`` as the first argument runs the shared cache manager instead.
+
+Where the simulation differs: the real loader prints ``mounted cvmfs on``
+and exits right after forking, before the daemon's services run; the
+simulated one waits for them. There is no loader socket
+(``CVMFS_RELOAD_SOCKETS``) and no reload.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import os
 import resource
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from cvmfsd.loader import LoaderCode
-from cvmfsd.sim import cvmfsconf
+from cvmfsd.sim import _cachemgr, cvmfsconf
 from cvmfsd.sim._client import CatalogError, Client
 from cvmfsd.sim._settings import VERSION, Settings, SettingsError, make_settings
+from cvmfsd.sim._state import Log
+from cvmfsd.sim._watchdog import Watchdog, fork_watchdog
 from cvmfsd.sim.stratum import StratumError, validate_fqrn
+
+#: ``sizeof(sockaddr_un.sun_path)``: longer socket paths go through a short symlink.
+SUN_PATH_MAX = 108
+#: talk.cc ``TalkManager::Create``: ``listen(socket_fd_, 1)``.
+TALK_BACKLOG = 1
 
 USAGE = (
     "Usage: cvmfs2 [-h] [-V] [-f] [-d] [-o mount options] <repository name> <mount point>\n"
-    "Mount options: config=<file>[:<file>...], debug, and FUSE options (ignored)\n"
+    "Mount options: config=<file>[:<file>...], debug, disable_watchdog, and FUSE options"
+    " (ignored)\n"
 )
 
 #: ``Code2Ascii`` texts of the real loader, printed after a failure's code.
@@ -137,40 +167,137 @@ def _read_config(options: dict[str, str], fqrn: str, mountpoint: str) -> Setting
         raise LoaderFailure(exc.code, exc.message) from None
 
 
-def _lock(settings: Settings) -> int:
-    """Take the per-repository lock in the workspace; return its descriptor."""
+def _lock(settings: Settings, log: Log) -> int:
+    """Take the workspace lock ``lock.<fqrn>``; return its descriptor.
+
+    ``FileSystem::LockWorkspace`` (``mountpoint.cc``) and ``InitSystemFs``
+    (``cvmfs.cc`` ~2225-2245): if another process holds the lock, the
+    ``user.fqrn`` attribute of the mount point decides. It names this
+    repository: it is already mounted there (``DOUBLE_MOUNT``, which the loader
+    turns into exit 0). It names another one: ``OTHER_MOUNT``. It cannot be
+    read (not a cvmfs mount, e.g. the holder is a cvmfs2 still shutting down,
+    or a crashed mount answering ENOTCONN): wait for the lock, without a
+    deadline (``wait_workspace``).
+    """
     path = settings.workspace / f"lock.{settings.fqrn}"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise LoaderFailure(
+            LoaderCode.CACHE_DIR, f"could not acquire workspace lock ({exc.errno})"
+        ) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return fd
     except BlockingIOError:
-        holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "?"
-        os.close(fd)
+        pass
+    try:
+        owner: str | None = os.getxattr(settings.mountpoint, "user.fqrn").decode(
+            errors="replace"
+        )
+    except OSError:
+        owner = None
+    if owner is None:
+        log.info(f"another process holds {path}, waiting.")
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        log.info(f"lock {path} acquired")
+        return fd
+    os.close(fd)
+    if owner == settings.fqrn:
         raise LoaderFailure(
-            LoaderCode.DOUBLE_MOUNT, f"Repository {settings.fqrn} is already mounted on {holder}"
-        ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{settings.mountpoint}\n".encode(), 0)
-    return fd
+            LoaderCode.DOUBLE_MOUNT, f"repository already mounted on {settings.mountpoint}"
+        )
+    raise LoaderFailure(
+        LoaderCode.OTHER_MOUNT,
+        f"CernVM-FS repository {settings.fqrn} already mounted on {settings.mountpoint}",
+    )
+
+
+def _make_short_socket_link(path: str) -> str | None:
+    """``MakeShortSocketLink`` (util/posix.cc): ``/tmp/cvmfs.XXXXXX/l`` -> the socket's dir."""
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix="cvmfs.", dir="/tmp"))
+    except OSError:
+        return None
+    link = tmp / "l"
+    # GetParentPath/GetFileName split at the last '/' (the path may be relative).
+    parent, _, name = path.rpartition("/")
+    result = f"{link}/{name}"
+    if len(os.fsencode(result)) >= SUN_PATH_MAX:
+        tmp.rmdir()
+        return None
+    try:
+        link.symlink_to(parent)
+    except OSError:
+        tmp.rmdir()
+        return None
+    return result
+
+
+def _remove_short_socket_link(short: str) -> None:
+    link = Path(short).parent
+    with contextlib.suppress(OSError):
+        link.unlink()
+    with contextlib.suppress(OSError):
+        link.parent.rmdir()
+
+
+def make_socket(path: str, mode: int) -> socket.socket:
+    """``MakeSocket`` (util/posix.cc ~325-380): bind a unix socket at ``path``.
+
+    A path of ``sizeof(sun_path)`` (108) bytes or more is bound through a
+    temporary symlink ``/tmp/cvmfs.XXXXXX/l`` to its directory, which is
+    removed right after the bind. The socket gets ``mode`` before the bind
+    (the kernel applies the umask to it). A bind failing with EADDRINUSE
+    unlinks ``path`` and tries once more.
+
+    Raises:
+        OSError: the socket cannot be bound.
+    """
+    short = path
+    if len(os.fsencode(path)) >= SUN_PATH_MAX:
+        made = _make_short_socket_link(path)
+        if made is None:
+            raise OSError(errno.ENAMETOOLONG, "cannot shorten the socket path", path)
+        short = made
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        os.fchmod(sock.fileno(), mode)
+        try:
+            sock.bind(short)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            Path(path).unlink()  # "Second try, perhaps the file was left over"
+            sock.bind(short)
+    except OSError:
+        sock.close()
+        raise
+    finally:
+        if short != path:
+            _remove_short_socket_link(short)
+    return sock
 
 
 def _talk_socket(settings: Settings) -> socket.socket:
-    path = settings.talk_socket
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    """``TalkManager::Create`` (talk.cc ~85-90): ``MakeSocket(path, 0660)``, ``listen(fd, 1)``.
+
+    The path is ``./cvmfs_io.<fqrn>`` (or ``CVMFS_TALK_SOCKET`` as written),
+    resolved against the working directory, which is the workspace by now.
+    """
     try:
-        path.unlink(missing_ok=True)  # a dead daemon's socket; the lock says it is dead
-        sock.bind(str(path))
-        path.chmod(0o660)
-        sock.listen(8)
+        sock = make_socket(settings.talk_bind, 0o660)
+        sock.listen(TALK_BACKLOG)
     except OSError as exc:
-        sock.close()
         raise LoaderFailure(
-            LoaderCode.TALK, f"failed to initialize talk socket {path} ({exc.strerror or exc})"
+            LoaderCode.TALK, f"failed to initialize talk socket ({exc.errno or 0})"
         ) from None
     return sock
 
 
-def _initialise(client: Client) -> tuple[int, socket.socket]:
+def _initialise(
+    client: Client, watchdog: Watchdog | None, foreground: bool
+) -> tuple[int, socket.socket]:
     """The fuse module's start-up; returns the lock fd and the talk socket."""
     s = client.settings
     try:
@@ -183,18 +310,58 @@ def _initialise(client: Client) -> tuple[int, socket.socket]:
         raise LoaderFailure(client.faults.mount_fail, "Failed to mount repository (simulated)")
     try:
         client.fetcher.setup_cache()
-        s.workspace.mkdir(parents=True, exist_ok=True)
+        s.workspace.mkdir(mode=0o770, parents=True, exist_ok=True)
     except OSError as exc:
         raise LoaderFailure(
             LoaderCode.CACHE_DIR, f"Failed to setup cache in {s.cache_dir}: {exc.strerror or exc}"
         ) from None
-    lock_fd = _lock(client.settings)
+    lock_fd = _lock(client.settings, client.log)
     try:
-        client.apply(client.load())
-    except CatalogError as exc:
-        client.log.info(f"failed to load the root catalog: {exc}")
-        raise LoaderFailure(LoaderCode.CATALOG, "Failed to initialize root file catalog") from None
-    return lock_fd, _talk_socket(s)
+        os.chdir(s.workspace)  # FileSystem::SetupCwd
+    except OSError:
+        os.close(lock_fd)
+        raise LoaderFailure(
+            LoaderCode.CACHE_DIR, f"workspace {s.workspace} is unavailable"
+        ) from None
+    try:
+        if s.shared_cache:
+            _connect_cachemgr(client, lock_fd, watchdog, foreground)
+        try:
+            client.apply(client.load())
+        except CatalogError as exc:
+            client.log.info(f"failed to load the root catalog: {exc}")
+            raise LoaderFailure(
+                LoaderCode.CATALOG, "Failed to initialize root file catalog"
+            ) from None
+        return lock_fd, _talk_socket(s)
+    except LoaderFailure:
+        os.close(lock_fd)
+        raise
+
+
+def _connect_cachemgr(
+    client: Client, lock_fd: int, watchdog: Watchdog | None, foreground: bool
+) -> None:
+    """Connect to (or start) ``cvmfs2 __cachemgr__`` (``FileSystem::SetupPosixQuotaMgr``)."""
+    s = client.settings
+    cache_path = "." if s.cache_dir == s.workspace else str(s.cache_dir)
+    cache_workspace = cache_path if s.cache_dir == s.workspace else f"{cache_path}:{s.workspace}"
+    # ExecAsDaemon closes nothing and these are opened without O_CLOEXEC
+    # upstream; ManagedExec (foreground) closes them.
+    inherit = [] if foreground else [lock_fd, *(watchdog.fds() if watchdog else ())]
+    try:
+        client.cachemgr = _cachemgr.connect(
+            s.workspace,
+            cache_workspace,
+            program=_cachemgr.program(),
+            limit=s.quota_limit_mb * 1024 * 1024,
+            log_spec=f"{s.debuglog or ''}:{s.usyslog or ''}",
+            inherit=inherit,
+            log=client.log,
+        )
+    except (_cachemgr.CacheMgrError, OSError) as exc:
+        client.log.info(f"failed to initialize shared lru cache: {exc}")
+        raise LoaderFailure(LoaderCode.QUOTA, "Failed to initialize shared lru cache") from None
 
 
 def _mount(client: Client) -> None:
@@ -205,9 +372,9 @@ def _mount(client: Client) -> None:
     if not os.access("/dev/fuse", os.R_OK | os.W_OK):
         raise LoaderFailure(LoaderCode.PERMISSION, "Failed to open /dev/fuse: permission denied")
     mnt = client.settings.mountpoint
-    if not Path(mnt).is_dir():
-        raise LoaderFailure(LoaderCode.MOUNT, f"Failed to mount: {mnt} is not a directory")
-    options = {"fsname=cvmfs2", "ro", "nodev", "nosuid", "default_permissions"}
+    # No fsname, no subtype: loader.cc mounts with fuse_mount/fuse_session_mount
+    # directly, so libfuse names the device: mountinfo reads "fuse /dev/fuse".
+    options = {"ro", "nodev", "nosuid", "default_permissions"}
     try:
         pyfuse3.init(CvmfsOperations(client), mnt, options)
     except RuntimeError as exc:
@@ -237,6 +404,9 @@ def _run_daemon(client: Client, talk: socket.socket, ready_fd: int | None) -> in
 
     def on_ready() -> None:
         client.log.info(f"CernVM-FS: mounted cvmfs on {client.settings.mountpoint}")
+        if client.watchdog is not None:
+            # cvmfs.cc Spawn(): the crash dump goes to <cwd>/stacktrace.<fqrn>.
+            client.watchdog.spawn(f"{Path.cwd()}/stacktrace.{client.settings.fqrn}")
         if ready_fd is not None:
             os.write(ready_fd, bytes([0]))
             os.close(ready_fd)
@@ -249,9 +419,12 @@ def _run_daemon(client: Client, talk: socket.socket, ready_fd: int | None) -> in
         raise
     finally:
         talk.close()
-        client.settings.talk_socket.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            Path(client.settings.talk_bind).unlink()  # ~TalkManager, relative to the workspace
         client.close_all()
     pyfuse3.close(unmount=not unmounted)
+    if client.watchdog is not None:
+        client.watchdog.quit()
     return 0
 
 
@@ -268,8 +441,7 @@ def _daemonize(client: Client, talk: socket.socket) -> int:
         print(f"CernVM-FS: mounted cvmfs on {client.settings.mountpoint}", flush=True)
         return status[0]
     os.close(read_end)
-    os.setsid()
-    os.chdir("/")
+    os.setsid()  # Daemonize() keeps the working directory: the workspace
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
@@ -292,11 +464,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: arguments without the program name (default ``sys.argv[1:]``).
     """
     args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] in ("-V", "--version"):
-        print(f"CernVM-FS version {VERSION}")
-        return 0
-    if args and args[0] in ("-h", "--help"):
-        sys.stdout.write(USAGE)
+    os.umask(0o007)  # loader.cc FuseMain: "a decent umask", group may use the talk socket
+    if args and args[0] == _cachemgr.ARGV_FLAG:
+        return _cachemgr.main(args)
+    if args and args[0] in ("-V", "--version", "-h", "--help"):
+        version = args[0] in ("-V", "--version")
+        sys.stdout.write(f"CernVM-FS version {VERSION}\n" if version else USAGE)
         return 0
     try:
         options, fqrn, mountpoint, foreground = _parse_args(args)
@@ -304,24 +477,55 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (LoaderFailure, StratumError) as exc:
         sys.stderr.write(f"{exc}\n{USAGE}")
         return LoaderCode.OPTIONS
+    if not Path(mountpoint).is_dir():  # DirectoryExists(): stat, so ENOTCONN too
+        print(f"Mount point {mountpoint} does not exist", file=sys.stderr, flush=True)
+        return LoaderCode.PERMISSION
     print("CernVM-FS: loading Fuse module... ", end="", flush=True)
     try:
         settings = _read_config(options, fqrn, str(Path(mountpoint).absolute()))
     except LoaderFailure as exc:
         _fail(exc.code, exc.reason)
         return exc.code
-    client = Client(settings)
+    return _load(Client(settings), options, foreground=foreground)
+
+
+def _load(client: Client, options: dict[str, str], *, foreground: bool) -> int:
+    """From ``fnInit`` on: start, mount, and serve or daemonise; returns the exit status."""
+    settings = client.settings
+    lock_fd = -1
     try:
         _raise_nofile(settings)
-        lock_fd, talk = _initialise(client)
+        if "disable_watchdog" not in options:
+            try:  # cvmfs.cc Init, before the file system (and its workspace lock)
+                client.watchdog = fork_watchdog(settings.fqrn, settings.mountpoint, client.log)
+            except OSError:
+                raise LoaderFailure(LoaderCode.MONITOR, "failed to initialize watchdog.") from None
+        lock_fd, talk = _initialise(client, client.watchdog, foreground)
         print("done", flush=True)
         try:
             _mount(client)
         except LoaderFailure:
             talk.close()
-            settings.talk_socket.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                Path(settings.talk_bind).unlink()
             raise
     except LoaderFailure as exc:
+        if client.watchdog is not None:
+            client.watchdog.quit()
+        if client.cachemgr is not None:
+            client.cachemgr.close()
+        if lock_fd >= 0:
+            os.close(lock_fd)
+        if exc.code == LoaderCode.DOUBLE_MOUNT:
+            # loader.cc ~985-990: not an error; nothing else is printed.
+            client.log.info(exc.reason)
+            print(
+                f"\nCernVM-FS: repository {settings.fqrn} already mounted on "
+                f"{settings.mountpoint}",
+                file=sys.stderr,
+                flush=True,
+            )
+            return 0
         client.log.info(f"{exc.reason} ({exc.code} - {_describe(exc.code)})")
         _fail(exc.code, exc.reason)
         return exc.code
