@@ -37,6 +37,7 @@ import threading
 from collections.abc import Sequence
 
 from cvmfsd.mountinfo import Mount, fuse_mounts
+from cvmfsd.nesting import NESTING_VARIABLES, REQUEST_TIMEOUT, Nesting
 
 FORWARDED = (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM)
 CHECK_TIMEOUT = 10.0
@@ -162,43 +163,22 @@ def _run_exec(channel: Channel, message: dict[str, object], fds: list[int],
     channel.send(event="exec-exited", id=request_id, status=status)
 
 
-NESTING_VARIABLES = ("CVMFSEXEC_CMDFD", "CVMFSEXEC_WAITFIFO", "CVMFSMOUNT", "CVMFSUMOUNT")
-
-
-class Nesting:
-    """cvmfsexec's mount-request interface (what ``$CVMFSMOUNT`` uses), kept by the shim.
-
-    cvmfsd starts cvmfsexec without ``-N`` so that the shim can unmount and
-    mount a repository again after a crash; the payload only sees the interface
-    when the pilot allows nesting.  cvmfsexec answers every request on one
-    shared FIFO, so requests are serialised here.
-    """
-
-    def __init__(self, environ: dict[str, str]) -> None:
-        fd = environ.get("CVMFSEXEC_CMDFD", "")
-        self.fd = int(fd) if fd.isdigit() else None
-        self.fifo = environ.get("CVMFSEXEC_WAITFIFO")
-        self.lock = threading.Lock()
-
-    def request(self, command: str, repo: str) -> int:
-        """Send ``MOUNTREPO``/``UMOUNTREPO`` for ``repo``; cvmfsexec's status (not trustworthy)."""
-        if self.fd is None or not self.fifo:
-            raise OSError("cvmfsexec's request interface is not available (started with -N?)")
-        with self.lock:
-            os.write(self.fd, f"{command} {repo}\n".encode())
-            with open(self.fifo, encoding="ascii") as answer:
-                text = answer.readline().strip()
-        return int(text) if text.lstrip("-").isdigit() else 1
-
-
 def _remount(channel: Channel, nesting: Nesting, message: dict[str, object]) -> None:
-    """Unmount and mount one repository again, then verify it ourselves."""
+    """Unmount and mount one repository again, then verify it ourselves.
+
+    ``timeout`` in the message bounds each of the two requests (default
+    :data:`cvmfsd.nesting.REQUEST_TIMEOUT`): a stuck one is ended and reported.
+    """
     repo = str(message.get("repo"))
+    timeout = message.get("timeout")
+    limit = float(timeout) if isinstance(timeout, (int, float)) and timeout > 0 else REQUEST_TIMEOUT
+    statuses: list[int] = []
     try:
-        statuses = [nesting.request(command, repo) for command in ("UMOUNTREPO", "MOUNTREPO")]
+        for command in ("UMOUNTREPO", "MOUNTREPO"):
+            statuses.append(nesting.request(command, repo, limit))
         result = verify_repo(repo, f"/cvmfs/{repo}", _fuse_mounts())
     except OSError as exc:
-        statuses, result = [], {"ok": False, "error": str(exc)}
+        result = {"ok": False, "error": str(exc)}
     channel.send(event="remount-done", id=message.get("id"), statuses=statuses, **result)
 
 

@@ -10,7 +10,9 @@ part A §1.3), with the real scripts' interfaces but the simulated binaries::
     DIR/dist/etc/cvmfs/default.conf          the client's defaults
     DIR/dist/etc/cvmfs/default.d/50-sim.conf CVMFS_CONFIG_REPOSITORY, CVMFS_SERVER_URL
     DIR/dist/etc/cvmfs/default.local         site settings (proxy)
-    DIR/dist/cvmfs/  DIR/dist/var/lib/cvmfs/  DIR/dist/var/run/cvmfs/  DIR/log/
+    DIR/dist/var/lib/cvmfs/                  the cache (DIR/dist/cvmfs/<repo>,
+                                             DIR/dist/var/run/cvmfs/ and DIR/log/
+                                             are made by mountrepo)
 
 The configuration repository is published into the stratum if it is not there
 yet, so a fresh distribution mounts at once.
@@ -101,11 +103,11 @@ def make_dist(
         _publish_config_repo(stratum, config_repo)
 
     dist = target / "dist"
+    # What the rpms hold.  dist/cvmfs/<repo>, dist/var/run/cvmfs and log/ are
+    # made by mountrepo on the first mount, as in a real distribution.
     for sub in ("usr/bin", "usr/lib64", "usr/libexec/cvmfsexec-sim", "etc/cvmfs/default.d",
-                "etc/cvmfs/domain.d", "etc/cvmfs/config.d", "cvmfs", "var/lib/cvmfs",
-                "var/run/cvmfs"):
+                "etc/cvmfs/domain.d", "etc/cvmfs/config.d", "var/lib/cvmfs"):
         (dist / sub).mkdir(parents=True)
-    (target / "log").mkdir()
 
     package = resources.files("cvmfsd.sim")
     for name in SCRIPTS:
