@@ -84,8 +84,12 @@ def _other_dist(short_tmp: Path, stratum_dir: Path) -> Iterator[Path]:
 
 
 def _cvmfs2_of(dist: Path, repo: str) -> int:
+    """The cvmfs2 serving ``repo``: the one holding /dev/fuse, not its watchdog, which
+    has the same command line (cvmfs monitor.cc: forked, never exec'd, fds closed)."""
     (pid,) = [pid for pid in cvmfs2_pids(dist)
-              if Path(f"/proc/{pid}/cmdline").read_bytes().endswith(f"/{repo}\0".encode())]
+              if Path(f"/proc/{pid}/cmdline").read_bytes().endswith(f"/{repo}\0".encode())
+              and any(str(fd.readlink()) == "/dev/fuse"
+                      for fd in Path(f"/proc/{pid}/fd").iterdir())]
     return pid
 
 
@@ -109,11 +113,14 @@ def test_stale_mount_and_orphan_are_cleaned(dist: Path, other_dist: Path) -> Non
     found = find_leftovers(Dist(dist))
     assert {(m.repo, m.state) for m in found.mounts} == {
         (REPO_A, MountState.ENOTCONN), (REPO_B, MountState.OK)}
-    assert [(p.pid, p.repo) for p in found.processes] == [(orphan, REPO_B)]
+    # Besides the orphan: watchdogs (same command line), repo.a's still waiting (the
+    # cache manager it started holds its pipe too, see cvmfsd.sim._cachemgr).
+    assert (orphan, REPO_B) in [(p.pid, p.repo) for p in found.processes]
+    assert {p.repo for p in found.processes} <= {REPO_A, REPO_B}
 
     report = clean_leftovers(Dist(dist), found)
     assert report.clean, report
-    assert report.signalled[0] == (orphan, "SIGTERM")
+    assert (orphan, "SIGTERM") in report.signalled
     assert mine / REPO_A in report.unmounted + report.lazily_unmounted
     assert not mounts_under(dist)
     assert not cvmfs2_pids(dist)
