@@ -48,8 +48,9 @@ NESTING_VARIABLES = ("CVMFSEXEC_CMDFD", "CVMFSEXEC_WAITFIFO", "CVMFSMOUNT", "CVM
 
 #: Deadline of one request, by default (cvmfsd's default ``--mount-timeout``).
 REQUEST_TIMEOUT = 300.0
-#: How long the processor may take to answer once its stuck work is killed.
-UNBLOCK_WAIT = 10.0
+#: How long the processor may take to answer once its stuck work is killed
+#: (milliseconds in practice: a mkdir and a bind mount).
+UNBLOCK_WAIT = 3.0
 #: How many times the processor's work is looked for again (children forked meanwhile).
 KILL_ROUNDS = 5
 

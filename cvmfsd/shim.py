@@ -34,6 +34,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Sequence
 
 from cvmfsd.mountinfo import Mount, fuse_mounts
@@ -166,16 +167,19 @@ def _run_exec(channel: Channel, message: dict[str, object], fds: list[int],
 def _remount(channel: Channel, nesting: Nesting, message: dict[str, object]) -> None:
     """Unmount and mount one repository again, then verify it ourselves.
 
-    ``timeout`` in the message bounds each of the two requests (default
-    :data:`cvmfsd.nesting.REQUEST_TIMEOUT`): a stuck one is ended and reported.
+    ``timeout`` in the message (default :data:`cvmfsd.nesting.REQUEST_TIMEOUT`)
+    bounds the two requests together: a stuck one is ended (see
+    :mod:`cvmfsd.nesting`) and reported.  The answer comes within ``timeout`` +
+    :data:`cvmfsd.nesting.UNBLOCK_WAIT` + :data:`CHECK_TIMEOUT` seconds.
     """
     repo = str(message.get("repo"))
     timeout = message.get("timeout")
     limit = float(timeout) if isinstance(timeout, (int, float)) and timeout > 0 else REQUEST_TIMEOUT
+    deadline = time.monotonic() + limit
     statuses: list[int] = []
     try:
         for command in ("UMOUNTREPO", "MOUNTREPO"):
-            statuses.append(nesting.request(command, repo, limit))
+            statuses.append(nesting.request(command, repo, max(deadline - time.monotonic(), 0.1)))
         result = verify_repo(repo, f"/cvmfs/{repo}", _fuse_mounts())
     except OSError as exc:
         result = {"ok": False, "error": str(exc)}

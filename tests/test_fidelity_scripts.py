@@ -45,6 +45,31 @@ def run(argv: list[str], *, env: dict[str, str] | None = None,
                           stdin=subprocess.DEVNULL, env=env)
 
 
+# -- usage ----------------------------------------------------------------------------
+
+CVMFSEXEC_USAGE = """\
+Usage: cvmfsexec [-vN] [-m e2fs_image] [repo ...] -- [command]
+       -v:   print current version and exit
+       -N:   disable the option of nesting [u]mountrepo commands
+       -m:   mount given ext2/3/4 filesystem image at /e2fs
+"""
+
+
+@pytest.mark.parametrize(("argv", "stderr"), [
+    (["cvmfsexec", "repo.a"], CVMFSEXEC_USAGE),  # cvmfsexec:14-21,107-109: no "--"
+    (["cvmfsexec", "-x", "--"], CVMFSEXEC_USAGE),  # cvmfsexec:90-91
+    (["mountrepo"], "Usage: mountrepo repo.name\n"),  # mountrepo:10-18
+    (["mountrepo", "a.b", "c.d"], "Usage: mountrepo repo.name\n"),
+    (["umountrepo", "-z"], "Usage: umountrepo [-z] {repo.name|-a}\n"),  # umountrepo:8-22
+])
+def test_usage(dist: Path, argv: list[str], stderr: str) -> None:
+    """Usage texts go to stderr, exit 1 (getopts adds its own line before cvmfsexec's)."""
+    result = run([str(dist / argv[0]), *argv[1:]], env=dict(os.environ))
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr.endswith(stderr)
+
+
 # -- umountrepo ---------------------------------------------------------------------
 
 TOOLS = ("bash", "dirname", "rmdir", "mount", "grep", "awk", "cat", "sed", "cut", "find", "tail",
