@@ -104,7 +104,7 @@ class Nesting:
                     self._owed += 1
                 what = ", ".join(ended) if ended else "nothing (no work of it found)"
                 raise NestingTimeout(
-                    f"cvmfsexec did not answer {command} {repo} within {timeout:g} s; "
+                    f"cvmfsexec did not answer {command} {repo} within {timeout:.3g} s; "
                     f"ended its request processor's work: {what}"
                     + ("" if late is None else f"; it then answered {late or '?'}"))
         return int(line) if line.lstrip("-").isdigit() else 1
