@@ -84,6 +84,14 @@ def test_the_simulated_mountrepo_mounts_as_cvmfsexec_does(dist: Path) -> None:
         mount = mountinfo.fuse_mounts(Path("/proc/self/mountinfo").read_text())[point]
         assert (mount.fstype, mount.source) == ("fuse", "/dev/fuse")
         assert shim.verify_repo(REPO_A, point, {point: mount})["ok"] is True
+        # A second mountrepo of the mounted repository: the loader says so on stderr
+        # and exits 0 (cvmfs/loader.cc:985-990), so mountrepo does too (its status is
+        # cvmfs2's, mountrepo:158).
+        again = subprocess.run([str(dist / "mountrepo"), REPO_A], capture_output=True,
+                               text=True, timeout=60, check=False)
+        assert again.returncode == 0, again.stderr
+        assert again.stderr.endswith(
+            f"\nCernVM-FS: repository {REPO_A} already mounted on {point}\n")
     finally:
         subprocess.run([str(dist / "umountrepo"), REPO_A], check=False, capture_output=True,
                        timeout=60)
