@@ -105,6 +105,12 @@ class RepoKeeper:
                 await trio.sleep(delay)
                 if self.state.phase in ("stopping", "done"):
                     return
+                current = self.state.repos.get(repo)
+                if attempt > 1 and current is not None and current.state == "ok":
+                    # A probe during the backoff found it serving: never unmount a
+                    # repository that probes ok.
+                    log.info("repository ok again; no remount", repo=repo, attempt=attempt)
+                    return
                 self.state.repos[repo] = RepoState("remounting")
                 log.warning("remounting", repo=repo, attempt=attempt)
                 start = trio.current_time()
@@ -124,6 +130,7 @@ class RepoKeeper:
                 self.state.repos[repo] = RepoState("failed", error=problem)
                 log.error("remount failed", repo=repo, attempt=attempt, error=problem,
                           next_try_seconds=BACKOFF[min(attempt, len(BACKOFF) - 1)])
+                self.watcher.kick(repo)  # look again during the backoff
         finally:
             self._repairing.discard(repo)
             self.watcher.kick(repo)

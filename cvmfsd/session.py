@@ -281,7 +281,7 @@ class Mode3Session:
         """
         limit = self.mount_timeout + REMOUNT_SLACK
         with trio.move_on_after(limit):
-            return await self._ask_shim("remount", repo=repo)
+            return await self._ask_shim("remount", repo=repo, timeout=self.mount_timeout)
         raise LaunchError(f"remounting {repo}: no answer from the namespace within {limit:g} s")
 
     # --- the session ------------------------------------------------------------

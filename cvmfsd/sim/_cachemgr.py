@@ -16,13 +16,15 @@ connects to a single ``cvmfs2 __cachemgr__`` process through the FIFO
   when the cache directory is the workspace (the usual case: the fuse module
   has already changed into it, ``mountpoint.cc DeterminePosixCacheSettings``),
   and the manager's working directory is cvmfs2's, the workspace. The
-  threshold is half the limit. ``ExecAsDaemon`` closes no descriptor, and
-  cvmfs2 opens its workspace lock and its watchdog pipes without
-  ``O_CLOEXEC``: the manager inherits them (**[inferred] from the source**:
-  while it lives, ``lock.<fqrn>`` of the cvmfs2 that started it stays locked,
-  so remounting that repository waits, and that cvmfs2's watchdog sees no end
-  of file when cvmfs2 is SIGKILLed). With ``-f`` (``ManagedExec``) they are
-  closed.
+  threshold is half the limit. ``ExecAsDaemon`` closes no descriptor
+  (util/posix.cc ``ExecAsDaemon``), and cvmfs2 opens its workspace lock
+  (``TryLockFile``, a ``flock`` without ``O_CLOEXEC``) and its watchdog pipes
+  before it starts the manager, so upstream the manager probably inherits them
+  (**[inferred] from the source, not seen on a real node**: while it lived,
+  ``lock.<fqrn>`` of the cvmfs2 that started it would stay locked, so
+  remounting that repository would wait until every other repository of the
+  cache is gone).  **The simulation differs here: it passes neither on**,
+  until that is confirmed on a real node; cvmfsd bounds every remount anyway.
 * The manager forks a watchdog of its own (no crash handler), takes
   ``lock_cachemgr.fifo``, opens the FIFO for reading, reports on the boot
   pipe, waits for the handshake and then reads commands until **end of file,

@@ -325,7 +325,7 @@ def _initialise(
         ) from None
     try:
         if s.shared_cache:
-            _connect_cachemgr(client, lock_fd, watchdog, foreground)
+            _connect_cachemgr(client)
         try:
             client.apply(client.load())
         except CatalogError as exc:
@@ -339,16 +339,16 @@ def _initialise(
         raise
 
 
-def _connect_cachemgr(
-    client: Client, lock_fd: int, watchdog: Watchdog | None, foreground: bool
-) -> None:
+def _connect_cachemgr(client: Client) -> None:
     """Connect to (or start) ``cvmfs2 __cachemgr__`` (``FileSystem::SetupPosixQuotaMgr``)."""
     s = client.settings
     cache_path = "." if s.cache_dir == s.workspace else str(s.cache_dir)
     cache_workspace = cache_path if s.cache_dir == s.workspace else f"{cache_path}:{s.workspace}"
-    # ExecAsDaemon closes nothing and these are opened without O_CLOEXEC
-    # upstream; ManagedExec (foreground) closes them.
-    inherit = [] if foreground else [lock_fd, *(watchdog.fds() if watchdog else ())]
+    # Upstream, ExecAsDaemon closes nothing and the workspace lock and watchdog
+    # pipes are opened without O_CLOEXEC, so the manager would inherit them
+    # ([inferred], not seen on a real node).  The simulation does NOT pass them
+    # on (see _cachemgr's docstring): unverified, and it would make the first
+    # repository of a cache impossible to remount while the others live.
     try:
         client.cachemgr = _cachemgr.connect(
             s.workspace,
@@ -356,7 +356,7 @@ def _connect_cachemgr(
             program=_cachemgr.program(),
             limit=s.quota_limit_mb * 1024 * 1024,
             log_spec=f"{s.debuglog or ''}:{s.usyslog or ''}",
-            inherit=inherit,
+            inherit=(),
             log=client.log,
         )
     except (_cachemgr.CacheMgrError, OSError) as exc:
