@@ -8,7 +8,8 @@ names the upstream lines):
 * The socket listens with a backlog of 1: a connect while another client is
   being served may find the queue full.  A non-blocking ``connect`` then
   fails with EAGAIN (Linux), so this client retries, with a short backoff,
-  until its deadline.  (trio's own ``connect`` would wait for writability
+  until its deadline.  ECONNREFUSED (nobody listens: cvmfs2 is gone) is not
+  retried.  (trio's own ``connect`` would wait for writability
   and then take the unconnected socket for connected.)
 * Commands are at most 512 bytes.
 * cvmfs2 binds the socket relative to its workspace (``./cvmfs_io.<fqrn>``),
@@ -43,8 +44,9 @@ def short_address(dirfd: int, name: str) -> str:
 async def _connect(path: Path) -> socket.socket:
     """A connected (non-blocking) stdlib socket to ``path``; retries a full queue forever.
 
-    The caller bounds it.  A socket nobody listens on (ECONNREFUSED: cvmfs2
-    gone, or between binding and listening) is retried the same way.
+    The caller bounds it.  A socket nobody listens on (ECONNREFUSED: its cvmfs2
+    is gone) fails at once: waiting for it would only delay whoever asks (the
+    watcher asks a just-died cvmfs2 for its pid, and its next probe waited).
     """
     dirfd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -57,7 +59,7 @@ async def _connect(path: Path) -> socket.socket:
                 sock.connect(address)
             except OSError as exc:
                 sock.close()
-                if exc.errno not in (errno.EAGAIN, errno.ECONNREFUSED):
+                if exc.errno != errno.EAGAIN:
                     raise OSError(exc.errno, f"cannot connect to {path}: {exc.strerror}") from None
                 await trio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX)

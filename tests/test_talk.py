@@ -119,3 +119,12 @@ async def test_missing_socket_is_an_oserror(tmp_path: Path) -> None:
     """No socket file (no cvmfs2): OSError at once, naming the path."""
     with trio.fail_after(1), pytest.raises(OSError, match=r"cvmfs_io\.repo\.a"):
         await talk(tmp_path / "cvmfs_io.repo.a", "pid")
+
+
+async def test_a_socket_nobody_listens_on_fails_at_once(tmp_path: Path) -> None:
+    """A dead cvmfs2's socket file (ECONNREFUSED) is not retried: no daemon, no wait."""
+    r = Responder(tmp_path)
+    r.close()  # the file stays, nobody listens
+    assert r.path.exists()
+    with trio.fail_after(0.5), pytest.raises(ConnectionRefusedError):
+        await talk(r.path, "pid", deadline=5)
