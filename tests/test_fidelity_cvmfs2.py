@@ -309,7 +309,8 @@ def test_crash_reports_kills_and_unmounts_only_as_root(sim: Sim) -> None:
     wait_for(lambda: process_gone(main), 10, "the watchdog to kill cvmfs2")
     with pytest.raises(OSError) as info:
         sim.mnt.stat()
-    assert info.value.errno == errno.ENOTCONN
+    # The first request after the daemon is gone may read ECONNABORTED, later ones ENOTCONN.
+    assert info.value.errno in (errno.ENOTCONN, errno.ECONNABORTED)
     wait_for(lambda: process_gone(dog), 10, "the watchdog to finish")
     assert time.monotonic() - crashed >= 2.0
     report = (workspace(sim) / f"stacktrace.{FQRN}").read_text()
