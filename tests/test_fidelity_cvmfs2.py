@@ -24,7 +24,8 @@ import pytest
 
 from cvmfsd.sim import _report, stratum
 from cvmfsd.sim._settings import make_settings
-from cvmfsd.sim.cvmfs2 import SUN_PATH_MAX, _talk_socket, make_socket
+from cvmfsd.sim._sockets import SUN_PATH_MAX
+from cvmfsd.sim.cvmfs2 import _talk_socket, make_socket
 from cvmfsd.sim.talk import talk
 from tests.test_sim_cvmfs2 import FQRN, Sim, process_gone, sim, wait_for
 
@@ -192,7 +193,13 @@ def test_talk_reads_one_command_of_at_most_512_bytes(sim: Sim) -> None:
     assert sim.mount().returncode == 0
     assert raw_talk(sim.socket, b"pid\0") == f"{sim.pids[0]}\n".encode()
     assert raw_talk(sim.socket, b"pid\n") == b"unknown command\n"
-    assert raw_talk(sim.socket, b"revision" + b"x" * 600) == b"unknown command\n"
+    # The 96 bytes never read make the kernel reset the connection when cvmfs2 closes
+    # it, which may come before its answer is read: either is upstream's behaviour.
+    try:
+        long_answer: bytes | None = raw_talk(sim.socket, b"revision" + b"x" * 600)
+    except ConnectionResetError:
+        long_answer = None
+    assert long_answer in (b"unknown command\n", None)
     assert "(length 512)" in (sim.root / "debug.log").read_text()
 
 

@@ -49,7 +49,6 @@ import os
 import resource
 import socket
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -58,12 +57,12 @@ from cvmfsd.loader import LoaderCode
 from cvmfsd.sim import _cachemgr, cvmfsconf
 from cvmfsd.sim._client import CatalogError, Client
 from cvmfsd.sim._settings import VERSION, Settings, SettingsError, make_settings
+from cvmfsd.sim._sockets import SUN_PATH_MAX, make_short_socket_link, remove_short_socket_link
 from cvmfsd.sim._state import Log
 from cvmfsd.sim._watchdog import Watchdog, fork_watchdog
 from cvmfsd.sim.stratum import StratumError, validate_fqrn
 
 #: ``sizeof(sockaddr_un.sun_path)``: longer socket paths go through a short symlink.
-SUN_PATH_MAX = 108
 #: talk.cc ``TalkManager::Create``: ``listen(socket_fd_, 1)``.
 TALK_BACKLOG = 1
 
@@ -213,35 +212,6 @@ def _lock(settings: Settings, log: Log) -> int:
     )
 
 
-def _make_short_socket_link(path: str) -> str | None:
-    """``MakeShortSocketLink`` (util/posix.cc): ``/tmp/cvmfs.XXXXXX/l`` -> the socket's dir."""
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix="cvmfs.", dir="/tmp"))
-    except OSError:
-        return None
-    link = tmp / "l"
-    # GetParentPath/GetFileName split at the last '/' (the path may be relative).
-    parent, _, name = path.rpartition("/")
-    result = f"{link}/{name}"
-    if len(os.fsencode(result)) >= SUN_PATH_MAX:
-        tmp.rmdir()
-        return None
-    try:
-        link.symlink_to(parent)
-    except OSError:
-        tmp.rmdir()
-        return None
-    return result
-
-
-def _remove_short_socket_link(short: str) -> None:
-    link = Path(short).parent
-    with contextlib.suppress(OSError):
-        link.unlink()
-    with contextlib.suppress(OSError):
-        link.parent.rmdir()
-
-
 def make_socket(path: str, mode: int) -> socket.socket:
     """``MakeSocket`` (util/posix.cc ~325-380): bind a unix socket at ``path``.
 
@@ -256,7 +226,7 @@ def make_socket(path: str, mode: int) -> socket.socket:
     """
     short = path
     if len(os.fsencode(path)) >= SUN_PATH_MAX:
-        made = _make_short_socket_link(path)
+        made = make_short_socket_link(path)
         if made is None:
             raise OSError(errno.ENAMETOOLONG, "cannot shorten the socket path", path)
         short = made
@@ -275,7 +245,7 @@ def make_socket(path: str, mode: int) -> socket.socket:
         raise
     finally:
         if short != path:
-            _remove_short_socket_link(short)
+            remove_short_socket_link(short)
     return sock
 
 

@@ -9,9 +9,10 @@ be reached. The lead's ``makedist`` installs it as ``dist/usr/bin/cvmfs_talk``.
 from __future__ import annotations
 
 import argparse
-import socket
 import sys
 from collections.abc import Sequence
+
+from cvmfsd.sim._sockets import connect_socket
 
 DEFAULT_TIMEOUT = 30.0
 
@@ -22,9 +23,8 @@ def talk(path: str, command: str, *, timeout: float = DEFAULT_TIMEOUT) -> str:
     Raises:
         OSError: the socket cannot be reached or the exchange timed out.
     """
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+    with connect_socket(path) as sock:  # long paths too, as cvmfs_talk.cc:116 does
         sock.settimeout(timeout)
-        sock.connect(path)
         sock.sendall(command.encode())
         chunks = []
         while chunk := sock.recv(65536):
