@@ -34,7 +34,7 @@ from cvmfsd.keeper import RepoKeeper
 from cvmfsd.launch import LaunchError
 from cvmfsd.loader import LoaderCode
 from cvmfsd.metrics import Metrics, pilot_identity
-from cvmfsd.prepare import Prepared, prepare
+from cvmfsd.prepare import Prepared, cvmfsctl_path, prepare
 from cvmfsd.procevents import ProcessEvents
 from cvmfsd.shim import exit_status
 from cvmfsd.state import DaemonState, LiveConfig, RepoState
@@ -349,7 +349,10 @@ class Supervisor:
         await self.record(HAS_UNPRIVILEGED_USER_NAMESPACES=userns_status(prepared.facts),
                           CVMFSD_PID=str(os.getpid()), CVMFSD_STATUS="mounting",
                           CVMFSD_SOCKET=str(prepared.socket_path),
-                          CVMFSD_METRICS_ADDRESS=self.state.metrics_address or "")
+                          CVMFSD_METRICS_ADDRESS=self.state.metrics_address or "",
+                          # for the job-wrapper fragment: what to run, what a failure means
+                          CVMFSCTL=cvmfsctl_path() or "",
+                          CVMFSD_POLICY=decision.policy.policy.value)
         chosen = decision.mode
         if chosen in (mode.Mode.MODE3, mode.Mode.MODE2, mode.Mode.MODE1):
             try:
