@@ -440,6 +440,11 @@ class Supervisor:
             with trio.CancelScope(shield=True):
                 await session.unmount_on_host(dist, mounted)
 
+    def _payload_exited(self) -> None:
+        """The payload is done: the namespace ends now, and that is no fault."""
+        if self.state.phase == "running":
+            self.state.phase = "stopping"
+
     def _on_ns_init(self, pid: int) -> None:
         """Namespace PID 1 exists: watch it, and have the janitor guard it."""
         self.procevents.namespace_init(pid)
@@ -476,7 +481,8 @@ class Supervisor:
         runner = session.Mode3Session(plan, grace=self.config.grace,
                                       mount_timeout=self.config.mount_timeout,
                                       on_ready=ready, on_progress=self._progress,
-                                      on_ns_init=self._on_ns_init)
+                                      on_ns_init=self._on_ns_init,
+                                      on_payload_exited=self._payload_exited)
 
         async def runner_exec(args: protocol.ExecArgs, fds: Sequence[int]) -> int:
             return await runner.exec_in_namespace(args.argv, fds, cwd=args.cwd, env=args.env)
@@ -551,6 +557,11 @@ def _become_subreaper() -> None:
         log.warning("cannot become a child subreaper; orphans may escape", error=str(exc))
 
 
+#: cvmfsd's own helpers, which may still be starting when a short run ends (the
+#: process-watch subscription) or outlive a probe: ending them is no leftover.
+_OWN_HELPERS = (b"-m cvmfsd.procevents --subscribe ", b"probe_child.py --serve")
+
+
 def _sweep_descendants(keep: Sequence[int] = ()) -> int:
     """SIGKILL whatever is still running below us when we are done.
 
@@ -567,6 +578,9 @@ def _sweep_descendants(keep: Sequence[int] = ()) -> int:
         except OSError:
             argv = b""
         if not launch.send_signal(pid, signal.SIGKILL):
+            continue
+        if any(helper in argv for helper in _OWN_HELPERS):
+            log.info("helper ended", pid=pid, argv=argv.decode(errors="replace")[:200])
             continue
         killed += 1
         log.warning("leftover process killed", pid=pid, argv=argv.decode(errors="replace")[:200])

@@ -86,10 +86,11 @@ class RepoKeeper:
         if current is not None and current.state == "remounting" and result.state != "ok":
             return  # our own remount is under way; its outcome decides
         self.state.repos[repo] = RepoState(result.state, result.revision, result.error)
-        logger = log.info if result.state == "ok" else log.warning
+        ending = self.state.phase in ("stopping", "done")  # the namespace goes: no fault
+        logger = log.info if result.state == "ok" or ending else log.warning
         logger("repository state", repo=repo, old=old, new=result.state,
                revision=result.revision, error=result.error,
-               probe_seconds=round(result.duration, 3))
+               probe_seconds=round(result.duration, 3), **({"shutdown": True} if ending else {}))
         if self._nursery is None or repo in self._repairing:
             return
         if result.state == "enotconn":

@@ -141,18 +141,23 @@ class Mode3Session:
         mount_timeout: seconds allowed from start until every repository is verified.
         on_ready: awaited once, when every repository is verified.
         on_progress: called with (index, total, repo) as each mount starts.
+        on_ns_init: called with namespace PID 1's pid once it is known.
+        on_payload_exited: called when the shim reports the payload's end: the
+            namespace ends next, and what it takes with it is expected.
     """
 
     def __init__(self, plan: LaunchPlan, *, grace: float, mount_timeout: float,
                  on_ready: ReadyCallback,
                  on_progress: Callable[[int, int, str], None],
-                 on_ns_init: Callable[[int], None] = lambda pid: None) -> None:
+                 on_ns_init: Callable[[int], None] = lambda pid: None,
+                 on_payload_exited: Callable[[], None] = lambda: None) -> None:
         self.plan = plan
         self.grace = grace
         self.mount_timeout = mount_timeout
         self.on_ready = on_ready
         self.on_progress = on_progress
         self.on_ns_init = on_ns_init
+        self.on_payload_exited = on_payload_exited
         self.order = launch.mount_order(plan.dist, plan.repos)
         self.send_event, self._events = trio.open_memory_channel[Event](256)
         self.process: _Child | None = None
@@ -403,6 +408,7 @@ class Mode3Session:
             status = body.get("status")
             self._payload_status = status if isinstance(status, int) else None
             log.info("payload exited", status=self._payload_status)
+            self.on_payload_exited()
         return False
 
     def _begin_stop(self, reason: str) -> float:

@@ -66,6 +66,22 @@ def test_payload_reads_cvmfs_and_its_status_is_returned(dist: Path, gconfig: Pat
     assert not mounts_under(dist)
 
 
+def test_a_healthy_run_logs_no_warning(dist: Path, gconfig: Path) -> None:
+    """Mount two repositories, read, exit 0: not one log line at warning level or above.
+
+    The end of the namespace (namespace PID 1 exits, the kernel SIGKILLs every
+    cvmfs2 in it, the mounts vanish) is the normal end, not a fault.
+    """
+    result = cvmfsd_run(dist, "--log-format", "json", "--repos", f"{REPO_A},{REPO_B}", "--",
+                        "sh", "-c", f"cat /cvmfs/{REPO_A}/hello.txt /cvmfs/{REPO_B}/data.csv",
+                        glidein_config=gconfig)
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    assert any(r.get("event") == "payload exited" for r in records)
+    loud = [r for r in records if r.get("level") not in ("debug", "info")]
+    assert not loud, loud
+
+
 def test_payload_environment(dist: Path, gconfig: Path, short_tmp: Path) -> None:
     """Glidein values reach the payload intact, secrets do not, and TMPDIR is its own."""
     script = 'printf "%s|%s|%s|%s\\n" "$GLIDEIN_Site" "${GLIDEIN_TOKEN_SECRET-unset}" ' \
