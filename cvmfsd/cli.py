@@ -50,19 +50,20 @@ def _loader_code(text: str) -> int | None:
 
 
 def _cmd_makedist(args: argparse.Namespace) -> int:
-    from cvmfsd.sim.makedist import DistError, make_dist
+    from cvmfsd.sim.makedist import DistError, make_dist, pack_dist
 
     try:
-        target = make_dist(
-            args.dir,
-            stratum=args.stratum,
-            config_repo=args.config_repo,
-            server_url=args.server_url,
-            proxy=args.proxy,
-        )
+        if args.output is None or not args.dir.exists():
+            if args.stratum is None:
+                raise SimError(f"sim makedist: --stratum is required to make {args.dir}")
+            target = make_dist(args.dir, stratum=args.stratum, config_repo=args.config_repo,
+                               server_url=args.server_url, proxy=args.proxy,
+                               machtype=args.machtype)
+            print(f"made simulated cvmfsexec distribution {target}")
+        if args.output is not None:  # makedist -o: DIR is where the distribution was made
+            print(f"packed {pack_dist(args.dir, args.output)} (self-extracting)")
     except DistError as exc:
         raise SimError(str(exc)) from None
-    print(f"made simulated cvmfsexec distribution {target}")
     return 0
 
 
@@ -234,8 +235,13 @@ def build_parser() -> argparse.ArgumentParser:
     simc = sim.add_subparsers(dest="sim_command", required=True, metavar="SIM_COMMAND")
 
     mk = simc.add_parser("makedist", help="create a simulated cvmfsexec distribution")
-    mk.add_argument("dir", type=Path, help="directory to create (must not exist)")
-    mk.add_argument("--stratum", type=Path, required=True, help="the stratum to serve from")
+    mk.add_argument("dir", type=Path, help="directory to create (must not exist, unless -o "
+                    "packs an existing one)")
+    mk.add_argument("--stratum", type=Path, help="the stratum to serve from (required to make DIR)")
+    mk.add_argument("-m", "--machtype", default="rhel9-x86_64",
+                    help="machine type recorded in dist/.cvmfsexecdist (default: %(default)s)")
+    mk.add_argument("-o", "--output", type=Path, metavar="FILE",
+                    help="also pack DIR into the self-extracting FILE, as makedist -o does")
     mk.add_argument("--config-repo", default="config-sim.cvmfsd.test",
                     help="CVMFS_CONFIG_REPOSITORY (default: %(default)s)")
     mk.add_argument("--server-url", help="CVMFS_SERVER_URL (default: file://STRATUM/@fqrn@)")

@@ -16,13 +16,18 @@ part A §1.3), with the real scripts' interfaces but the simulated binaries::
 
 The configuration repository is published into the stratum if it is not there
 yet, so a fresh distribution mounts at once.
+
+:func:`pack_dist` is ``makedist -o``: one self-extracting file, the form in
+which GlideinWMS ships cvmfsexec (see :func:`pack_dist` for what it does).
 """
 
 from __future__ import annotations
 
+import io
 import shlex
 import shutil
 import sys
+import tarfile
 import tempfile
 from importlib import resources
 from pathlib import Path
@@ -94,7 +99,8 @@ def make_dist(
         raise DistError(f"config repository: {exc}") from None
     if server_url is None:
         server_url = f"file://{stratum}/@fqrn@"
-    for name, value in (("server URL", server_url), ("proxy", proxy), ("target", str(target))):
+    for name, value in (("server URL", server_url), ("proxy", proxy), ("target", str(target)),
+                        ("machine type", machtype)):
         if any(c in value for c in "\n\"'`$\\"):
             raise DistError(
                 f"{name} {value!r}: quotes, $, backslashes and newlines are not allowed"
@@ -157,3 +163,65 @@ def _publish_config_repo(stratum: Path, config_repo: str) -> None:
 def remove_dist(target: Path) -> None:
     """Delete a distribution directory (after everything in it is unmounted)."""
     shutil.rmtree(target)
+
+
+#: The line after which a self-extracting file holds its gzipped tar (makedist:228,232).
+TAR_MARKER = "__TAR_BELOW__"
+#: Where a self-extracting file unpacks, beside itself (makedist:224).
+UNPACKED = ".cvmfsexec"
+#: What makedist -o packs: the tools and dist/, without cache or run-time state (makedist:234).
+PACKED = SCRIPTS
+_NOT_PACKED = ("dist/var/run/cvmfs/", "dist/var/lib/cvmfs/")
+
+# Our own words for what makedist -o's header does (makedist:221-232): unpack
+# into .cvmfsexec beside the file, afresh whenever the file is newer than that
+# directory (bash -nt: also when it does not exist), then exec the unpacked
+# cvmfsexec with every argument.  Unlike the real header, paths are quoted.
+_HEADER = f"""#!/bin/bash
+# A cvmfsexec distribution in one file, as cvmfsexec's `makedist -o` makes it
+# (written by cvmfsd sim makedist -o).  It unpacks into {UNPACKED}/ beside
+# itself and runs {UNPACKED}/cvmfsexec with the arguments it was given.
+packed="$0"
+unpacked="$(cd "$(dirname "$packed")" && pwd)/{UNPACKED}"
+if [ "$packed" -nt "$unpacked" ]; then
+    rm -rf "$unpacked"
+    mkdir "$unpacked"
+    marker=$(grep -a -n -m 1 '^{TAR_MARKER}' "$packed" | cut -d: -f1)
+    tail -n "+$((marker + 1))" "$packed" | tar -xzf - -C "$unpacked"
+fi
+exec "$unpacked/cvmfsexec" "$@"
+{TAR_MARKER}
+"""
+
+
+def pack_dist(source: Path, output: Path) -> Path:
+    """Pack the distribution ``source`` into the self-extracting file ``output``.
+
+    This is ``makedist -o``: a bash header, then a gzipped tar of ``cvmfsexec``,
+    ``mountrepo``, ``umountrepo`` and ``dist/`` without the contents of
+    ``dist/var/lib/cvmfs`` and ``dist/var/run/cvmfs``.  Run, the file unpacks
+    into ``.cvmfsexec`` beside itself when it is newer than that directory and
+    execs ``.cvmfsexec/cvmfsexec`` with its arguments, so ``FILE -v`` unpacks
+    and prints the version.  ``output`` is overwritten.
+
+    Raises:
+        DistError: ``source`` is not a distribution made by makedist.
+    """
+    source = source.absolute()
+    if not (source / "dist/.cvmfsexecdist").is_file():
+        raise DistError(
+            "Must be run from where cvmfs distribution was made by makedist (without -s): "
+            f"{source / 'dist/.cvmfsexecdist'} is missing"
+        )
+
+    def keep(member: tarfile.TarInfo) -> tarfile.TarInfo | None:
+        return None if member.name.startswith(_NOT_PACKED) else member
+
+    payload = io.BytesIO()
+    with tarfile.open(fileobj=payload, mode="w:gz") as tar:
+        for name in (*PACKED, "dist"):
+            tar.add(source / name, arcname=name, filter=keep)
+    output = output.absolute()
+    output.write_bytes(_HEADER.encode() + payload.getvalue())
+    output.chmod(0o755)
+    return output
