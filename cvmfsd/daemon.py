@@ -275,8 +275,19 @@ class Supervisor:
         config, metrics = self.config, self.metrics
         address = parse_address(config.metrics_address)
         if address is not None:
-            host, port = await nursery.start(serve_metrics, *address, metrics.render)
-            self.state.metrics_address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            # A port another process holds is a metrics problem, never a reason to
+            # deny the pilot CVMFS: say so, and serve the rest (cvmfsctl metrics,
+            # the textfile, the Pushgateway).
+            try:
+                host, port = await nursery.start(serve_metrics, *address, metrics.render)
+            except OSError as exc:
+                log.warning("cannot serve /metrics; going on without it",
+                            address=config.metrics_address, error=exc.strerror or str(exc),
+                            hint="choose another --metrics-address, or 127.0.0.1:0 for any "
+                                 "free port; cvmfsctl metrics still answers")
+            else:
+                self.state.metrics_address = (f"[{host}]:{port}" if ":" in host
+                                              else f"{host}:{port}")
         exporters: list[Callable[[], Awaitable[None]]] = []
         pilot = self.pilot["glidein_id"]
         if config.metrics_textfile is not None:

@@ -310,10 +310,10 @@ def _decide(policy: Policy, source: str) -> PolicyDecision:
     return PolicyDecision(policy, policy is not Policy.NEVER, source)
 
 
-def _policy_value(values: Mapping[str, str], key: str, accepted: tuple[Policy, ...]) -> Policy:
-    raw = values.get(key, "").strip()
+def _policy_value(key: str, raw: str, accepted: tuple[Policy, ...]) -> Policy | None:
+    """The policy *raw* names (any case), None if empty; PolicyError if it names none."""
     if not raw:
-        return Policy.PREFERRED
+        return None
     for policy in accepted:
         if raw.lower() == policy.value:
             return policy
@@ -322,68 +322,116 @@ def _policy_value(values: Mapping[str, str], key: str, accepted: tuple[Policy, .
                       "(any case), or empty", hint="fix the attribute in the Factory entry")
 
 
+def _is_one(text: str) -> bool:
+    """Whether GlideinWMS's ``[[ $x -ne 1 ]]`` would count *text* as 1 (an integer 1)."""
+    try:
+        return int(text) == 1
+    except ValueError:
+        return False  # bash arithmetic reads a word as an unset variable: 0
+
+
 def resolve_policy(values: Mapping[str, str]) -> PolicyDecision:
-    """Resolve the CVMFS policy from glidein_config *values*.
+    """Resolve the CVMFS policy from glidein_config *values*, as GlideinWMS reads them.
 
-    Theory of operation.  Two attribute sets exist, and both are read case-insensitively:
+    Theory of operation.  Three attributes decide, read in this order:
 
-    * released GlideinWMS: ``GLIDEIN_USE_CVMFSEXEC`` (an integer; only 1 turns
-      on-demand CVMFS on, any other number turns it off) and ``GLIDEIN_CVMFS``
-      (required|preferred|optional|never);
-    * PR #631 (mode 3): ``GLIDEIN_USE_CVMFS`` (Frontend, 0|1; empty is unset)
-      and ``GLIDEIN_CVMFS_REQUIRE`` (Factory, required|preferred|never, and
-      optional as well, because released GlideinWMS documents it as preferred and
-      entries carried over from GLIDEIN_CVMFS may still say it).  They combine as
-      in #631: USE=1 makes it REQUIRED, and USE=1 with never is a conflict.
-
-    If any attribute of the newer set is non-empty, the newer set decides and
-    the older one is ignored (and not validated): a configuration with both is
-    mid-migration, and only the newer names were designed with mode 3 in mind.
-    An unset policy value means PREFERRED (as #631 defaults), and with no
-    attribute at all the policy is PREFERRED too: cvmfsd was started on purpose,
-    so it tries, but it never fails a glidein that did not ask for CVMFS.
+    1. ``GLIDEIN_USE_CVMFSEXEC`` is *GlideinWMS's own* switch: 1 runs its
+       cvmfs_setup.sh (cgWParamDict.py:253 lists it in every glidein), which
+       mounts in mode 1 into the same ``CVMFSEXEC_DIR/.cvmfsexec`` and
+       unmounts it at exit (cvmfs_umount.sh).  cvmfsd never needs it, and when
+       it is 1 cvmfsd stands aside (NEVER): two provisioners of one
+       distribution would unmount each other's repositories.
+    2. ``GLIDEIN_USE_CVMFS`` (Frontend, 0|1) and ``GLIDEIN_CVMFS_REQUIRE``
+       (Factory, required|preferred|never, any case), as PR #631's
+       cvmfs_setup_ff.sh reads them: an empty USE skips (NEVER, whatever
+       REQUIRE says); USE=1 with never skips (NEVER); USE=1 otherwise is
+       REQUIRED (the VO mandates CVMFS); USE=0 follows REQUIRE when it is
+       required or preferred, and skips otherwise.  Two deviations, both
+       lenient: an empty REQUIRE is accepted (#631 rejects it) and
+       ``optional`` is read as released GlideinWMS documents it (preferred).
+    3. Without either of those, ``GLIDEIN_CVMFS`` (required|preferred|optional|
+       never) of released GlideinWMS decides; GlideinWMS itself reads it only
+       when GLIDEIN_USE_CVMFSEXEC=1, so cvmfsd can use it without that switch.
+       With no attribute at all the policy is PREFERRED: cvmfsd was started
+       on purpose, so it tries, but never fails a glidein that did not ask.
+       (The glidein set-up script, cvmfsd_setup.sh, does not start cvmfsd at
+       all in that case: in a glidein, nothing set means not requested.)
 
     Raises:
-        PolicyError: an attribute of the deciding set has an invalid value.
+        PolicyError: an attribute that decides has an invalid value.
     """
     def get(key: str) -> str:
         return values.get(key, "").strip()
 
+    gwms_own = get("GLIDEIN_USE_CVMFSEXEC")
+    if _is_one(gwms_own):
+        return _decide(Policy.NEVER, f"GLIDEIN_USE_CVMFSEXEC={gwms_own}: GlideinWMS's own "
+                       "cvmfs_setup.sh provides CVMFS in this glidein; cvmfsd stands aside")
     use, require = get("GLIDEIN_USE_CVMFS"), get("GLIDEIN_CVMFS_REQUIRE")
-    old_use, old_policy = get("GLIDEIN_USE_CVMFSEXEC"), get("GLIDEIN_CVMFS")
     if use or require:
-        decision = _resolve_new(values, use, require)
-        if old_use or old_policy:
-            decision = _decide(decision.policy, decision.source + "; GLIDEIN_USE_CVMFSEXEC/"
-                               "GLIDEIN_CVMFS ignored: the newer attributes take precedence")
-        return decision
-    if old_use or old_policy:
-        return _resolve_old(values, old_use, old_policy)
+        return _resolve_use(use, require)
+    old = _policy_value("GLIDEIN_CVMFS", get("GLIDEIN_CVMFS"), tuple(Policy))
+    if old is not None:
+        return _decide(old, f"GLIDEIN_CVMFS={get('GLIDEIN_CVMFS')}: GLIDEIN_CVMFS decides "
+                       f"({old.value})")
     return _decide(Policy.PREFERRED, "no CVMFS policy attribute set: cvmfsd was started "
                    "explicitly, so it tries and continues without CVMFS (preferred)")
 
 
-def _resolve_new(values: Mapping[str, str], use: str, require: str) -> PolicyDecision:
+def _resolve_use(use: str, require: str) -> PolicyDecision:
     if use not in ("", "0", "1"):
         raise PolicyError(f"glidein_config GLIDEIN_USE_CVMFS={use!r} is not valid; expected 0 "
                           "or 1, or empty", hint="fix the attribute in the Frontend group")
-    policy = _policy_value(values, "GLIDEIN_CVMFS_REQUIRE", (
-        Policy.REQUIRED, Policy.PREFERRED, Policy.OPTIONAL, Policy.NEVER))
     said = f"GLIDEIN_USE_CVMFS={use or '(unset)'}, GLIDEIN_CVMFS_REQUIRE={require or '(unset)'}"
+    if not use:  # #631 skips before it looks at REQUIRE
+        return _decide(Policy.NEVER, f"{said}: CVMFS not requested by the Frontend (skipped)")
+    policy = _policy_value("GLIDEIN_CVMFS_REQUIRE", require, tuple(Policy))
+    if policy is Policy.NEVER:
+        return _decide(Policy.NEVER, f"{said}: the Factory forbids CVMFS here (skipped)")
     if use == "1":
-        if policy is Policy.NEVER:
-            raise PolicyError(f"glidein_config {said} conflict: the VO requires CVMFS but the "
-                              "site forbids it", hint="change one of the two attributes")
         return _decide(Policy.REQUIRED, f"{said}: the VO mandates CVMFS (required)")
+    if policy is None:
+        return _decide(Policy.NEVER, f"{said}: not requested (skipped)")
     return _decide(policy, f"{said}: the Factory's policy decides ({policy.value})")
 
 
-def _resolve_old(values: Mapping[str, str], use: str, policy_text: str) -> PolicyDecision:
-    if use and not re.fullmatch(r"[+-]?[0-9]+", use):
-        raise PolicyError(f"glidein_config GLIDEIN_USE_CVMFSEXEC={use!r} is not valid; expected "
-                          "an integer (1 turns on-demand CVMFS on), or empty")
-    said = f"GLIDEIN_USE_CVMFSEXEC={use or '(unset)'}, GLIDEIN_CVMFS={policy_text or '(unset)'}"
-    if use and int(use) != 1:
-        return _decide(Policy.NEVER, f"{said}: on-demand CVMFS is turned off (never)")
-    policy = _policy_value(values, "GLIDEIN_CVMFS", tuple(Policy))
-    return _decide(policy, f"{said}: GLIDEIN_CVMFS decides ({policy.value})")
+#: The job-wrapper fragment that takes jobs into the mode-3 namespace.
+JOB_WRAPPER = "cvmfsd_job_wrapper.sh"
+
+
+def job_wrapper_listed(values: Mapping[str, str], name: str = JOB_WRAPPER) -> bool | None:
+    """Whether the jobs of this glidein will run the job-wrapper fragment *name*.
+
+    ``WRAPPER_LIST`` in glidein_config names a file (glidein_startup.sh:1847,
+    1903) to which every fetched file of type ``wrapper`` is appended, as its
+    full path, when it is fetched (:1256-1257); condor_startup.sh concatenates
+    them into the job wrapper (:142-163).  A fragment fetched after this call
+    is not seen: list it before cvmfsd_setup.sh.
+
+    Returns:
+        None without ``WRAPPER_LIST`` (not a GlideinWMS glidein: cvmfsd's
+        payload is what uses CVMFS); otherwise whether a line of the file
+        names *name*.  An unreadable file counts as not listed.
+    """
+    listing = values.get("WRAPPER_LIST", "").strip()
+    if not listing:
+        return None
+    try:
+        lines = Path(listing).read_text(errors="replace").splitlines()
+    except OSError:
+        return False
+    return any(line.strip().rsplit("/", 1)[-1] == name for line in lines)
+
+
+def failure_updates(message: str, hint: str | None, *, category: str = "WN_Resource",
+                    limit: int = 1000) -> dict[str, str]:
+    """The glidein_config lines that say cvmfsd failed and why (single lines, bounded).
+
+    ``category`` is error_gen's failure category (``WN_Resource``, ``Config``).
+    """
+    def line(text: str) -> str:
+        flat = " ".join(text.split())
+        return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+    return {"CVMFSD_STATUS": "failed", "GWMS_IS_CVMFS": "no", "CVMFSD_ERROR": line(message),
+            "CVMFSD_HINT": line(hint or ""), "CVMFSD_FAILURE": category}

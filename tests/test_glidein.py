@@ -18,6 +18,8 @@ from cvmfsd.errors import ConfigError, PolicyError
 from cvmfsd.glidein import (
     MAX_LINE_BYTES,
     Policy,
+    failure_updates,
+    job_wrapper_listed,
     parse_glidein_config,
     read_glidein_config,
     render_update,
@@ -204,27 +206,30 @@ def test_round_trip(tmp_path_factory: pytest.TempPathFactory, initial: dict[str,
 POLICY_CASES = [
     # (attributes, policy, words expected in source)
     ({}, Policy.PREFERRED, "no CVMFS policy attribute"),
-    ({"GLIDEIN_USE_CVMFSEXEC": "1", "GLIDEIN_CVMFS": "REQUIRED"}, Policy.REQUIRED, "GLIDEIN_CVMFS"),
-    ({"GLIDEIN_USE_CVMFSEXEC": "1", "GLIDEIN_CVMFS": "Optional"}, Policy.OPTIONAL, "optional"),
-    ({"GLIDEIN_USE_CVMFSEXEC": "1"}, Policy.PREFERRED, "(unset)"),
-    ({"GLIDEIN_USE_CVMFSEXEC": "0", "GLIDEIN_CVMFS": "required"}, Policy.NEVER, "turned off"),
-    ({"GLIDEIN_USE_CVMFSEXEC": "2", "GLIDEIN_CVMFS": "required"}, Policy.NEVER, "turned off"),
+    # GlideinWMS's own switch: cvmfsd stands aside when it is on, ignores it otherwise
+    ({"GLIDEIN_USE_CVMFSEXEC": "1", "GLIDEIN_CVMFS": "REQUIRED"}, Policy.NEVER, "stands aside"),
+    ({"GLIDEIN_USE_CVMFSEXEC": "01", "GLIDEIN_USE_CVMFS": "1"}, Policy.NEVER, "own"),
+    ({"GLIDEIN_USE_CVMFSEXEC": "0", "GLIDEIN_CVMFS": "required"}, Policy.REQUIRED, "decides"),
+    ({"GLIDEIN_USE_CVMFSEXEC": "true", "GLIDEIN_CVMFS": "Optional"}, Policy.OPTIONAL, "optional"),
     ({"GLIDEIN_CVMFS": "never"}, Policy.NEVER, "GLIDEIN_CVMFS decides"),
+    # PR #631's pair
     ({"GLIDEIN_USE_CVMFS": "1"}, Policy.REQUIRED, "VO mandates"),
     ({"GLIDEIN_USE_CVMFS": "1", "GLIDEIN_CVMFS_REQUIRE": "preferred"}, Policy.REQUIRED, "VO"),
+    ({"GLIDEIN_USE_CVMFS": "1", "GLIDEIN_CVMFS_REQUIRE": "NEVER"}, Policy.NEVER, "forbids"),
     ({"GLIDEIN_USE_CVMFS": "0", "GLIDEIN_CVMFS_REQUIRE": "REQUIRED"}, Policy.REQUIRED, "Factory"),
-    ({"GLIDEIN_USE_CVMFS": "0", "GLIDEIN_CVMFS_REQUIRE": "never"}, Policy.NEVER, "Factory"),
-    ({"GLIDEIN_USE_CVMFS": "0"}, Policy.PREFERRED, "(unset)"),
-    ({"GLIDEIN_USE_CVMFS": "", "GLIDEIN_CVMFS_REQUIRE": "optional"}, Policy.OPTIONAL, "Factory"),
-    ({"GLIDEIN_USE_CVMFS": " 0 ", "GLIDEIN_CVMFS": "required", "GLIDEIN_USE_CVMFSEXEC": "1"},
-     Policy.PREFERRED, "newer attributes take precedence"),
-    ({"GLIDEIN_CVMFS_REQUIRE": "never", "GLIDEIN_USE_CVMFSEXEC": "bogus"}, Policy.NEVER, "ignored"),
+    ({"GLIDEIN_USE_CVMFS": "0", "GLIDEIN_CVMFS_REQUIRE": "Preferred"}, Policy.PREFERRED, "Factory"),
+    ({"GLIDEIN_USE_CVMFS": "0", "GLIDEIN_CVMFS_REQUIRE": "never"}, Policy.NEVER, "skipped"),
+    ({"GLIDEIN_USE_CVMFS": "0"}, Policy.NEVER, "not requested"),
+    ({"GLIDEIN_USE_CVMFS": "", "GLIDEIN_CVMFS_REQUIRE": "required"}, Policy.NEVER, "Frontend"),
+    ({"GLIDEIN_CVMFS_REQUIRE": "always"}, Policy.NEVER, "not requested"),  # #631: not read
+    ({"GLIDEIN_USE_CVMFS": " 0 ", "GLIDEIN_CVMFS_REQUIRE": "optional", "GLIDEIN_CVMFS": "never"},
+     Policy.OPTIONAL, "Factory"),
 ]
 
 
 @pytest.mark.parametrize(("values", "policy", "fragment"), POLICY_CASES)
 def test_resolve_policy(values: dict[str, str], policy: Policy, fragment: str) -> None:
-    """Both attribute sets resolve case-insensitively, the newer set first."""
+    """GlideinWMS's own switch first, then #631's pair, then GLIDEIN_CVMFS; any case."""
     decision = resolve_policy(values)
     assert policy is decision.policy
     assert fragment in decision.source
@@ -234,10 +239,9 @@ def test_resolve_policy(values: dict[str, str], policy: Policy, fragment: str) -
 
 POLICY_ERRORS = [
     ({"GLIDEIN_USE_CVMFS": "yes"}, "GLIDEIN_USE_CVMFS='yes'.*expected 0 or 1"),
-    ({"GLIDEIN_USE_CVMFS": "1", "GLIDEIN_CVMFS_REQUIRE": "NEVER"}, "conflict"),
-    ({"GLIDEIN_CVMFS_REQUIRE": "always"}, "GLIDEIN_CVMFS_REQUIRE='always'.*required\\|"),
-    ({"GLIDEIN_USE_CVMFSEXEC": "true"}, "GLIDEIN_USE_CVMFSEXEC='true'.*integer"),
-    ({"GLIDEIN_USE_CVMFSEXEC": "1", "GLIDEIN_CVMFS": "maybe"}, "GLIDEIN_CVMFS='maybe'"),
+    ({"GLIDEIN_USE_CVMFS": "0", "GLIDEIN_CVMFS_REQUIRE": "always"},
+     "GLIDEIN_CVMFS_REQUIRE='always'.*required\\|"),
+    ({"GLIDEIN_CVMFS": "maybe"}, "GLIDEIN_CVMFS='maybe'"),
 ]
 
 
@@ -246,3 +250,32 @@ def test_resolve_policy_errors(values: dict[str, str], pattern: str) -> None:
     """Invalid values raise PolicyError naming the attribute, value and accepted values."""
     with pytest.raises(PolicyError, match=pattern):
         resolve_policy(values)
+
+
+def test_job_wrapper_listed(tmp_path: Path) -> None:
+    """WRAPPER_LIST names a file of fetched wrapper paths; the fragment is found by name."""
+    listing = tmp_path / "wrapper_list.lst"
+    assert job_wrapper_listed({}) is None  # not a GlideinWMS glidein
+    assert job_wrapper_listed({"WRAPPER_LIST": str(listing)}) is False  # no file yet
+    listing.write_text("/g/main/singularity_wrapper.sh\n")
+    assert job_wrapper_listed({"WRAPPER_LIST": str(listing)}) is False
+    listing.write_text("/g/entry/cvmfsd_job_wrapper.sh\n/g/client/singularity_wrapper.sh\n")
+    assert job_wrapper_listed({"WRAPPER_LIST": str(listing)}) is True
+    listing.write_text("/g/entry/old_cvmfsd_job_wrapper.sh\n")
+    assert job_wrapper_listed({"WRAPPER_LIST": str(listing)}) is False
+
+
+def test_failure_updates_are_single_bounded_lines(tmp_path: Path) -> None:
+    """A multi-line, long error becomes glidein_config lines that can be written."""
+    updates = failure_updates("mount failed:\n" + "x" * 5000, "look at\nthe log",
+                              category="Config")
+    assert updates["CVMFSD_STATUS"] == "failed"
+    assert updates["GWMS_IS_CVMFS"] == "no"
+    assert updates["CVMFSD_HINT"] == "look at the log"
+    assert updates["CVMFSD_FAILURE"] == "Config"
+    assert len(updates["CVMFSD_ERROR"]) == 1000
+    assert updates["CVMFSD_ERROR"].startswith("mount failed: xxx")
+    config = tmp_path / "glidein_config"
+    config.write_text("")
+    update_glidein_config(config, updates)
+    assert dict(read_glidein_config(config).values) == updates

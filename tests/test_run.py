@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -80,6 +81,22 @@ def test_a_healthy_run_logs_no_warning(dist: Path, gconfig: Path) -> None:
     assert any(r.get("event") == "payload exited" for r in records)
     loud = [r for r in records if r.get("level") not in ("debug", "info")]
     assert not loud, loud
+
+
+def test_a_taken_metrics_port_costs_the_metrics_not_cvmfs(dist: Path, gconfig: Path) -> None:
+    """--metrics-address on a port another process holds: CVMFS and the payload go on."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen(1)
+        port = holder.getsockname()[1]
+        result = cvmfsd_run(dist, "--metrics-address", f"127.0.0.1:{port}", "--repos", REPO_A,
+                            "--", "cat", f"/cvmfs/{REPO_A}/hello.txt", glidein_config=gconfig)
+    assert (result.returncode, result.stdout) == (0, "hello from repo.a\n"), result.stderr
+    assert "Traceback" not in result.stderr
+    assert "cannot serve /metrics; going on without it" in result.stderr
+    assert "Address already in use" in result.stderr
+    values = glidein.read_glidein_config(gconfig).values
+    assert (values["GWMS_IS_CVMFS"], values["CVMFSD_METRICS_ADDRESS"]) == ("yes", "")
 
 
 def test_payload_environment(dist: Path, gconfig: Path, short_tmp: Path) -> None:
