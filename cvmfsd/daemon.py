@@ -356,6 +356,10 @@ class Supervisor:
         decision = prepared.decision
         for line in decision.explain().splitlines():
             log.info("mode decision", detail=line)
+        if prepared.unpacked is not None:
+            unpacked = prepared.unpacked
+            log.info("cvmfsexec build", file=str(unpacked.file), dist=str(unpacked.dist.root),
+                     reused=unpacked.reused, why=unpacked.why)
         self.state.phase = "mounting"
         await self.record(HAS_UNPRIVILEGED_USER_NAMESPACES=userns_status(prepared.facts),
                           CVMFSD_PID=str(os.getpid()), CVMFSD_STATUS="mounting",
@@ -590,8 +594,9 @@ def _sweep_descendants(keep: Sequence[int] = ()) -> int:
             argv = b""
         if not launch.send_signal(pid, signal.SIGKILL):
             continue
-        if any(helper in argv for helper in _OWN_HELPERS):
-            log.info("helper ended", pid=pid, argv=argv.decode(errors="replace")[:200])
+        if not argv or any(helper in argv for helper in _OWN_HELPERS):
+            # no command line: it was already exiting (its memory is gone)
+            log.info("ended by the final sweep", pid=pid, argv=argv.decode(errors="replace")[:200])
             continue
         killed += 1
         log.warning("leftover process killed", pid=pid, argv=argv.decode(errors="replace")[:200])

@@ -399,8 +399,10 @@ class ProbeWorker:
                     await stdin.send_all(line)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 self._retire(cur, f"cannot be written to ({exc!r})")
-            except BaseException:
-                self._retire(cur, "was interrupted in the middle of a request")  # half a line
+            except BaseException as exc:
+                # half a line was written; cancelled, it is cvmfsd stopping: no fault
+                self._retire(cur, "was interrupted in the middle of a request",
+                             level="info" if isinstance(exc, trio.Cancelled) else "warning")
                 raise
             await req.done.wait()
         finally:
