@@ -100,7 +100,8 @@ class Dist:
         if missing:
             raise LaunchError(
                 f"{self.root} is not a cvmfsexec distribution: missing {', '.join(missing)}",
-                hint="point --dist at the directory that holds cvmfsexec, mountrepo and dist/",
+                hint="point --dist at the directory that holds cvmfsexec, mountrepo and dist/, "
+                     "or at GlideinWMS's CVMFSEXEC_DIR of cvmfsexec-<src>-<os><ver>-<arch> files",
             )
 
 

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from cvmfsd import glidein, launch, mode, probe
+from cvmfsd import glidein, launch, mode, packed, probe
 from cvmfsd.config import Config, default_socket_path, exported_variables
 from cvmfsd.janitor import PAYLOAD_TMP_PREFIX, Janitor, spawn_janitor
 from cvmfsd.launch import Dist, LaunchError, LaunchPlan, Spawned
@@ -45,6 +45,8 @@ class Prepared:
             broken distribution, one in use by another cvmfsd, cvmfsexec not
             executable); the policy decides what it means.
         dist_lock: our lock on the distribution, held until cvmfsd exits.
+        unpacked: the self-extracting file chosen when ``--dist`` is GlideinWMS's
+            CVMFSEXEC_DIR (``dist`` is then its ``.cvmfsexec``).
     """
 
     config: Config
@@ -62,6 +64,7 @@ class Prepared:
     dist_lock: DistLock | None = None
     leftovers: Leftovers | None = None
     cleaned: Report | None = None
+    unpacked: packed.Unpacked | None = None
 
     def payload_env(self, extra: Mapping[str, str]) -> dict[str, str]:
         """The payload's environment: ours, the exported glidein values, ``extra``."""
@@ -84,11 +87,18 @@ def cvmfsctl_path() -> str | None:
     return shutil.which("cvmfsctl")
 
 
-def _find_dist(config: Config) -> Dist:
+def _find_dist(prepared: Prepared) -> Dist:
+    """The distribution ``--dist`` names: a plain one, or unpacked from a CVMFSEXEC_DIR."""
+    config = prepared.config
     if config.dist is None:
         raise LaunchError("no cvmfsexec distribution given",
                           hint="pass --dist DIR (the directory holding cvmfsexec)")
-    dist = Dist(config.dist.absolute())
+    root = config.dist.absolute()
+    if packed.is_packed_dir(root):
+        source = config.environ.get("CVMFS_SRC") or prepared.values.get("CVMFS_SRC")
+        prepared.unpacked = packed.unpack(root, prepared.facts, source)
+        return prepared.unpacked.dist
+    dist = Dist(root)
     dist.check()
     return dist
 
@@ -119,7 +129,7 @@ def prepare(config: Config, facts: probe.HostFacts | None = None, *,
             prepared.janitor = _start_janitor(prepared)
         return prepared
     try:
-        prepared.dist = _find_dist(config)
+        prepared.dist = _find_dist(prepared)
         if start:
             # One cvmfsd per distribution (DistInUse otherwise), until we exit.
             prepared.dist_lock = lock_dist(prepared.dist)
