@@ -85,6 +85,7 @@ IGNORED_SIGNALS = (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM)
 #: PR_SET_PDEATHSIG's signal; its handler checks that cvmfsd is really gone.
 PDEATH_SIGNAL = signal.SIGUSR1
 UNMOUNT_TIMEOUT = 2.0  # per umount/fusermount run: a hung daemon may stall it
+BUSY_RETRIES, BUSY_PAUSE = 10, 0.02  # a busy mount is tried again for up to ~0.2 s (+ runs)
 EXIT_GRACE = 1.0  # for a cvmfs2 to exit by itself once its mount is gone
 TERM_GRACE = 1.0  # between SIGTERM and SIGKILL
 PAYLOAD_WAIT = 1.0  # for the SIGKILLed payload to be gone (one stuck in FUSE may not be)
@@ -466,6 +467,19 @@ def unmount(mountpoint: str, *, lazy: bool, timeout: float = UNMOUNT_TIMEOUT,
     return argv is not None and run_bounded(argv, timeout, out_fd) == 0
 
 
+def unmount_busy(mountpoint: str, *, retries: int = BUSY_RETRIES, pause: float = BUSY_PAUSE,
+                 out_fd: int | None = None) -> bool:
+    """Unmount, retrying a few times at short intervals: a mount is often busy only for a
+    moment (a probe or a dying payload's last file), and the next step -- ending its cvmfs2
+    -- costs a second and an ENOTCONN mount."""
+    for attempt in range(retries + 1):
+        if unmount(mountpoint, lazy=False, out_fd=out_fd):
+            return True
+        if attempt < retries:
+            time.sleep(pause)
+    return False
+
+
 # --- the janitor process ---------------------------------------------------------
 
 
@@ -522,7 +536,7 @@ def clean_up(root: str | None, *, config_repo: str | None = None,
     dirs = () if root is None else mount_dirs(root)
     stuck = []
     for point in dist_mounts(read_mountinfo(), dirs, config_repo) if dirs else ():
-        if unmount(point, lazy=False, out_fd=out_fd):
+        if unmount_busy(point, out_fd=out_fd):
             log(f"unmounted {point}")
         else:
             stuck.append(point)

@@ -371,16 +371,22 @@ class ProbeWorker:
             proc = await trio.lowlevel.open_process(
                 self._command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT, cwd="/")
-            if self._stopped():  # the watcher stopped while the process started
+            cur = _Process(proc)
+            try:
+                if self._stopped():  # the watcher stopped while the process started
+                    raise RuntimeError("the watcher stopped")
+                # A nursery that is closing refuses new tasks (RuntimeError) too.
+                self._nursery.start_soon(self._read, cur,
+                                         name=f"cvmfsd.watch.worker[{proc.pid}]")
+            except RuntimeError:
                 launch.SIGNALLED.add(proc.pid)
                 proc.kill()
                 self._stuck.adopt(proc)
-                raise OSError("the probe worker is stopping")
-            cur = self._current = _Process(proc)
+                raise OSError("the probe worker is stopping") from None
+            self._current = cur
             self.starts += 1
             (log.info if self.starts > 1 else log.debug)(
                 "probe worker started", pid=proc.pid, starts=self.starts)
-            self._nursery.start_soon(self._read, cur, name=f"cvmfsd.watch.worker[{proc.pid}]")
             return cur
 
     async def _send(self, cur: _Process, request: dict[str, object],
