@@ -19,6 +19,7 @@ import shutil
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 
 import structlog
@@ -45,9 +46,15 @@ if sys.version_info < (3, 11):
 log = structlog.get_logger("cvmfsd.daemon")
 
 
-def progress(index: int, total: int, repo: str) -> None:
-    """Print a progress line for a pilot's log (stderr; stdout is the payload's)."""
-    print(f"cvmfsd: mounting {index}/{total}: {repo}", file=sys.stderr, flush=True)
+def progress(index: int, total: int, repo: str, *, as_json: bool = False) -> None:
+    """A progress line for a pilot's log (stderr; stdout is the payload's).
+
+    With ``--log-format json`` it is a log event like every other line.
+    """
+    if as_json:
+        log.info("mounting", index=index, total=total, repo=repo)
+    else:
+        print(f"cvmfsd: mounting {index}/{total}: {repo}", file=sys.stderr, flush=True)
 
 
 def attempt_result(exc: LaunchError) -> str:
@@ -125,7 +132,7 @@ class Supervisor:
     # --- mount progress, for the people watching and for the metrics ----------------
     def _progress(self, index: int, total: int, repo: str) -> None:
         self._mount_started[repo] = trio.current_time()
-        progress(index, total, repo)
+        progress(index, total, repo, as_json=self.config.log_format == "json")
 
     def _mounted(self, repos: Sequence[str]) -> None:
         now = trio.current_time()
@@ -239,9 +246,17 @@ class Supervisor:
             await trio.to_thread.run_sync(
                 glidein.update_glidein_config, self.config.glidein_config, updates)
 
+    async def _record_stopped(self) -> None:
+        """cvmfsd ends in order: nothing provides CVMFS any more."""
+        try:
+            await self.record(CVMFSD_STATUS="stopped", GWMS_IS_CVMFS="no", CVMFS_MOUNT_DIR="")
+        except CvmfsdError as exc:  # the run itself went well: say so, do not fail it
+            log.warning("cannot record the end in glidein_config", error=str(exc))
+
     async def run(self) -> int:
         """Supervise to the end; the payload's directory is removed whatever happens."""
         _become_subreaper()
+        self._arm_janitor_report()
         try:
             async with trio.open_nursery() as nursery:
                 # First: from here on SIGTERM, SIGINT and SIGHUP stop the run in order.
@@ -253,6 +268,7 @@ class Supervisor:
                 pushgateway = await self._start_metrics(nursery)
                 try:
                     status = await self._run()
+                    await self._record_stopped()
                 finally:
                     self.state.phase = "done"
                     nursery.cancel_scope.cancel()
@@ -269,6 +285,17 @@ class Supervisor:
                 # Our own teardown ran: the janitor has nothing to do.
                 await trio.to_thread.run_sync(janitor.close)
             shutil.rmtree(self.prepared.payload_tmp, ignore_errors=True)
+
+    def _arm_janitor_report(self) -> None:
+        """If cvmfsd dies, the janitor marks glidein_config failed and removes the socket."""
+        janitor = self.prepared.janitor
+        if janitor is None:
+            return
+        try:
+            janitor.set_reporting(glidein_config=self.config.glidein_config,
+                                  socket=self.prepared.socket_path)
+        except (ValueError, CvmfsdError) as exc:
+            log.warning("the janitor cannot report cvmfsd's death", error=str(exc))
 
     async def _start_metrics(self, nursery: trio.Nursery) -> Pushgateway | None:
         """Serve /metrics (if asked) and start the collection loop and its exporters."""
@@ -377,19 +404,22 @@ class Supervisor:
                 if decision.policy.failure_is_fatal:
                     log.error("cannot provide CVMFS", error=str(exc), repo=exc.repo,
                               policy=decision.policy.policy.value, log_tail=list(exc.log_tail))
-                    await self.record(GWMS_IS_CVMFS="no", CVMFSD_STATUS="failed")
+                    await self.record(**glidein.failure_updates(str(exc), exc.hint))
                     raise
                 log.warning("continuing without CVMFS", error=str(exc),
                             policy=decision.policy.policy.value,
                             log_tail=list(exc.log_tail))
+                why = glidein.failure_updates(str(exc), exc.hint)
+                await self.record(CVMFSD_ERROR=why["CVMFSD_ERROR"], CVMFSD_HINT=why["CVMFSD_HINT"])
                 for repo, repo_state in self.state.repos.items():
                     if repo_state.state != "ok":
                         self.state.repos[repo] = RepoState("failed", error=str(exc))
                 chosen = mode.Mode.NONE
         if chosen is mode.Mode.NONE and decision.fatal:
-            await self.record(GWMS_IS_CVMFS="no", CVMFSD_STATUS="failed")
-            raise LaunchError(f"no way to provide CVMFS here: {decision.reason}",
-                              hint="run 'cvmfsd probe' for the evidence")
+            error = LaunchError(f"no way to provide CVMFS here: {decision.reason}",
+                                hint="run 'cvmfsd probe' for the evidence")
+            await self.record(**glidein.failure_updates(str(error), error.hint))
+            raise error
         is_cvmfs = "yes" if chosen is mode.Mode.HOST else "no"
         if chosen is mode.Mode.NONE:
             log.warning("running the payload without CVMFS",
@@ -426,8 +456,9 @@ class Supervisor:
         async def remount_on_host(repo: str) -> str | None:
             await session.unmount_on_host(dist, [repo])
             try:
-                await session.mount_on_host(dist, [repo], repo_timeout=self.config.mount_timeout,
-                                            on_progress=progress, with_config_repo=False)
+                await session.mount_on_host(
+                    dist, [repo], repo_timeout=self.config.mount_timeout, with_config_repo=False,
+                    on_progress=partial(progress, as_json=self.config.log_format == "json"))
             except LaunchError as exc:
                 return str(exc)
             return None
@@ -460,6 +491,22 @@ class Supervisor:
         if self.state.phase == "running":
             self.state.phase = "stopping"
 
+    def _jobs_enter(self) -> bool:
+        """Mode 3: whether the glidein's jobs will see /cvmfs (GWMS_IS_CVMFS).
+
+        /cvmfs exists only inside the namespace.  In a GlideinWMS glidein the
+        jobs start under condor_startd, outside it, and reach it only through
+        the job-wrapper fragment; elsewhere cvmfsd's payload is what uses CVMFS.
+        """
+        listed = glidein.job_wrapper_listed(self.prepared.values)
+        if listed is False:
+            log.warning("jobs will not see /cvmfs: the job-wrapper fragment is not in "
+                        "WRAPPER_LIST", wrapper=glidein.JOB_WRAPPER,
+                        wrapper_list=self.prepared.values.get("WRAPPER_LIST"),
+                        hint=f"list {glidein.JOB_WRAPPER} as a wrapper file fetched before "
+                        "cvmfsd_setup.sh runs")
+        return listed is not False
+
     def _on_ns_init(self, pid: int) -> None:
         """Namespace PID 1 exists: watch it, and have the janitor guard it."""
         self.procevents.namespace_init(pid)
@@ -487,11 +534,15 @@ class Supervisor:
             self._mounted(list(info.repos))
             keeper.refresh()
             self._settle()
-            await self.record(GWMS_IS_CVMFS="yes", GWMS_CVMFSEXEC_MODE="3", CVMFS_MOUNT_DIR="",
-                              CVMFSD_STATUS="ready")
-            print("cvmfsd: ready: " + ", ".join(
-                f"{repo} r{check.get('revision')}" for repo, check in info.repos.items()),
-                file=sys.stderr, flush=True)
+            await self.record(GWMS_IS_CVMFS="yes" if self._jobs_enter() else "no",
+                              GWMS_CVMFSEXEC_MODE="3", CVMFS_MOUNT_DIR="", CVMFSD_STATUS="ready")
+            revisions = {repo: check.get("revision") for repo, check in info.repos.items()}
+            if self.config.log_format == "json":
+                log.info("ready", revisions=revisions)
+            else:
+                print("cvmfsd: ready: " + ", ".join(
+                    f"{repo} r{revision}" for repo, revision in revisions.items()),
+                    file=sys.stderr, flush=True)
 
         runner = session.Mode3Session(plan, grace=self.config.grace,
                                       mount_timeout=self.config.mount_timeout,

@@ -45,6 +45,11 @@ Theory of operation:
   keeps its lock, and the next mount of it hangs).  The payload's TMPDIR
   (``--payload-tmp``) is removed between (3) and (4).  (6) Release the lock
   and exit.
+  Around it: cvmfsd's control socket is removed first (a client gets "no such
+  file" at once, not a refused connection from a path that looks alive), and
+  glidein_config, if cvmfsd named one that still names it, is marked last:
+  ``CVMFSD_STATUS failed``, ``GWMS_IS_CVMFS no`` and the reason, for the
+  glidein's cleanup script and the job-wrapper fragment (:func:`report_death`).
 * **Never a stranger.**  A process is named by its pid *and* its start time
   (field 22 of ``/proc/<pid>/stat``).  Before each signal the janitor opens a
   pidfd, checks the start time and what the process is (namespace PID 1, a
@@ -53,7 +58,8 @@ Theory of operation:
   through the pidfd, so a reused pid cannot be hit.  Mounts outside
   ``dist/cvmfs`` are never touched; no process group is signalled by number.
 * **Light.**  It starts on every run, so it imports only os, select, signal,
-  sys, time, prctl, cvmfsd.errors and cvmfsd.mountinfo, and parses /proc by hand (no pathlib,
+  sys, time, prctl, cvmfsd.errors and cvmfsd.mountinfo (cvmfsd.glidein only to
+  report a death), and parses /proc by hand (no pathlib,
   argparse or subprocess: hence the plain ``os`` calls; shutil only to remove
   the payload's TMPDIR).  It holds no descriptor of cvmfsd's but the pipe and
   the lock: stdout and stderr are /dev/null, and the log file is opened only to
@@ -61,13 +67,14 @@ Theory of operation:
 """
 
 # The janitor starts on every run: plain os calls, no pathlib import.
-# ruff: noqa: PTH100, PTH103, PTH112, PTH117, PTH118, PTH119, PTH120
+# ruff: noqa: PTH100, PTH103, PTH108, PTH112, PTH117, PTH118, PTH119, PTH120
 
 from __future__ import annotations
 
 import os
 import select
 import signal
+import stat
 import sys
 import time
 
@@ -574,13 +581,21 @@ class _Commands:
         self.log = log
         self.namespace_init: Ident | None = None
         self.done = False
+        self.glidein_config: str | None = None
+        self.socket: str | None = None
         self._pending = b""
 
     def feed(self, chunk: bytes) -> None:
         *lines, self._pending = (self._pending + chunk).split(b"\n")
         for line in lines:
-            words = line.decode(errors="replace").split()
-            if words == ["done"]:
+            text = line.decode(errors="replace")
+            words = text.split()
+            name, _, rest = text.partition(" ")
+            if name == "glidein-config" and rest.startswith("/"):
+                self.glidein_config = rest
+            elif name == "socket" and rest.startswith("/"):
+                self.socket = rest
+            elif words == ["done"]:
                 self.done = True
             elif words == ["ns-clear"]:
                 self.namespace_init = None
@@ -588,6 +603,50 @@ class _Commands:
                 self.namespace_init = (int(words[1]), int(words[2]))
             else:
                 self.log(f"ignoring unknown command {line!r} from cvmfsd")
+
+
+def remove_socket(path: str | None, log: Callable[[str], None]) -> None:
+    """Remove cvmfsd's control socket, if ``path`` still is a socket (nothing else)."""
+    if path is None:
+        return
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+            log(f"removed the control socket {path}")
+    except OSError:
+        pass  # gone already, or not ours to remove
+
+
+def report_death(parent: int, why: str, clean: bool, commands: _Commands,
+                 log: Callable[[str], None], *, lock_timeout: float = 10.0) -> bool:
+    """Mark glidein_config: cvmfsd failed, the jobs have no CVMFS (if it still names ``parent``).
+
+    The glidein's cleanup script (cvmfsd_cleanup.sh) and the job-wrapper
+    fragment read CVMFSD_STATUS; without this they would go on reading the
+    ``ready`` of a dead cvmfsd.  Only a glidein_config whose CVMFSD_PID is
+    ``parent`` is touched: a later cvmfsd's status is not ours to overwrite.
+    Returns whether it was written.
+    """
+    if commands.glidein_config is None:
+        return False
+    # Imported only now: the janitor starts on every run, and reports rarely.
+    from cvmfsd.glidein import failure_updates, read_glidein_config, update_glidein_config
+
+    path = commands.glidein_config
+    try:
+        if read_glidein_config(path).get("CVMFSD_PID") != str(parent):
+            log(f"{path} names another cvmfsd: not marked")
+            return False
+        message = (f"cvmfsd (pid {parent}) ended without stopping CVMFS: it {why}; its "
+                   f"janitor ended CVMFS ({'nothing left' if clean else 'clean-up incomplete'})")
+        hint = ("it was killed (SIGKILL, out of memory?) or crashed; see cvmfsd's log and "
+                "the janitor's log beside the distribution")
+        update_glidein_config(path, failure_updates(message, hint), lock_timeout=lock_timeout)
+    except CvmfsdError as exc:
+        log(f"cannot mark {path}: {exc}")
+        return False
+    log(f"marked {path}: CVMFSD_STATUS failed, GWMS_IS_CVMFS no")
+    return True
 
 
 def _parse_args(argv: Sequence[str]) -> dict[str, str]:
@@ -681,10 +740,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     dist, payload_tmp = opts.get("dist"), opts.get("payload-tmp")
     log(f"cvmfsd (pid {parent}) {why}: cleaning up {dist or 'after the payload'}")
+    remove_socket(commands.socket, log)  # first: a client must not wait on a dead server
     clean = clean_up(dist, config_repo=opts.get("config-repo"), payload_tmp=payload_tmp,
                      namespace_init=commands.namespace_init, log=log, out_fd=log.open())
     log(f"clean-up {'complete' if clean else 'INCOMPLETE'} after "
         f"{time.monotonic() - started:.3f} s")
+    report_death(parent, why, clean, commands, log)
     if lock_fd is not None:
         os.close(lock_fd)  # a new cvmfsd may take the distribution now
     return 0 if clean else 1
@@ -732,6 +793,21 @@ class Janitor:
         if start is None or not is_namespace_init(pid) or process_start(pid) != start:
             raise ValueError(f"pid {pid} is not PID 1 of a pid namespace of uid {os.getuid()}")
         self._send(f"ns {pid} {start}")
+
+    def set_reporting(self, *, glidein_config: Path | None, socket: Path | None) -> None:
+        """Have the janitor mark ``glidein_config`` failed and remove ``socket`` if cvmfsd dies.
+
+        Raises:
+            ValueError: a path is not absolute or spans lines.
+            JanitorError: the janitor is gone or closed.
+        """
+        for word, path in (("glidein-config", glidein_config), ("socket", socket)):
+            if path is None:
+                continue
+            text = os.path.abspath(path)
+            if "\n" in text:
+                raise ValueError(f"{word} path {text!r} spans lines")
+            self._send(f"{word} {text}")
 
     def clear_namespace_init(self) -> None:
         """Forget namespace PID 1 (the namespace has ended).

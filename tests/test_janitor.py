@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from cvmfsd import janitor, launch
+from cvmfsd import glidein, janitor, launch
 from cvmfsd.janitor import Janitor, spawn_janitor
 from cvmfsd.leftovers import LOCK_NAME
 from cvmfsd.sim.makedist import DEFAULT_CONFIG_REPO
@@ -524,3 +524,46 @@ def test_janitor_holds_the_distribution_until_it_is_clean(dist: Path, runs: list
     assert not _locked(lock)
     assert run.payload_gone() and not mounts_under(dist) and not run.tmp.exists()
     assert not cvmfs2_pids(dist)
+
+
+@pytest.mark.fuse
+def test_sigkilled_run_marks_glidein_config_and_removes_its_socket(
+        dist: Path, runs: list[Run], short_tmp: Path) -> None:
+    """cvmfsd SIGKILLed: glidein_config says failed, no CVMFS, and why; no stale socket."""
+    config, sock = short_tmp / "glidein_config", short_tmp / "s" / "ctl.sock"
+    sock.parent.mkdir(mode=0o700)
+    config.write_text("GLIDEIN_Site X\n")
+    run = Run(dist, "--mode", "1", "--repos", REPO_A, "--glidein-config", str(config),
+              "--socket", str(sock))
+    runs.append(run)
+    values = glidein.read_glidein_config(config).values
+    assert (values["CVMFSD_STATUS"], sock.is_socket()) == ("ready", True)
+    pid = run.process.pid
+    run.process.kill()
+    wait_for(lambda: glidein.read_glidein_config(config).get("CVMFSD_STATUS") == "failed",
+             timeout=10)
+    values = glidein.read_glidein_config(config).values
+    assert values["GWMS_IS_CVMFS"] == "no"
+    assert values["CVMFSD_ERROR"].startswith(f"cvmfsd (pid {pid}) ended without stopping CVMFS")
+    assert "nothing left" in values["CVMFSD_ERROR"]
+    assert values["CVMFSD_FAILURE"] == "WN_Resource"
+    assert "SIGKILL" in values["CVMFSD_HINT"]
+    assert not sock.exists()
+    assert "removed the control socket" in _log(dist)
+
+
+def test_report_death_leaves_another_cvmfsd_alone(tmp_path: Path) -> None:
+    """A glidein_config that names a later cvmfsd is not marked; the socket goes only if one."""
+    config = tmp_path / "glidein_config"
+    config.write_text("CVMFSD_PID 4242\nCVMFSD_STATUS ready\n")
+    said: list[str] = []
+    commands = janitor._Commands(said.append)
+    commands.feed(f"glidein-config {config}\nsocket {tmp_path}/file\n".encode())
+    assert (commands.glidein_config, commands.socket) == (str(config), f"{tmp_path}/file")
+    assert not janitor.report_death(4141, "closed its pipe", True, commands, said.append)
+    assert glidein.read_glidein_config(config).get("CVMFSD_STATUS") == "ready"
+    assert janitor.report_death(4242, "closed its pipe", True, commands, said.append)
+    assert glidein.read_glidein_config(config).get("CVMFSD_STATUS") == "failed"
+    (tmp_path / "file").write_text("not a socket")
+    janitor.remove_socket(commands.socket, said.append)
+    assert (tmp_path / "file").exists()

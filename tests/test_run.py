@@ -44,6 +44,20 @@ def processes_with_argv(argv: list[str]) -> list[int]:
     return found
 
 
+def while_running(gconfig: Path) -> dict[str, str]:
+    """What cvmfsd had written to glidein_config before it recorded its end (.history)."""
+    values = dict(glidein.read_glidein_config(gconfig).values)
+    assert (values["CVMFSD_STATUS"], values["GWMS_IS_CVMFS"], values["CVMFS_MOUNT_DIR"]) == (
+        "stopped", "no", ""), "a finished cvmfsd says nothing provides CVMFS any more"
+    history = gconfig.with_name(gconfig.name + ".history").read_text().splitlines()
+    for line in history:
+        _, key, value = (line + " ").split(" ", 2)
+        if (key, value) == ("CVMFSD_STATUS", "stopped "):
+            break
+        values[key] = value[:-1]
+    return values
+
+
 @pytest.fixture(name="gconfig")
 def _gconfig(short_tmp: Path) -> Path:
     path = short_tmp / "glidein_config"
@@ -60,7 +74,7 @@ def test_payload_reads_cvmfs_and_its_status_is_returned(dist: Path, gconfig: Pat
     assert result.returncode == 7, result.stderr
     assert result.stdout == "hello from repo.a\n"  # mount chatter stays out of it
     assert "mounting 2/3: repo.a" in result.stderr
-    values = glidein.read_glidein_config(gconfig).values
+    values = while_running(gconfig)
     assert values["GWMS_IS_CVMFS"] == "yes"
     assert values["GWMS_CVMFSEXEC_MODE"] == "3"
     assert values["HAS_UNPRIVILEGED_USER_NAMESPACES"] == "enabled"
@@ -95,7 +109,7 @@ def test_a_taken_metrics_port_costs_the_metrics_not_cvmfs(dist: Path, gconfig: P
     assert "Traceback" not in result.stderr
     assert "cannot serve /metrics; going on without it" in result.stderr
     assert "Address already in use" in result.stderr
-    values = glidein.read_glidein_config(gconfig).values
+    values = while_running(gconfig)
     assert (values["GWMS_IS_CVMFS"], values["CVMFSD_METRICS_ADDRESS"]) == ("yes", "")
 
 
@@ -141,7 +155,7 @@ def test_mode1_mounts_on_the_host_and_unmounts(dist: Path, gconfig: Path) -> Non
     result = cvmfsd_run(dist, "--mode", "1", "--repos", REPO_A, "--", "sh", "-c",
                         f'cat "$CVMFS_MOUNT_DIR/{REPO_A}/hello.txt"', glidein_config=gconfig)
     assert (result.returncode, result.stdout) == (0, "hello from repo.a\n"), result.stderr
-    values = glidein.read_glidein_config(gconfig).values
+    values = while_running(gconfig)
     assert values["CVMFS_MOUNT_DIR"] == str(dist / "dist/cvmfs")
     assert values["GWMS_CVMFSEXEC_MODE"] == "1"
     assert not mounts_under(dist)
