@@ -129,6 +129,11 @@ def prepare(config: Config, facts: probe.HostFacts | None = None, *,
             prepared.janitor = _start_janitor(prepared)
         return prepared
     try:
+        if not config.repos:
+            # Nothing would be mounted, yet the run would be "ready" and tell the
+            # glidein GWMS_IS_CVMFS yes: a failure to provide CVMFS, under the policy.
+            raise LaunchError("no repositories given: nothing to mount",
+                              hint="pass --repos A,B (GlideinWMS: GLIDEIN_CVMFS_REPOS)")
         prepared.dist = _find_dist(prepared)
         if start:
             # One cvmfsd per distribution (DistInUse otherwise), until we exit.

@@ -113,6 +113,20 @@ def test_a_taken_metrics_port_costs_the_metrics_not_cvmfs(dist: Path, gconfig: P
     assert (values["GWMS_IS_CVMFS"], values["CVMFSD_METRICS_ADDRESS"]) == ("yes", "")
 
 
+@pytest.mark.parametrize(("policy", "status"), [("required", 69), ("preferred", 0)])
+def test_no_repositories_is_no_cvmfs(dist: Path, short_tmp: Path, policy: str,
+                                     status: int) -> None:
+    """No --repos: nothing to mount is a failure to provide CVMFS, never "ready"."""
+    config = short_tmp / "glidein_config"
+    config.write_text(f"GLIDEIN_CVMFS {policy}\n")
+    result = cvmfsd_run(dist, "--", "echo", "payload ran", glidein_config=config)
+    assert result.returncode == status, result.stderr
+    assert "no repositories given: nothing to mount" in result.stderr
+    assert result.stdout == ("payload ran\n" if status == 0 else "")
+    values = glidein.read_glidein_config(config).values
+    assert values["GWMS_IS_CVMFS"] == "no"
+
+
 def test_payload_environment(dist: Path, gconfig: Path, short_tmp: Path) -> None:
     """Glidein values reach the payload intact, secrets do not, and TMPDIR is its own."""
     script = 'printf "%s|%s|%s|%s\\n" "$GLIDEIN_Site" "${GLIDEIN_TOKEN_SECRET-unset}" ' \
