@@ -156,7 +156,35 @@ def build_parser() -> argparse.ArgumentParser:
     remount.add_argument("repo")
     run = verbs.add_parser("exec", help="run a command inside the namespace, with our stdio")
     run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]")
+    enter = verbs.add_parser(
+        "enter", help="run a command in cvmfsd's namespace as our own child (setns)",
+        formatter_class=argparse.RawDescriptionHelpFormatter, description=ENTER_HELP)
+    enter.add_argument("argv", nargs=argparse.REMAINDER, metavar="[--] COMMAND [ARGS...]")
     return parser
+
+
+ENTER_HELP = """\
+Run COMMAND where the payload runs, with /cvmfs.
+
+Mode 3: COMMAND joins cvmfsd's namespace (setns; no --allow-exec needed, the
+kernel admits only processes of cvmfsd's own uid) and stays a descendant of
+cvmfsctl: same cgroup, limits, environment, session, terminal and working
+directory, the payload's uid.  It is in the namespace's pid namespace, so it
+ends when the namespace ends.  TERM (HTCondor's soft kill), INT, HUP, QUIT,
+USR1 and USR2 sent to cvmfsctl are passed on; if cvmfsctl is killed, even
+with SIGKILL, COMMAND and everything it started are killed; when COMMAND
+exits, what it left running inside is killed.  If the kernel refuses setns,
+the error names the namespace and why; then, only if cvmfsd runs with
+--allow-exec, COMMAND runs through cvmfsd's shim instead.
+
+Modes 1 and 2, the host's /cvmfs, or no CVMFS: there is no namespace, and
+COMMAND simply runs in place of cvmfsctl (in modes 1 and 2 the repositories
+are under CVMFS_MOUNT_DIR, see `cvmfsctl get CVMFS_MOUNT_DIR`).
+
+Exit status: COMMAND's (128+N if a signal N ended it); 69 cvmfsd not ready
+or its namespace gone; 77 setns refused (and no exec fallback); 126/127
+COMMAND cannot run / not found; 3 no cvmfsd at the socket.
+"""
 
 
 def _version() -> str:
@@ -256,13 +284,44 @@ def _print(args: argparse.Namespace, result: object) -> int:
     return 0
 
 
+def enter_request(argv: Sequence[str]) -> tuple[str | None, list[str]] | None:
+    """(socket, command) for ``[--socket S] enter [--] COMMAND...``; None: not that simple."""
+    rest, path = list(argv), os.environ.get("CVMFSD_SOCKET")
+    while rest and rest[0].startswith("-"):
+        if rest[0] == "--json":
+            del rest[0]
+        elif rest[0] == "--socket" and len(rest) > 1:
+            path = rest[1]
+            del rest[:2]
+        else:
+            return None
+    if rest[:1] != ["enter"]:
+        return None
+    command = rest[1:]
+    if command[:1] == ["--"]:
+        command = command[1:]
+    elif not command or command[0].startswith("-"):
+        return None  # --help, or a mistake: argparse explains
+    return path, command
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``cvmfsctl`` and return its exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    entering = enter_request(argv)
+    if entering is not None:
+        from cvmfsd import enter
+
+        return enter.main(*entering)
     status = _fast(argv)
     if status is not None:
         return status
     args = build_parser().parse_args(argv)
+    if args.verb == "enter":
+        from cvmfsd import enter
+
+        command = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+        return enter.main(args.socket or os.environ.get("CVMFSD_SOCKET"), command)
     try:
         path = args.socket or os.environ.get("CVMFSD_SOCKET")
         if not path:

@@ -55,9 +55,26 @@ class DaemonState:
                       for name, r in self.repos.items()},
             "payload": {"argv": list(self.payload), "status": self.payload_status},
             "shim_pid": self.shim_pid, "ns_init_pid": self.ns_init_pid,
+            "shim_namespaces": namespace_ids(self.shim_pid),
             "pid": os.getpid(), "started": self.started,
             "uptime_seconds": round(time.monotonic() - self.started_monotonic, 3),
         }
+
+
+def namespace_ids(pid: int | None) -> dict[str, str] | None:
+    """The mount, pid and user namespaces of ``pid`` (``{"mnt": "mnt:[4026532...]", ...}``).
+
+    ``cvmfsctl enter`` checks the namespace files it opens against these (the
+    pid could be reused), and compares its own to know when it is already
+    inside.  None when there is no such process (any more).
+    """
+    if pid is None:
+        return None
+    try:
+        return {kind: str(Path(f"/proc/{pid}/ns/{kind}").readlink())
+                for kind in ("mnt", "pid", "user")}
+    except OSError:
+        return None
 
 
 class LiveConfig:
