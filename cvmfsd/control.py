@@ -256,6 +256,10 @@ async def _mounts(request: Request, backend: Backend, fds: list[int]) -> object:
 async def _wait(request: Request, backend: Backend, fds: list[int]) -> object:
     args = request.args
     assert isinstance(args, protocol.WaitArgs)  # noqa: S101 - VERBS guarantees it
+    repo = args.path[len("/cvmfs/"):].split("/", 1)[0]
+    if repo not in backend.state.repos:
+        raise RequestFailed(ErrorCode.NOT_FOUND, f"{repo} is not mounted by this cvmfsd "
+                            f"(its repositories: {', '.join(backend.state.repos) or 'none'})")
     delay = 0.05
     with trio.move_on_after(args.timeout):
         while True:

@@ -178,7 +178,7 @@ class Supervisor:
             on_request=self.metrics.requested)
 
     def _locate(self, path: str) -> Path | None:
-        relative = path[len("/cvmfs/"):]
+        relative = path[len("/cvmfs/"):].lstrip("/")  # never an absolute join
         if self._provided == "mode3" and self.state.shim_pid is not None:
             return Path(f"/proc/{self.state.shim_pid}/root/cvmfs") / relative
         if self._provided == "dist" and self.prepared.dist is not None:
@@ -208,16 +208,35 @@ class Supervisor:
         dist = self.prepared.dist
         if dist is None or self._remount_hook is None:
             raise OSError(f"{repo} is not mounted by this cvmfsd")
+        before = await self._daemon_pid(repo)
         self.state.repos[repo] = RepoState("remounting")
         problem = await self._remount_hook(repo)
+        if problem is None and before is not None and await self._daemon_pid(repo) == before:
+            # cvmfsexec answers a MOUNTREPO of a repository it still lists with 0,
+            # and the old mount verifies: nothing was replaced (an open file or a
+            # working directory kept the bind at /cvmfs busy, so UMOUNTREPO failed).
+            problem = (f"cvmfs2 pid {before} still serves it: the old mount could not be "
+                       "unmounted (busy: an open file or a working directory in it?)")
+            self.state.repos[repo] = RepoState("ok")
+            raise OSError(f"not remounted: {problem}")
         if problem:
             self.state.repos[repo] = RepoState("failed", error=problem)
             raise OSError(f"remount failed: {problem}")
         revision = None
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, TimeoutError):
             revision = (await talk.talk(dist.talk_socket(repo), "revision")).strip() or None
         self.state.repos[repo] = RepoState("ok", revision)
         return f"remounted, revision {revision}"
+
+    async def _daemon_pid(self, repo: str) -> str | None:
+        """The pid cvmfs2 reports for itself (in its own pid namespace), if it answers."""
+        dist = self.prepared.dist
+        if dist is None:
+            return None
+        try:
+            return (await talk.talk(dist.talk_socket(repo), "pid", deadline=2.0)).strip() or None
+        except (OSError, TimeoutError, ValueError):
+            return None
 
     async def _request_stop(self) -> None:
         if self._stop is not None:

@@ -48,7 +48,7 @@ get        ``key``: name matching ``[A-Za-z_][A-Za-z0-9_]*``, <= 256 chars
 env        none
 config     none
 mounts     none
-wait       ``path``: absolute path under ``/cvmfs/``, no ``..`` component,
+wait       ``path``: ``/cvmfs/<repository>[/...]``, no ``..`` component,
            no NUL, <= 4096 bytes; ``timeout``: seconds, 0 < t <= 86400,
            default 60
 exec       ``argv``: non-empty array of <= 4096 strings without NUL;
@@ -322,6 +322,9 @@ def _check_cvmfs_path(value: object) -> object:
         raise _Invalid(f"{_describe(path)} is not under /cvmfs/")
     if ".." in path.split("/"):
         raise _Invalid(f"{_describe(path)} has a '..' component")
+    # The first component names the repository: "/cvmfs//tmp/x" must not become /tmp/x.
+    if repo_name_problem(path[len("/cvmfs/"):].split("/", 1)[0]):
+        raise _Invalid(f"{_describe(path)} does not name a repository after /cvmfs/")
     return path
 
 
@@ -467,7 +470,7 @@ _TABLE: Final = (
     VerbSpec(Verb.MOUNTS, NoArgs),
     VerbSpec(Verb.WAIT, WaitArgs, (
         Arg("path", _check_cvmfs_path,
-            f"an absolute path under /cvmfs/ with no '..' component, {_PATH_RULE}"),
+            f"an absolute path /cvmfs/<repository>[/...] with no '..' component, {_PATH_RULE}"),
         Arg("timeout", _check_timeout,
             f"a number of seconds, 0 < timeout <= {MAX_WAIT_TIMEOUT}",
             required=False, default=DEFAULT_WAIT_TIMEOUT),

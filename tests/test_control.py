@@ -215,6 +215,28 @@ def test_fast_path_requests_are_protocol_requests(argv: list[str],
     assert parsed == protocol.make_request(verb, args or None)
 
 
+async def test_wait_on_a_repository_not_mounted_answers_at_once(
+        short_tmp: Path, glidein_config: Path, tmp_path: Path) -> None:
+    """wait on another repository: NOT_FOUND naming ours, at once, not after its timeout;
+    on ours, the path is looked up below the repository (never outside /cvmfs)."""
+    (tmp_path / "repo.a").mkdir()
+    (tmp_path / "repo.a" / "x").touch()
+    backend = make_backend(glidein_config, locate=lambda p: tmp_path / p[len("/cvmfs/"):])
+    async with trio.open_nursery() as nursery:
+        client = await connect(await serve(nursery, short_tmp, backend))
+        with trio.fail_after(2):
+            other = await client.ask(protocol.encode_request(
+                "wait", {"path": "/cvmfs/repo.b/x", "timeout": 600}))
+        assert not other.ok
+        assert other.error is not None
+        assert (other.error.code, other.error.message) == (
+            protocol.ErrorCode.NOT_FOUND,
+            "repo.b is not mounted by this cvmfsd (its repositories: repo.a)")
+        ours = await client.ask(protocol.encode_request("wait", {"path": "/cvmfs/repo.a/x"}))
+        assert ours.result == {"path": "/cvmfs/repo.a/x", "exists": True}
+        finish(nursery)
+
+
 @pytest.mark.parametrize("argv", [["wait", "/cvmfs/a.b"], ["exec", "--", "ls"], ["--help"],
                                   ["get"], ["get", "-x"], ["status", "extra"]])
 def test_other_commands_take_the_full_path(argv: list[str],

@@ -132,12 +132,14 @@ BAD_ARGS = [
     ("get", {"key": "1a"}, "args.key", "expected a string matching"),
     ("get", {"key": "a" * 257}, "args.key", "at most 256 characters"),
     ("get", {"key": "a", "kye": "b"}, 'unknown argument "kye"', "expected only key"),
-    ("wait", {}, "missing argument args.path", "expected an absolute path under /cvmfs/"),
+    ("wait", {}, "missing argument args.path", "expected an absolute path /cvmfs/<repository>"),
     ("wait", {"path": 5}, "args.path: got number 5", "expected an absolute path"),
     ("wait", {"path": "cvmfs/a.b"}, "args.path", "is not absolute"),
     ("wait", {"path": "/etc/x"}, "args.path", "is not under /cvmfs/"),
     ("wait", {"path": "/cvmfs/"}, "args.path", "is not under /cvmfs/"),
     ("wait", {"path": "/cvmfs/a.b/../../etc"}, "args.path", "has a '..' component"),
+    ("wait", {"path": "/cvmfs//tmp/x"}, "args.path", "does not name a repository after /cvmfs/"),
+    ("wait", {"path": "/cvmfs/etc/passwd"}, "args.path", "does not name a repository"),
     ("wait", {"path": "/cvmfs/a\0b"}, "args.path", "contains NUL"),
     ("wait", {"path": "/cvmfs/a\ud800"}, "args.path", "lone surrogate"),
     ("wait", {"path": "/cvmfs/" + "é" * 2045}, "args.path", "got a path of 4097 bytes"),
@@ -635,8 +637,11 @@ VALID_ARGS: dict[Verb, st.SearchStrategy[dict[str, object]]] = {
 }
 VALID_ARGS[Verb.GET] = st.fixed_dictionaries(
     {"key": st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,40}", fullmatch=True)})
+REPO_NAMES = st.from_regex(r"[a-z0-9][a-z0-9-]{0,8}(\.[a-z0-9][a-z0-9-]{0,8}){1,3}",
+                           fullmatch=True)
 VALID_ARGS[Verb.WAIT] = st.fixed_dictionaries(
-    {"path": st.lists(COMPONENT, min_size=1, max_size=5).map(lambda c: "/cvmfs/" + "/".join(c))},
+    {"path": st.tuples(REPO_NAMES, st.lists(COMPONENT, max_size=4)).map(
+        lambda rc: "/cvmfs/" + "/".join([rc[0], *rc[1]]))},
     optional={"timeout": st.floats(0, 86400, exclude_min=True) | st.integers(1, 86400)})
 VALID_ARGS[Verb.EXEC] = st.fixed_dictionaries(
     {"argv": st.lists(TEXT, max_size=5).flatmap(
@@ -646,9 +651,7 @@ VALID_ARGS[Verb.EXEC] = st.fixed_dictionaries(
         "env": st.dictionaries(TEXT.filter(lambda n: bool(n) and "=" not in n), TEXT,
                                max_size=4),
     })
-VALID_ARGS[Verb.REMOUNT] = st.fixed_dictionaries(
-    {"repo": st.from_regex(r"[a-z0-9][a-z0-9-]{0,8}(\.[a-z0-9][a-z0-9-]{0,8}){1,3}",
-                           fullmatch=True)})
+VALID_ARGS[Verb.REMOUNT] = st.fixed_dictionaries({"repo": REPO_NAMES})
 VALID_REQUESTS = st.sampled_from(list(Verb)).flatmap(
     lambda verb: st.tuples(st.just(verb), VALID_ARGS[verb], IDS))
 

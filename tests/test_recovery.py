@@ -286,6 +286,33 @@ def test_crash_after_the_watchdog_lazily_unmounted_is_remounted(
     assert (cvmfsd.work / "after").read_text() == CONTENT
 
 
+HOLDER = f"""
+exec 3< /cvmfs/{REPO_A}/hello.txt
+cd /cvmfs/{REPO_A}
+echo started
+while [ ! -e "$1/go" ]; do sleep 0.02; done
+"""
+
+
+@pytest.mark.fuse
+def test_remount_of_a_busy_repository_says_it_did_not_remount(
+        run: Callable[..., Cvmfsd]) -> None:
+    """cvmfsctl remount while the payload holds a file and its cwd in the repository:
+    cvmfsexec cannot unmount the bind and answers the MOUNTREPO with 0, the old mount
+    verifies, nothing was replaced -- and cvmfsctl says so, non-zero."""
+    cvmfsd = run(payload=("sh", "-c", HOLDER, "payload"))
+    assert cvmfsd.process.stdout is not None
+    assert cvmfsd.process.stdout.readline() == "started\n"
+    done = subprocess.run([CVMFSCTL, "--socket", cvmfsd.socket, "remount", REPO_A],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode != 0, done.stdout
+    assert "not remounted: cvmfs2 pid" in done.stderr, done.stderr
+    _, status = cvmfsctl_status(cvmfsd.socket)
+    assert repo_state(status, REPO_A) == "ok"  # the old mount still serves
+    (cvmfsd.work / "go").touch()
+    assert cvmfsd.process.wait(timeout=30) == 0, cvmfsd.log_tail()
+
+
 # -- a hung repository ---------------------------------------------------------------
 
 
