@@ -10,7 +10,6 @@ Sub-commands:
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Callable
@@ -273,6 +272,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _report_error(args: argparse.Namespace, exc: CvmfsdError) -> None:
+    """The error that ends cvmfsd: on stderr in the log's format, and for ``run`` in glidein_config.
+
+    A glidein's set-up script reports CVMFSD_ERROR and CVMFSD_HINT to error_gen,
+    whatever stage failed (the daemon records its own failures; this covers
+    the ones before it starts, e.g. a bad policy attribute).
+    """
+    import os
+
+    from cvmfsd.errors import ConfigError
+    from cvmfsd.log import print_error
+
+    config = getattr(args, "glidein_config", None)
+    if args.command == "run" and config is not None:
+        from cvmfsd.glidein import record_failure
+
+        record_failure(config, str(exc), exc.hint, pid=os.getpid(),
+                       category="Config" if isinstance(exc, ConfigError) else "WN_Resource")
+    print_error(str(exc), exc.hint, getattr(args, "log_format", "console"),
+                exit_status=exc.exit_status)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``cvmfsd`` and return its exit status."""
     args = build_parser().parse_args(argv)
@@ -280,9 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handler(args)
     except CvmfsdError as exc:
-        print(f"cvmfsd: error: {exc}", file=sys.stderr)
-        if exc.hint:
-            print(f"cvmfsd: hint: {exc.hint}", file=sys.stderr)
+        _report_error(args, exc)
         return exc.exit_status
     except KeyboardInterrupt:
         return 130

@@ -435,3 +435,23 @@ def failure_updates(message: str, hint: str | None, *, category: str = "WN_Resou
 
     return {"CVMFSD_STATUS": "failed", "GWMS_IS_CVMFS": "no", "CVMFSD_ERROR": line(message),
             "CVMFSD_HINT": line(hint or ""), "CVMFSD_FAILURE": category}
+
+
+def record_failure(path: Path | str, message: str, hint: str | None, *, category: str,
+                   pid: int, lock_timeout: float = 10.0) -> bool:
+    """Record in glidein_config that the cvmfsd with *pid* failed, and why.
+
+    A glidein_config that names another cvmfsd which still runs is left alone
+    (two runs on one glidein_config: the live one's status stands).  Returns
+    whether it was written; a file that cannot be read or written is not an
+    error here (the failure itself is what the caller reports).
+    """
+    try:
+        owner = read_glidein_config(path).values.get("CVMFSD_PID", "")
+        if owner.isdigit() and int(owner) != pid and _pid_alive(int(owner)):
+            return False
+        update_glidein_config(path, {"CVMFSD_PID": str(pid), **failure_updates(
+            message, hint, category=category)}, lock_timeout=lock_timeout)
+    except ConfigError:
+        return False
+    return True

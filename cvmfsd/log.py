@@ -6,8 +6,10 @@ renders for people, ``json`` one object per line for log shippers.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
+from datetime import datetime, timezone
 
 import structlog
 
@@ -33,3 +35,21 @@ def configure_logging(fmt: str = "console", *, level: str = "info") -> None:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
+
+
+def print_error(message: str, hint: str | None, fmt: str = "console", *,
+                exit_status: int | None = None) -> None:
+    """The error that ends cvmfsd, on stderr: two plain lines, or one JSON object.
+
+    With ``json`` it is shaped like the log events (``event``, ``level``,
+    ``timestamp``), so that every line of a JSON log parses.
+    """
+    if fmt == "json":
+        event = {"event": "cvmfsd failed", "error": message, "hint": hint,
+                 "exit_status": exit_status, "level": "error",
+                 "timestamp": datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")}
+        print(json.dumps(event), file=sys.stderr, flush=True)
+        return
+    print(f"cvmfsd: error: {message}", file=sys.stderr)
+    if hint:
+        print(f"cvmfsd: hint: {hint}", file=sys.stderr)
