@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,9 +21,31 @@ CVMFSCTL = str(Path(sys.executable).parent / "cvmfsctl")
 # cvmfsctl with the C library's setns forced, as on Pythons before 3.12.
 FORCED_CTYPES = [sys.executable, "-c", "import sys; from cvmfsd import ctl, enter; "
                  "enter.FORCE_CTYPES = True; sys.exit(ctl.main(sys.argv[1:]))"]
+
+
+def python_with_setns() -> str | None:
+    """An interpreter with ``os.setns`` (3.12+): this one, $CVMFSD_TEST_PYTHON_SETNS, or on PATH."""
+    if hasattr(os, "setns"):
+        return sys.executable
+    for candidate in (os.environ.get("CVMFSD_TEST_PYTHON_SETNS"), shutil.which("python3.13"),
+                      shutil.which("python3.12")):
+        if candidate and subprocess.run(
+                [candidate, "-c", "import os, sys; sys.exit(not hasattr(os, 'setns'))"],
+                capture_output=True, check=False).returncode == 0:
+            return candidate
+    return None
+
+
+NATIVE = python_with_setns()
+# cvmfsctl on an interpreter with os.setns, from this source tree (stdlib only on this path).
+WITH_OS_SETNS = [NATIVE or "", "-c", "import sys; sys.path.insert(0, sys.argv.pop(1)); "
+                 "from cvmfsd import ctl, enter; assert not enter.FORCE_CTYPES; "
+                 "sys.exit(ctl.main(sys.argv[1:]))", str(Path(enter.__file__).parents[1])]
 BACKENDS = [
     pytest.param([CVMFSCTL], id="default"),
     pytest.param(FORCED_CTYPES, id="ctypes"),
+    pytest.param(WITH_OS_SETNS, id="os.setns", marks=pytest.mark.skipif(
+        NATIVE is None, reason="no Python >= 3.12 (os.setns) found")),
 ]
 
 
@@ -159,8 +182,9 @@ def test_signals_are_forwarded(daemon: Daemon, signum: int, status: int) -> None
     try:
         assert process.stdout is not None
         assert process.stdout.readline() == "ready\n"
+        # (until `sleep` is exec'd, its forked shell has the same command line)
+        wait_for(lambda: len(pids_with(marker, "sh")) == 1, timeout=10)
         shell = pids_with(marker, "sh")
-        assert len(shell) == 1
         assert process.pid in ancestors(shell[0])  # a descendant of cvmfsctl
         process.send_signal(signum)
         out, err = process.communicate(timeout=30)
@@ -281,12 +305,14 @@ def test_refused_setns_falls_back_to_exec_where_allowed(short_tmp: Path, dist: P
 @pytest.mark.parametrize("cvmfsctl", BACKENDS)
 def test_refused_setns_in_a_threaded_process(daemon: Daemon, cvmfsctl: list[str]) -> None:
     """Joining a user namespace needs a single thread: EINVAL, named, exit 77."""
-    code = ("import sys, threading, time; from cvmfsd import ctl, enter; "
-            f"enter.FORCE_CTYPES = {cvmfsctl is FORCED_CTYPES}; "
-            "threading.Thread(target=time.sleep, args=(5,), daemon=True).start(); "
-            "sys.exit(ctl.main(sys.argv[1:]))")
-    result = subprocess.run([sys.executable, "-c", code, "--socket", daemon.socket, "enter",
-                             "--", "echo", "ran"],
+    start = ("import threading, time; "
+             "threading.Thread(target=time.sleep, args=(5,), daemon=True).start(); ")
+    if len(cvmfsctl) == 1:  # the installed script: the same, from this interpreter
+        cvmfsctl = [sys.executable, "-c", "import sys; from cvmfsd import ctl; "
+                    "sys.exit(ctl.main(sys.argv[1:]))"]
+    interpreter, flag, code, *rest = cvmfsctl
+    result = subprocess.run([interpreter, flag, start + code, *rest, "--socket", daemon.socket,
+                             "enter", "--", "echo", "ran"],
                             capture_output=True, text=True, timeout=30, check=False)
     assert result.returncode == 77
     assert "outer user namespace" in result.stderr
