@@ -294,3 +294,19 @@ def test_cleanup_without_cvmfsd(short_tmp: Path) -> None:
     assert done.stderr.startswith("cvmfsd_cleanup.sh: cvmfsd (pid 999999999) is gone but left "
                                   "CVMFSD_STATUS 'ready'"), done.stderr
     assert done.stderr.count("\n") == 1
+
+
+@pytest.mark.fuse
+def test_mode1_publishes_the_mount_directory(short_tmp: Path, dist: Path) -> None:
+    """Mode 1: the jobs see CVMFS at CVMFS_MOUNT_DIR (no fragment needed); cleanup unmounts."""
+    pilot = make_pilot(short_tmp, f"CVMFSEXEC_DIR {dist}\nGLIDEIN_CVMFS_REPOS {REPO_A}\n"
+                       "GLIDEIN_CVMFS required\nCVMFSD_MODE 1\n", wrapped=False)
+    done = setup(pilot)
+    assert done.returncode == 0, done.stderr + "\n".join(log_lines(pilot))
+    got = values(pilot)
+    assert (got["GWMS_CVMFSEXEC_MODE"], got["GWMS_IS_CVMFS"], got["CVMFS_MOUNT_DIR"]) == (
+        "1", "yes", str(dist / "dist/cvmfs"))
+    assert (dist / "dist/cvmfs" / REPO_A / "hello.txt").read_text() == "hello from repo.a\n"
+    assert cleanup(pilot).returncode == 0
+    assert not mounts_under(dist)
+    assert_json_log(pilot)

@@ -73,8 +73,10 @@
 # goes on outside (set-up scripts cannot move glidein_startup.sh into the
 # namespace), and the jobs enter it one by one through the job-wrapper
 # fragment (`cvmfsctl enter`).  So the payload is only a holder: a shell named
-# cvmfsd-namespace-holder that sleeps, runs nothing else, and exits 0 when
-# cvmfsd stops it (SIGTERM from cvmfsd_cleanup.sh at glidein exit).
+# cvmfsd-namespace-holder (its $0, seen in ps) that sleeps, runs and prints
+# nothing else, and exits 0 when cvmfsd stops it (SIGTERM from
+# cvmfsd_cleanup.sh at glidein exit).  In modes 1/2 it keeps cvmfsd, and so
+# the mounts, for the glidein's life in the same way.
 
 me=cvmfsd_setup.sh
 glidein_config=$1
@@ -193,7 +195,8 @@ if declare -F gconfig_add >/dev/null; then
 fi
 
 # --- start cvmfsd, with the holder as its payload ---------------------------------------
-holder='trap "kill \$nap 2>/dev/null; exit 0" TERM INT HUP
+holder='exec >/dev/null 2>&1  # it has nothing to say; the log is cvmfsd'"'"'s, in JSON
+trap "kill \$nap; exit 0" TERM INT HUP
 cd / || exit 1
 while :; do sleep 86400 & nap=$!; wait $nap; done'
 nohup "$cvmfsd" "${args[@]}" -- /bin/sh -c "$holder" cvmfsd-namespace-holder \
