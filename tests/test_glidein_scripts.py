@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from cvmfsd import glidein, launch
-from cvmfsd.glidein import Policy, PolicyError, resolve_policy
+from cvmfsd.errors import PolicyError
+from cvmfsd.glidein import Policy, resolve_policy
 from cvmfsd.sim import stratum
 from tests.conftest import REPO_A, cvmfs2_pids, mounts_under, wait_for
 
