@@ -14,7 +14,9 @@ inside the namespace).
 Exit statuses: 0 success; 2 bad command line; 3 no cvmfsd is listening there;
 124 no answer in time; otherwise the status that goes with the daemon's error
 code (see :mod:`cvmfsd.protocol`: 1 not found, 77 refused, 69 unavailable,
-...); for ``exec``, the command's own exit status.
+...); for ``exec`` and ``enter``, the command's own exit status.  ``enter``
+(:mod:`cvmfsd.enter`) has a fast path of its own: it joins the namespace with
+setns instead of asking cvmfsd to run the command.
 """
 
 from __future__ import annotations

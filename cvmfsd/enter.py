@@ -423,6 +423,7 @@ def keep(reader: int, argv: Sequence[str], mask: AbstractSet[int]) -> int:
 def supervise(argv: Sequence[str]) -> int:
     """P: fork the keeper into the joined pid namespace, forward signals, return C's status."""
     watched = {*FORWARDED, signal.SIGCHLD}
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # ignored, the keeper would not be waitable
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, watched)
     reader, writer = os.pipe()
     keeper = os.fork()

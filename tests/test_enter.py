@@ -153,6 +153,17 @@ def test_exit_status(daemon: Daemon, script: str, expected: int) -> None:
 
 
 @pytest.mark.fuse
+def test_caller_ignoring_sigchld(daemon: Daemon) -> None:
+    """A caller that ignores SIGCHLD (inherited by cvmfsctl) still gets the status."""
+    ignoring = ("import os, signal, sys; signal.signal(signal.SIGCHLD, signal.SIG_IGN); "
+                "os.execv(sys.argv[1], sys.argv[1:])")
+    result = subprocess.run([sys.executable, "-c", ignoring, CVMFSCTL,
+                             "--socket", daemon.socket, "enter", "--", "sh", "-c", "exit 9"],
+                            capture_output=True, text=True, timeout=30, check=False)
+    assert result.returncode == 9, result.stderr
+
+
+@pytest.mark.fuse
 def test_command_not_found(daemon: Daemon) -> None:
     """A command that does not exist inside: 127 and a message naming it."""
     result = subprocess.run([CVMFSCTL, "--socket", daemon.socket, "enter", "--",
