@@ -262,13 +262,7 @@ def test_command_ends_with_the_namespace(daemon: Daemon) -> None:
     assert not pids_with("3021")
 
 
-def unshare_works() -> bool:
-    return subprocess.run(["unshare", "-r", "true"], capture_output=True,
-                          check=False).returncode == 0
-
-
 @pytest.mark.fuse
-@pytest.mark.skipif(not unshare_works(), reason="needs unprivileged user namespaces")
 def test_refused_setns_names_the_namespace_and_errno(daemon: Daemon) -> None:
     """From another user namespace the kernel refuses: a clear error, exit 77, nothing run.
 
@@ -287,7 +281,6 @@ def test_refused_setns_names_the_namespace_and_errno(daemon: Daemon) -> None:
 
 
 @pytest.mark.fuse
-@pytest.mark.skipif(not unshare_works(), reason="needs unprivileged user namespaces")
 def test_refused_setns_falls_back_to_exec_where_allowed(short_tmp: Path, dist: Path) -> None:
     """With --allow-exec, a refused setns runs the command through the shim.
 
