@@ -200,8 +200,9 @@ FAST_VERBS = {"ping": None, "status": None, "env": None, "config": None, "mounts
               "stop": None, "metrics": None, "classad": None, "get": "key", "remount": "repo"}
 
 
-def fast_request(argv: Sequence[str]) -> tuple[str, str, bool, bytes] | None:
-    """(socket, verb, --json, request bytes) if ``argv`` is simple enough, else None."""
+def _leading_options(argv: Sequence[str]) -> tuple[list[str], str | None, bool] | None:
+    """(the rest, --socket or $CVMFSD_SOCKET, --json) after the global options; None if
+    there is another option (argparse's business)."""
     rest, path, as_json = list(argv), os.environ.get("CVMFSD_SOCKET"), False
     while rest and rest[0].startswith("-"):
         if rest[0] == "--json":
@@ -212,6 +213,15 @@ def fast_request(argv: Sequence[str]) -> tuple[str, str, bool, bytes] | None:
             del rest[:2]
         else:
             return None
+    return rest, path, as_json
+
+
+def fast_request(argv: Sequence[str]) -> tuple[str, str, bool, bytes] | None:
+    """(socket, verb, --json, request bytes) if ``argv`` is simple enough, else None."""
+    leading = _leading_options(argv)
+    if leading is None:
+        return None
+    rest, path, as_json = leading
     if not rest or rest[0] not in FAST_VERBS or not path:
         return None
     verb, params = rest[0], rest[1:]
@@ -288,15 +298,10 @@ def _print(args: argparse.Namespace, result: object) -> int:
 
 def enter_request(argv: Sequence[str]) -> tuple[str | None, list[str]] | None:
     """(socket, command) for ``[--socket S] enter [--] COMMAND...``; None: not that simple."""
-    rest, path = list(argv), os.environ.get("CVMFSD_SOCKET")
-    while rest and rest[0].startswith("-"):
-        if rest[0] == "--json":
-            del rest[0]
-        elif rest[0] == "--socket" and len(rest) > 1:
-            path = rest[1]
-            del rest[:2]
-        else:
-            return None
+    leading = _leading_options(argv)
+    if leading is None:
+        return None
+    rest, path, _ = leading
     if rest[:1] != ["enter"]:
         return None
     command = rest[1:]

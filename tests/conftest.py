@@ -129,6 +129,19 @@ def cvmfs2_pids(dist: Path) -> list[int]:
     return pids
 
 
+def processes_with_argv(argv: list[str]) -> list[int]:
+    """Pids of our processes whose command line is exactly ``argv``."""
+    wanted = "\0".join(argv).encode() + b"\0"
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and (entry / "cmdline").read_bytes() == wanted:
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
 def wait_for(predicate: object, timeout: float = 10.0, interval: float = 0.02) -> None:
     """Poll ``predicate()`` until it is true; fail the test after ``timeout`` s."""
     assert callable(predicate)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_A, cvmfs2_pids, mounts_under, reap, wait_for
+from tests.conftest import REPO_A, cvmfs2_pids, mounts_under, processes_with_argv, reap, wait_for
 from tests.test_glidein_scripts import calls, cleanup, make_pilot, setup, values
 
 pytestmark = pytest.mark.fuse
@@ -67,18 +67,6 @@ def job_env(glidein: Path) -> dict[str, str]:
     env.update({k: got[k] for k in ("CVMFSD_SOCKET", "CVMFSCTL") if got.get(k)})
     env["_CONDOR_WRAPPER_ERROR_FILE"] = str(glidein / "execute" / ".job_wrapper_failure")
     return env
-
-
-def processes_with_argv(argv: list[str]) -> list[int]:
-    wanted = "\0".join(argv).encode() + b"\0"
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and (entry / "cmdline").read_bytes() == wanted:
-                found.append(int(entry.name))
-        except OSError:
-            continue
-    return found
 
 
 @pytest.mark.parametrize("policy", ["required", "preferred"])

@@ -15,7 +15,15 @@ import pytest
 
 from cvmfsd import glidein
 from cvmfsd.sim import stratum
-from tests.conftest import REPO_A, REPO_B, cvmfs2_pids, mounts_under, reap, wait_for
+from tests.conftest import (
+    REPO_A,
+    REPO_B,
+    cvmfs2_pids,
+    mounts_under,
+    processes_with_argv,
+    reap,
+    wait_for,
+)
 
 pytestmark = pytest.mark.fuse
 
@@ -29,19 +37,6 @@ def cvmfsd_run(dist: Path, *args: str, glidein_config: Path | None = None,
         [*CVMFSD, "run", "--dist", str(dist), *extra, *args], capture_output=True,
         text=True, check=False, timeout=timeout, stdin=subprocess.DEVNULL,
     )
-
-
-def processes_with_argv(argv: list[str]) -> list[int]:
-    """Pids of our processes whose command line is exactly ``argv``."""
-    wanted = "\0".join(argv).encode() + b"\0"
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and (entry / "cmdline").read_bytes() == wanted:
-                found.append(int(entry.name))
-        except OSError:
-            continue
-    return found
 
 
 def while_running(gconfig: Path) -> dict[str, str]:

@@ -50,18 +50,29 @@ def remove_short_socket_link(short: str) -> None:
 
 
 
+def shortened(path: str) -> str:
+    """``path``, or a temporary link's path to it when it does not fit ``sun_path``.
+
+    The caller removes the link (:func:`remove_short_socket_link`) once bound or connected.
+
+    Raises:
+        OSError: ENAMETOOLONG, when even the link's path would not fit.
+    """
+    if len(os.fsencode(path)) < SUN_PATH_MAX:
+        return path
+    made = make_short_socket_link(path)
+    if made is None:
+        raise OSError(errno.ENAMETOOLONG, "cannot shorten the socket path", path)
+    return made
+
+
 def connect_socket(path: str) -> socket.socket:
     """``ConnectSocket``: a unix stream socket connected to ``path``, however long.
 
     Raises:
         OSError: it cannot be connected (or the path cannot be shortened).
     """
-    short = path
-    if len(os.fsencode(path)) >= SUN_PATH_MAX:
-        made = make_short_socket_link(path)
-        if made is None:
-            raise OSError(errno.ENAMETOOLONG, "cannot shorten the socket path", path)
-        short = made
+    short = shortened(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.connect(short)

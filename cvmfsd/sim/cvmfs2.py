@@ -57,7 +57,7 @@ from cvmfsd.loader import LoaderCode
 from cvmfsd.sim import _cachemgr, cvmfsconf
 from cvmfsd.sim._client import CatalogError, Client
 from cvmfsd.sim._settings import VERSION, Settings, SettingsError, make_settings
-from cvmfsd.sim._sockets import SUN_PATH_MAX, make_short_socket_link, remove_short_socket_link
+from cvmfsd.sim._sockets import remove_short_socket_link, shortened
 from cvmfsd.sim._state import Log
 from cvmfsd.sim._watchdog import Watchdog, fork_watchdog
 from cvmfsd.sim.stratum import StratumError, validate_fqrn
@@ -224,12 +224,7 @@ def make_socket(path: str, mode: int) -> socket.socket:
     Raises:
         OSError: the socket cannot be bound.
     """
-    short = path
-    if len(os.fsencode(path)) >= SUN_PATH_MAX:
-        made = make_short_socket_link(path)
-        if made is None:
-            raise OSError(errno.ENAMETOOLONG, "cannot shorten the socket path", path)
-        short = made
+    short = shortened(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         os.fchmod(sock.fileno(), mode)
