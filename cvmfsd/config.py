@@ -7,6 +7,7 @@ glidein_config file named by the caller.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import stat
@@ -14,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cvmfsd.errors import UsageError
+from cvmfsd.errors import ConfigError, UsageError
 from cvmfsd.names import repo_name_problem
 
 #: Keys of glidein_config exported to the payload's environment, by prefix.
@@ -24,6 +25,9 @@ SECRET = re.compile(
     r"(TOKEN|PASSW|SECRET|CREDENTIAL|PRIVATE|COOKIE|(^|_)KEY($|_)|(^|_)AUTH)", re.IGNORECASE
 )
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+#: The default control socket's private directory: ``<prefix><uid>-<random>``.
+SOCKET_DIR_PREFIX = "cvmfsd-"
+MAX_PATH = 107  # sun_path holds 108 bytes, NUL included
 MODES = ("auto", "host", "3", "2", "1")
 
 
@@ -83,11 +87,20 @@ def exported_variables(values: Mapping[str, str], *, allow: Sequence[str] = ()) 
 
 
 def default_socket_path(environ: Mapping[str, str]) -> Path:
-    """Where the socket goes unless --socket says: never under TMPDIR.
+    """Where the socket goes unless --socket says: never under TMPDIR, never a guessable name.
 
     cvmfsexec replaces and then deletes an exported TMPDIR, so the socket lives
-    in ``$XDG_RUNTIME_DIR/cvmfsd/`` if that is ours, else ``/tmp/cvmfsd-<uid>/``.
+    in a private directory made as :func:`tempfile.mkdtemp` makes them (0700,
+    a random name, created exclusively) in ``$XDG_RUNTIME_DIR`` if that is ours,
+    else in ``/tmp``.  A fixed name there (``/tmp/cvmfsd-<uid>``) let any local
+    user deny every run of a uid by creating it first (issue 12).
+
+    Raises:
+        ConfigError: no private directory can be made.
     """
+    import tempfile  # only here: cvmfsctl imports this module on its fast path
+
+    base = "/tmp"  # noqa: S108 - mkdtemp: random name, 0700, created exclusively
     runtime = environ.get("XDG_RUNTIME_DIR")
     if runtime:
         try:
@@ -95,8 +108,34 @@ def default_socket_path(environ: Mapping[str, str]) -> Path:
         except OSError:
             st = None
         if st is not None and stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid():
-            return Path(runtime) / "cvmfsd" / f"{os.getpid()}.sock"
-    return Path(f"/tmp/cvmfsd-{os.getuid()}") / f"{os.getpid()}.sock"  # noqa: S108 - 0700, ours
+            base = runtime
+    try:
+        directory = tempfile.mkdtemp(prefix=f"{SOCKET_DIR_PREFIX}{os.getuid()}-", dir=base)
+    except OSError as exc:
+        raise ConfigError(f"cannot make a private directory for the control socket in {base}: "
+                          f"{exc.strerror}", hint="pass --socket") from exc
+    return Path(directory) / "control.sock"
+
+
+def prepare_socket_dir(path: Path) -> None:
+    """Create the socket's directory 0700, or check that an existing one is ours and private.
+
+    Raises:
+        ConfigError: the path is too long for a unix socket, or its directory
+            is someone else's or readable by others.
+    """
+    if len(os.fsencode(path)) > MAX_PATH:
+        raise ConfigError(f"control socket path {path} is {len(os.fsencode(path))} bytes; "
+                          f"unix sockets allow at most {MAX_PATH}", hint="pass a shorter --socket")
+    directory = path.parent
+    with contextlib.suppress(FileExistsError):
+        directory.mkdir(mode=0o700, parents=True)
+    st = directory.lstat()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise ConfigError(
+            f"control socket directory {directory} must be a directory owned by uid "
+            f"{os.getuid()} with mode 0700 (found uid {st.st_uid}, mode "
+            f"{stat.S_IMODE(st.st_mode):04o})", hint="remove it, or pass another --socket")
 
 
 def split_repos(text: str) -> tuple[str, ...]:

@@ -16,7 +16,6 @@ import contextlib
 import errno
 import os
 import socket
-import stat
 import struct
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,7 +26,8 @@ import structlog
 import trio
 
 from cvmfsd import protocol
-from cvmfsd.errors import ConfigError, CvmfsdError, LocalProtocolError
+from cvmfsd.config import prepare_socket_dir
+from cvmfsd.errors import CvmfsdError, LocalProtocolError
 from cvmfsd.protocol import ErrorCode, Request, Response, Verb
 from cvmfsd.shim import received_fds
 from cvmfsd.state import DaemonState, LiveConfig
@@ -36,7 +36,6 @@ log = structlog.get_logger("cvmfsd.control")
 
 IDLE_TIMEOUT = 60.0  # seconds a connection may sit without a complete request
 SEND_TIMEOUT = 10.0  # seconds a client may take to read a response
-MAX_PATH = 107  # sun_path holds 108 bytes, NUL included
 _UCRED = struct.Struct("3i")
 
 
@@ -75,27 +74,6 @@ class Backend:
     classad: Callable[[], str] | None = None
     on_request: Callable[[str], None] = lambda verb: None
     owner_uid: int = field(default_factory=os.getuid)
-
-
-def prepare_socket_dir(path: Path) -> None:
-    """Create the socket's directory 0700, or check that an existing one is ours and private.
-
-    Raises:
-        ConfigError: the path is too long for a unix socket, or its directory
-            is someone else's or readable by others.
-    """
-    if len(os.fsencode(path)) > MAX_PATH:
-        raise ConfigError(f"control socket path {path} is {len(os.fsencode(path))} bytes; "
-                          f"unix sockets allow at most {MAX_PATH}", hint="pass a shorter --socket")
-    directory = path.parent
-    with contextlib.suppress(FileExistsError):
-        directory.mkdir(mode=0o700, parents=True)
-    st = directory.lstat()
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
-        raise ConfigError(
-            f"control socket directory {directory} must be a directory owned by uid "
-            f"{os.getuid()} with mode 0700 (found uid {st.st_uid}, mode "
-            f"{stat.S_IMODE(st.st_mode):04o})", hint="remove it, or pass another --socket")
 
 
 async def serve_control(path: Path, backend: Backend, *,

@@ -615,6 +615,12 @@ def remove_socket(path: str | None, log: Callable[[str], None]) -> None:
             log(f"removed the control socket {path}")
     except OSError:
         pass  # gone already, or not ours to remove
+    directory = os.path.dirname(path)
+    if os.path.basename(directory).startswith(f"cvmfsd-{os.getuid()}-"):
+        try:  # noqa: SIM105 - the private directory cvmfsd made; only if empty
+            os.rmdir(directory)  # noqa: PTH106 - the janitor keeps to os
+        except OSError:
+            pass
 
 
 def report_death(parent: int, why: str, clean: bool, commands: _Commands,

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cvmfsd import glidein, launch, mode, packed, probe
-from cvmfsd.config import Config, default_socket_path, exported_variables
+from cvmfsd.config import Config, default_socket_path, exported_variables, prepare_socket_dir
+from cvmfsd.errors import ConfigError
 from cvmfsd.janitor import PAYLOAD_TMP_PREFIX, Janitor, spawn_janitor
 from cvmfsd.launch import Dist, LaunchError, LaunchPlan, Spawned
 from cvmfsd.leftovers import (
@@ -60,6 +61,8 @@ class Prepared:
     spawned: Spawned | None = None
     launch_error: LaunchError | None = None
     socket_path: Path = Path()
+    #: the private directory made for the default socket (removed at exit), or None
+    socket_dir: Path | None = None
     janitor: Janitor | None = None
     dist_lock: DistLock | None = None
     leftovers: Leftovers | None = None
@@ -122,8 +125,13 @@ def prepare(config: Config, facts: probe.HostFacts | None = None, *,
     decision = mode.select_mode(policy, facts, forced=FORCED.get(config.mode))
     payload_tmp = Path(tempfile.mkdtemp(prefix=PAYLOAD_TMP_PREFIX,
                                         dir=config.environ.get("TMPDIR") or None)).absolute()
+    try:
+        socket_path, socket_dir = _socket_path(config)
+    except ConfigError:
+        shutil.rmtree(payload_tmp, ignore_errors=True)
+        raise
     prepared = Prepared(config, values, problems, facts, decision, payload_tmp,
-                        socket_path=config.socket or default_socket_path(config.environ))
+                        socket_path=socket_path, socket_dir=socket_dir)
     if decision.mode not in CVMFSEXEC_MODES:
         if start:  # the payload runs here: the janitor ends it if cvmfsd is killed
             prepared.janitor = _start_janitor(prepared)
@@ -161,6 +169,21 @@ def prepare(config: Config, facts: probe.HostFacts | None = None, *,
         if start and prepared.janitor is None:  # the payload may run without CVMFS
             prepared.janitor = _start_janitor(prepared)
     return prepared
+
+
+def _socket_path(config: Config) -> tuple[Path, Path | None]:
+    """The control socket's path, and the private directory made for it (None for --socket).
+
+    Everything that can be refused is refused here, before cvmfsexec starts.
+
+    Raises:
+        ConfigError: --socket is unusable, or no private directory can be made.
+    """
+    if config.socket is not None:
+        prepare_socket_dir(config.socket)
+        return config.socket, None
+    path = default_socket_path(config.environ)
+    return path, path.parent
 
 
 def _start_janitor(prepared: Prepared) -> Janitor:

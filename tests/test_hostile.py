@@ -1,0 +1,99 @@
+"""Hostile neighbours and a hostile payload (issue 12), acted out as they would do it.
+
+Each test does what the hostile party can do: another local user plants names
+in the shared ``/tmp`` before the pilot starts or symlinks around its
+glidein_config; the payload (the pilot's own uid, untrusted) writes to
+descriptors of its ancestors through ``/proc``.  SECURITY.md names them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO_A, mounts_under
+
+CVMFSD = [sys.executable, "-m", "cvmfsd"]
+
+
+def cvmfsd_run(dist: Path, *args: str, env: dict[str, str] | None = None,
+               timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CVMFSD, "run", "--dist", str(dist), *args], capture_output=True, text=True,
+        check=False, timeout=timeout, stdin=subprocess.DEVNULL, env=env,
+    )
+
+
+def _dead_socket(path: Path) -> bool:
+    """Whether ``path`` is a unix socket that nobody listens on."""
+    if not path.is_socket():
+        return False
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(str(path))
+        except ConnectionRefusedError:
+            return True
+        except OSError:
+            return False
+    return False
+
+
+@pytest.fixture(name="planted")
+def _planted(request: pytest.FixtureRequest) -> Iterator[Path]:
+    """``/tmp/cvmfsd-<uid>``, the name cvmfsd once used, planted as a neighbour would."""
+    path = Path(f"/tmp/cvmfsd-{os.getuid()}")  # noqa: S108 - the point of the test
+    if path.is_dir() and not path.is_symlink() and all(map(_dead_socket, path.iterdir())):
+        shutil.rmtree(path)  # left by cvmfsd runs before issue 12
+    if os.path.lexists(path):
+        pytest.skip(f"{path} exists already")
+    if request.param == "symlink":
+        path.symlink_to("/")
+    else:
+        path.mkdir(mode=0o755)  # someone else's (readable by all): cvmfsd refused it
+        path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        if path.is_symlink():
+            path.unlink()
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.mark.fuse
+@pytest.mark.parametrize("planted", ["directory", "symlink"], indirect=True)
+def test_a_planted_socket_directory_does_not_deny_the_run(dist: Path, planted: Path) -> None:
+    """A neighbour's /tmp/cvmfsd-<uid> (directory or symlink): the run still provides CVMFS."""
+    env = {k: v for k, v in os.environ.items() if k != "XDG_RUNTIME_DIR"}
+    script = (f'cat /cvmfs/{REPO_A}/hello.txt && echo "$CVMFSD_SOCKET" && '
+              '"$CVMFSCTL" ping >/dev/null && echo pong')
+    result = cvmfsd_run(dist, "--repos", REPO_A, "--", "sh", "-c", script, env=env)
+    assert result.returncode == 0, result.stderr
+    hello, sock, pong = result.stdout.splitlines()
+    assert (hello, pong) == ("hello from repo.a", "pong")
+    directory = Path(sock).parent
+    assert directory.parent == Path("/tmp")
+    assert directory.name.startswith(f"cvmfsd-{os.getuid()}-"), "a name no neighbour can guess"
+    assert not directory.exists(), "the private directory is removed at the end"
+    assert not mounts_under(dist)
+
+
+def test_an_unusable_socket_is_refused_before_cvmfsexec_starts(dist: Path,
+                                                              short_tmp: Path) -> None:
+    """--socket in a directory that is not private: refused before anything is started."""
+    shared = short_tmp / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    result = cvmfsd_run(dist, "--repos", REPO_A, "--mode", "3", "--socket",
+                        str(shared / "s.sock"), "--", "true")
+    assert result.returncode != 0
+    assert "must be a directory owned by uid" in result.stderr
+    assert "mounting" not in result.stderr, "cvmfsexec never started"
+    assert not mounts_under(dist)
