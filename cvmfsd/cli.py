@@ -105,7 +105,13 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     import json
 
     from cvmfsd import probe
+    from cvmfsd.errors import UsageError
+    from cvmfsd.names import repo_name_problem
 
+    for repo in args.repos:  # as `cvmfsd run` checks them: a name never becomes a path
+        problem = repo_name_problem(repo)
+        if problem:
+            raise UsageError(f"--repos: {problem}")
     facts = probe.probe_host(repos=args.repos)
     if args.json:
         print(json.dumps(facts.to_json(), indent=2, sort_keys=True))

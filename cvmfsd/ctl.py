@@ -79,6 +79,13 @@ def call(path: str, verb: str, args: dict[str, object] | None = None, *,
                            NO_ANSWER) from None
         except (FileNotFoundError, ConnectionRefusedError):
             raise CtlError(f"no cvmfsd is listening at {path}", NOT_RUNNING) from None
+        except PermissionError as exc:
+            raise CtlError(f"cannot connect to cvmfsd at {path}: {exc.strerror} (the socket "
+                           "serves only the uid that runs cvmfsd)",
+                           protocol.ErrorCode.REFUSED.exit_status) from None
+        except OSError as exc:
+            raise CtlError(f"cannot talk to cvmfsd at {path}: {exc.strerror or exc}",
+                           protocol.ErrorCode.UNAVAILABLE.exit_status) from None
         except RemoteProtocolError as exc:
             raise CtlError(str(exc), protocol.ErrorCode.INTERNAL.exit_status) from None
 
