@@ -19,13 +19,14 @@ import socket
 import struct
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import NoReturn
 
 import structlog
 import trio
 
-from cvmfsd import protocol
+from cvmfsd import budget, protocol
 from cvmfsd.config import prepare_socket_dir
 from cvmfsd.errors import CvmfsdError, LocalProtocolError
 from cvmfsd.protocol import ErrorCode, Request, Response, Verb
@@ -36,7 +37,10 @@ log = structlog.get_logger("cvmfsd.control")
 
 IDLE_TIMEOUT = 60.0  # seconds a connection may sit without a complete request
 SEND_TIMEOUT = 10.0  # seconds a client may take to read a response
+MAX_FDS = 3  # descriptors a request may bring (exec: stdin, stdout, stderr)
 _UCRED = struct.Struct("3i")
+# Another uid knocking is worth a line in the log, not one line per connection.
+_warn_refused = budget.RateLimitedWarning("control connection refused")
 
 
 class RequestFailed(Exception):
@@ -76,10 +80,14 @@ class Backend:
     owner_uid: int = field(default_factory=os.getuid)
 
 
-async def serve_control(path: Path, backend: Backend, *,
+async def serve_control(path: Path, backend: Backend, *, max_connections: int | None = None,
                         task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED,
                         ) -> NoReturn:
-    """Listen on ``path`` until cancelled; ``task_status.started(path)`` once bound."""
+    """Listen on ``path`` until cancelled; ``task_status.started(path)`` once bound.
+
+    At most ``max_connections`` (default: the control share of the descriptor
+    budget, :mod:`cvmfsd.budget`) are open at once.
+    """
     prepare_socket_dir(path)
     listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     # Local, tiny file-system calls on our own private directory: not worth a thread.
@@ -92,12 +100,17 @@ async def serve_control(path: Path, backend: Backend, *,
             os.umask(old_umask)
         os.chmod(path, 0o600)  # noqa: PTH101 - see above
         listener.listen(128)
-        log.info("control socket ready", path=str(path))
+        if max_connections is None:
+            max_connections = budget.connection_caps(budget.soft_nofile())[1]
+        log.info("control socket ready", path=str(path), max_connections=max_connections)
         task_status.started(path)
-        async with trio.open_nursery() as nursery:
-            while True:
-                conn, _ = await listener.accept()
-                nursery.start_soon(_serve_connection, conn, backend)
+
+        async def accept() -> trio.socket.SocketType:
+            conn, _ = await listener.accept()
+            return conn
+
+        await budget.serve_pool(accept, partial(_serve_connection, backend=backend),
+                                budget.Pool("control", max_connections))
     finally:
         listener.close()
         _unlink(path)
@@ -108,53 +121,82 @@ def _unlink(path: Path) -> None:
         os.unlink(path)  # noqa: PTH108 - called from async code; pathlib is flagged there
 
 
-async def _serve_connection(conn: trio.socket.SocketType, backend: Backend) -> None:
-    with conn:
-        pid, uid, _gid = _UCRED.unpack(
-            conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
-        protocol_conn = protocol.ServerConnection()
-        if uid != backend.owner_uid:
-            log.warning("control connection refused", peer_pid=pid, peer_uid=uid)
-            refusal = protocol.error(
-                None, ErrorCode.REFUSED,
-                f"uid {uid} may not use this cvmfsd (owner uid {backend.owner_uid})")
-            with trio.move_on_after(SEND_TIMEOUT):
-                await conn.send(protocol_conn.send(refusal))
-            return
-        fds: list[int] = []
-        try:
-            await _converse(conn, protocol_conn, backend, fds)
-        except OSError as exc:
-            if exc.errno not in (errno.EPIPE, errno.ECONNRESET):
-                raise
-        finally:
-            for fd in fds:
-                os.close(fd)
+async def _serve_connection(conn: trio.socket.SocketType, slot: budget.Slot, *,
+                            backend: Backend) -> None:
+    pid, uid, _gid = _UCRED.unpack(
+        conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+    protocol_conn = protocol.ServerConnection()
+    if uid != backend.owner_uid:
+        _warn_refused(peer_pid=pid, peer_uid=uid)
+        refusal = protocol.error(
+            None, ErrorCode.REFUSED,
+            f"uid {uid} may not use this cvmfsd (owner uid {backend.owner_uid})")
+        with trio.move_on_after(SEND_TIMEOUT):
+            await conn.send(protocol_conn.send(refusal))
+        return
+    fds: list[int] = []
+    try:
+        await _converse(conn, protocol_conn, backend, fds, slot)
+    except OSError as exc:
+        if exc.errno not in (errno.EPIPE, errno.ECONNRESET):
+            raise
+    finally:
+        _close_all(fds)
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
+    fds.clear()
 
 
 async def _converse(conn: trio.socket.SocketType, protocol_conn: protocol.ServerConnection,
-                    backend: Backend, fds: list[int]) -> None:
-    space = socket.CMSG_SPACE(3 * 4)
+                    backend: Backend, fds: list[int], slot: budget.Slot) -> None:
+    """Answer requests until the client is done, misbehaves, or idles past its deadline.
+
+    The idle deadline starts when the server begins to wait for a request and
+    reads do not move it: a client trickling a byte at a time is dropped on
+    time.  Descriptors (SCM_RIGHTS) are held only until the request they came
+    with is parsed, and only ``exec`` keeps them past that; more than
+    ``MAX_FDS`` pending, or a truncated control message, ends the connection.
+    """
+    space = socket.CMSG_SPACE(MAX_FDS * 4)
+    deadline = trio.current_time() + IDLE_TIMEOUT
     while True:
         event = protocol_conn.next_event()
         if event is protocol.NEED_DATA:
-            with trio.move_on_after(IDLE_TIMEOUT):
-                data, ancdata, _flags, _addr = await conn.recvmsg(65536, space)
+            slot.idle()
+            with trio.move_on_at(deadline):
+                data, ancdata, flags, _addr = await conn.recvmsg(65536, space)
                 fds.extend(received_fds(ancdata))
+                if len(fds) > MAX_FDS or flags & socket.MSG_CTRUNC:
+                    _close_all(fds)
+                    response = protocol.error(
+                        None, ErrorCode.BAD_REQUEST, f"more than {MAX_FDS} descriptors sent "
+                        "with one request; the connection will be closed")
+                    with trio.move_on_after(SEND_TIMEOUT):
+                        await _send_all(conn, _encode(protocol_conn, response))
+                    return
                 protocol_conn.receive_data(data)
                 continue
             return  # idle for too long
         if event is protocol.EOF:
             return
+        slot.busy()
         if isinstance(event, protocol.BadMessage):
+            _close_all(fds)
             response = event.response()
-        else:
+        elif event.verb is Verb.EXEC:
             taken, fds[:] = list(fds), []
             response = await _dispatch(event, backend, taken)
+        else:
+            _close_all(fds)  # only exec uses descriptors: closed before the verb runs
+            response = await _dispatch(event, backend, [])
         with trio.move_on_after(SEND_TIMEOUT) as scope:
             await _send_all(conn, _encode(protocol_conn, response))
         if scope.cancelled_caught or protocol_conn.must_close:
             return
+        deadline = trio.current_time() + IDLE_TIMEOUT
 
 
 def _encode(protocol_conn: protocol.ServerConnection, response: Response) -> bytes:
@@ -211,7 +253,7 @@ async def _get(request: Request, backend: Backend, fds: list[int]) -> object:
     values = backend.config.values()
     if args.key not in values:
         raise RequestFailed(ErrorCode.NOT_FOUND, f"{args.key} is not set in glidein_config")
-    if not backend.config.visible(args.key):
+    if not backend.config.visible(args.key, values[args.key]):
         raise RequestFailed(ErrorCode.REFUSED, f"{args.key} looks like a secret and is withheld; "
                             "the pilot can allow it with cvmfsd run --allow-key")
     return {"key": args.key, "value": values[args.key]}
@@ -224,7 +266,7 @@ async def _env(request: Request, backend: Backend, fds: list[int]) -> object:
 
 async def _config(request: Request, backend: Backend, fds: list[int]) -> object:
     values = backend.config.values()
-    return {k: v for k, v in values.items() if backend.config.visible(k)}
+    return {k: v for k, v in values.items() if backend.config.visible(k, v)}
 
 
 async def _mounts(request: Request, backend: Backend, fds: list[int]) -> object:

@@ -25,7 +25,7 @@ from pathlib import Path
 import structlog
 import trio
 
-from cvmfsd import control, glidein, launch, mode, mountinfo, probe, protocol, session, talk
+from cvmfsd import budget, control, glidein, launch, mode, mountinfo, probe, protocol, session, talk
 from cvmfsd.collect import Collection
 from cvmfsd.config import Config, exported_variables, parse_address
 from cvmfsd.errors import CvmfsdError
@@ -688,8 +688,11 @@ def run(config: Config, *, prepared: Prepared | None = None) -> int:
         CvmfsdError: the one deliberate error that ended the run, unwrapped from
             the exception groups trio's nurseries put around it.
     """
+    prepared = prepared or prepare(config)
+    # After prepare: cvmfsexec and the payload keep the limit they were given.
+    budget.raise_nofile_limit()
     try:
-        return trio.run(Supervisor(prepared or prepare(config)).run)
+        return trio.run(Supervisor(prepared).run)
     except BaseExceptionGroup as group:
         leaves = _leaves(group)
         deliberate = [e for e in leaves if isinstance(e, CvmfsdError)]

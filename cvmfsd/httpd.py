@@ -10,17 +10,22 @@ limit; a bad request gets a 4xx and the connection is closed.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+from collections.abc import Awaitable, Callable
 from typing import NoReturn
 
 import structlog
 import trio
+
+from cvmfsd import budget
 
 log = structlog.get_logger("cvmfsd.httpd")
 
 MAX_HEAD = 16384  # bytes of request line and headers
 IDLE_DEADLINE = 60.0  # policy: seconds a connection may sit between requests
 SEND_DEADLINE = 10.0  # policy: seconds to hand an answer to a slow client
+LINGER_DEADLINE = 2.0  # policy: seconds to drain a closing client's input
+LINGER_BYTES = 262144  # and at most this much of it
 
 Render = Callable[[str], "tuple[bytes, str]"]  # Accept header -> (body, content type)
 
@@ -43,7 +48,7 @@ def parse_head(head: bytes) -> tuple[str, str, str, dict[str, str]]:
         text = head.decode("latin-1")
     except UnicodeDecodeError as exc:  # pragma: no cover - latin-1 decodes any byte
         raise BadRequest("400 Bad Request", str(exc)) from None
-    lines = text.split("\r\n")
+    lines = [line.removesuffix("\r") for line in text.split("\n")]
     parts = lines[0].split(" ")
     if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
         raise BadRequest("400 Bad Request",
@@ -78,53 +83,112 @@ def respond(method: str, path: str, headers: dict[str, str],
 
 
 async def serve_metrics(host: str, port: int, render: Render, *,
+                        max_connections: int | None = None,
                         task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
                         ) -> NoReturn:
-    """Serve until cancelled; ``task_status`` gets the bound (host, port)."""
+    """Serve until cancelled; ``task_status`` gets the bound (host, port).
+
+    At most ``max_connections`` (default: the HTTP share of the descriptor
+    budget, :mod:`cvmfsd.budget`) are open at once, over all listeners.
+    """
     listeners = await trio.open_tcp_listeners(port, host=host)
     bound = listeners[0].socket.getsockname()
-    log.info("serving metrics", address=f"http://{_hostport(bound[0], bound[1])}/metrics")
-    async with trio.open_nursery() as nursery:
-        task_status.started((bound[0], bound[1]))
+    if max_connections is None:
+        max_connections = budget.connection_caps(budget.soft_nofile())[0]
+    pool = budget.Pool("http", max_connections)
+    log.info("serving metrics", address=f"http://{_hostport(bound[0], bound[1])}/metrics",
+             max_connections=max_connections)
+
+    async def handle(sock: trio.socket.SocketType, slot: budget.Slot) -> None:
+        await _connection(trio.SocketStream(sock), render, slot)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for listener in listeners:
+                nursery.start_soon(budget.serve_pool, _acceptor(listener), handle, pool)
+            task_status.started((bound[0], bound[1]))
+            await trio.sleep_forever()
+    finally:
         for listener in listeners:
-            nursery.start_soon(trio.serve_listeners, lambda s: _connection(s, render),
-                               [listener])
-        await trio.sleep_forever()
+            listener.socket.close()
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _acceptor(listener: trio.SocketListener) -> Callable[[], Awaitable[trio.socket.SocketType]]:
+    async def accept() -> trio.socket.SocketType:
+        sock, _ = await listener.socket.accept()
+        return sock
+    return accept
 
 
 def _hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-async def _connection(stream: trio.SocketStream, render: Render) -> None:
+async def _connection(stream: trio.SocketStream, render: Render,
+                      slot: budget.Slot | None = None) -> None:
     buffer = bytearray()
     try:
         async with stream:
             while True:
+                if slot is not None:
+                    slot.idle()
                 head = await _read_head(stream, buffer)
                 if head is None:
                     return
+                if slot is not None:
+                    slot.busy()
                 keep = await _answer(stream, head, render)
                 if not keep:
+                    if slot is not None:
+                        slot.idle()
+                    await _linger(stream)
                     return
     except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
         return
 
 
-async def _read_head(stream: trio.SocketStream, buffer: bytearray) -> bytes | None:
-    """The next request head, or None when the client is done (or idle too long)."""
-    with trio.move_on_after(IDLE_DEADLINE):
-        while b"\r\n\r\n" not in buffer:
-            if len(buffer) > MAX_HEAD:
-                return b""  # answered as a bad request
+async def _linger(stream: trio.SocketStream) -> None:
+    """Read what the client still sends before closing, so that its unread bytes (a
+    head over the limit, say) do not make the kernel reset the connection and
+    destroy the answer before the client has read it.  Bounded in time and bytes."""
+    await stream.send_eof()
+    with trio.move_on_after(LINGER_DEADLINE):
+        drained = 0
+        while drained < LINGER_BYTES:
             chunk = await stream.receive_some(65536)
+            if not chunk:
+                return
+            drained += len(chunk)
+
+
+# The blank line that ends a head.  A bare LF ends lines too (RFC 9112 section 2.2
+# lets a server take it), so "GET / HTTP/1.1\n\n" is answered, not left waiting.
+_HEAD_END = re.compile(rb"\n\r?\n")
+
+
+async def _read_head(stream: trio.SocketStream, buffer: bytearray) -> bytes | None:
+    """The next request head, or None when the client is done (or idle too long).
+
+    The deadline counts from the moment the server starts waiting, so a client
+    that trickles bytes cannot extend it; a head that is not complete within
+    ``MAX_HEAD`` bytes is ``b""`` (answered 431) however the bytes arrive, as no
+    read asks for more than the limit leaves room for.
+    """
+    with trio.move_on_after(IDLE_DEADLINE):
+        while True:
+            end = _HEAD_END.search(buffer, 0, MAX_HEAD + 3)
+            if end is not None:
+                head = bytes(buffer[:end.start()])
+                del buffer[:end.end()]
+                return head
+            room = MAX_HEAD + 3 - len(buffer)
+            if room <= 0:
+                return b""  # answered as a bad request
+            chunk = await stream.receive_some(room)
             if not chunk:
                 return None
             buffer += chunk
-        head, _, rest = bytes(buffer).partition(b"\r\n\r\n")
-        buffer[:] = rest
-        return head
     return None
 
 
