@@ -20,10 +20,21 @@ from cvmfsd.names import repo_name_problem
 
 #: Keys of glidein_config exported to the payload's environment, by prefix.
 EXPORT_PREFIXES = ("GLIDEIN_", "GWMS_", "CVMFS_", "CONDOR_VARS_FILE", "TMP_DIR")
-#: Keys that look like secrets are never exported (unless explicitly allowed).
+#: Secret-looking names: these anywhere in a key, case-insensitively ...
 SECRET = re.compile(
-    r"(TOKEN|PASSW|SECRET|CREDENTIAL|PRIVATE|COOKIE|(^|_)KEY($|_)|(^|_)AUTH)", re.IGNORECASE
+    r"TOKEN|PASSW|SECRET|CREDENTIAL|PRIVATE|PRIVKEY|COOKIE|BEARER|HMAC|SIGNATURE|X509.*PROXY",
+    re.IGNORECASE,
 )
+#: ... or one of these as a whole word of the key (words split at ``_``) ...
+SECRET_WORDS = frozenset({"KEY", "APIKEY", "PWD", "PASS", "PASSPHRASE", "SIG", "SESSIONID"})
+#: ... or a value that holds a PEM block, a JWT, or a long opaque token: a run of
+#: 32+ base64 characters with a part of 20+ (between ``/ _ - + =``) that mixes
+#: upper case, lower case and digits (random tokens do; names, paths, UUIDs and
+#: hex digests do not).
+PEM = re.compile(r"-----BEGIN [A-Z0-9 ]+-----")
+JWT = re.compile(r"eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]*")
+_RUN = re.compile(r"[A-Za-z0-9+/=_-]{32,}")
+_PART = re.compile(r"[A-Za-z0-9]{20,}")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 #: The default control socket's private directory: ``<prefix><uid>-<random>``.
 SOCKET_DIR_PREFIX = "cvmfsd-"
@@ -65,23 +76,51 @@ def pushgateway_url(text: str) -> str:
     return text.rstrip("/")
 
 
-def is_secret(key: str) -> bool:
-    """Whether a configuration key looks like it holds a secret."""
-    return bool(SECRET.search(key))
+def is_secret(key: str, value: str = "") -> bool:
+    """Whether a glidein_config entry looks like it holds a secret, by its name or its value.
+
+    The rule (SECURITY.md): a name containing TOKEN, PASSW, SECRET, CREDENTIAL,
+    PRIVATE, PRIVKEY, COOKIE, BEARER, HMAC, SIGNATURE or X509...PROXY; a name
+    with a word (split at ``_``) KEY, APIKEY, PWD, PASS, PASSPHRASE or SIG, or
+    ending in KEY, or ending in AUTH, or SESSION followed by ID; a value with a
+    PEM block, a JWT or a long opaque token (see :func:`looks_secret`).  So
+    ``GLIDEIN_Auth_Method`` is not one, ``GLIDEIN_HTTP_AUTH`` is.
+    """
+    if SECRET.search(key):
+        return True
+    words = key.upper().split("_")
+    if any(w in SECRET_WORDS or w.endswith("KEY") for w in words) or words[-1].endswith("AUTH"):
+        return True
+    if any(a == "SESSION" and b in ("ID", "KEY") for a, b in zip(words, words[1:])):
+        return True
+    return looks_secret(value)
+
+
+def looks_secret(value: str) -> bool:
+    """Whether a value holds a PEM block, a JWT or a long opaque token."""
+    if PEM.search(value) or JWT.search(value):
+        return True
+    for run in _RUN.findall(value):
+        for part in _PART.findall(run):
+            if (any(c.isupper() for c in part) and any(c.islower() for c in part)
+                    and any(c.isdigit() for c in part)):
+                return True
+    return False
 
 
 def exported_variables(values: Mapping[str, str], *, allow: Sequence[str] = ()) -> dict[str, str]:
     """The glidein_config values the payload gets in its environment.
 
     Keys with one of :data:`EXPORT_PREFIXES`, valid as environment names, and
-    not secret-looking unless named in ``allow``.  Values keep their spaces.
+    not secret-looking by name or value (:func:`is_secret`) unless named in
+    ``allow``.  Values keep their spaces.
     """
     return {
         key: value
         for key, value in values.items()
         if _ENV_NAME.fullmatch(key)
         and key.startswith(EXPORT_PREFIXES)
-        and (key in allow or not is_secret(key))
+        and (key in allow or not is_secret(key, value))
         and "\0" not in value
     }
 

@@ -44,6 +44,7 @@ from prometheus_client.samples import Sample
 
 from cvmfsd import __version__, classad, exposition
 from cvmfsd.classad import RepoAd
+from cvmfsd.config import looks_secret
 from cvmfsd.probing import ProbeResult
 from cvmfsd.state import DaemonState
 
@@ -57,7 +58,8 @@ CONTROL_VERBS = ("ping", "status", "get", "env", "config", "mounts", "wait", "ex
 MOUNT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 PROBE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                  10.0, 30.0)
-#: Pilot identity from glidein_config: label -> the keys that may hold it, in order.
+#: Pilot identity from glidein_config: label -> the keys that may hold it, in order.  The
+#: only glidein values that ever become metric labels (an allow list of identity attributes).
 PILOT_KEYS = {"site": ("GLIDEIN_Site",), "entry": ("GLIDEIN_Entry_Name",),
               "glidein_id": ("GLIDEIN_UUID", "GLIDEIN_Name")}
 
@@ -152,10 +154,16 @@ class _Families:
 
 
 def pilot_identity(values: Mapping[str, str]) -> dict[str, str]:
-    """The pilot's site, entry and id from glidein_config values (empty when unknown)."""
+    """The pilot's site, entry and id from glidein_config values (empty when unknown).
+
+    Only the identity attributes of :data:`PILOT_KEYS` ever become labels, which
+    any local user can read over HTTP, and only values that do not look like a
+    secret (:func:`cvmfsd.config.looks_secret`): such a value is left out.
+    """
     identity = {}
     for label, keys in PILOT_KEYS.items():
-        identity[label] = next((values[k] for k in keys if values.get(k)), "")
+        identity[label] = next((values[k] for k in keys
+                                if values.get(k) and not looks_secret(values[k])), "")
     if not identity["glidein_id"]:
         identity["glidein_id"] = f"{socket.gethostname()}-{os.getpid()}"
     return identity

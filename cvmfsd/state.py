@@ -105,6 +105,6 @@ class LiveConfig:
             self._stamp = stamp
         return self._values
 
-    def visible(self, key: str) -> bool:
-        """Whether ``key`` may be shown to a client."""
-        return key in self.allow or not is_secret(key)
+    def visible(self, key: str, value: str = "") -> bool:
+        """Whether ``key`` with ``value`` may be shown to a client (:func:`is_secret`)."""
+        return key in self.allow or not is_secret(key, value)

@@ -79,7 +79,7 @@ def test_a_planted_socket_directory_does_not_deny_the_run(dist: Path, planted: P
     hello, sock, pong = result.stdout.splitlines()
     assert (hello, pong) == ("hello from repo.a", "pong")
     directory = Path(sock).parent
-    assert directory.parent == Path("/tmp")
+    assert directory.parent == Path("/tmp")  # noqa: S108 - where the default socket goes
     assert directory.name.startswith(f"cvmfsd-{os.getuid()}-"), "a name no neighbour can guess"
     assert not directory.exists(), "the private directory is removed at the end"
     assert not mounts_under(dist)
@@ -97,3 +97,34 @@ def test_an_unusable_socket_is_refused_before_cvmfsexec_starts(dist: Path,
     assert "must be a directory owned by uid" in result.stderr
     assert "mounting" not in result.stderr, "cvmfsexec never started"
     assert not mounts_under(dist)
+
+
+JWT = ("eyJhbGciOiJSUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiJwaWxvdCIsImV4cCI6MTcwMDAwMDAwMH0."
+       "c2lnbmF0dXJlLWJ5dGVz")
+PEM_LINE = "-----BEGIN CERTIFICATE-----MIIEowIBAAKCAQEA-----END CERTIFICATE-----"
+SECRETS = {"GLIDEIN_PRIVKEY": "s3cr3t-1", "GLIDEIN_APIKEY": "s3cr3t-2",
+           "GLIDEIN_OAUTH_BEARER": "s3cr3t-3", "GLIDEIN_PWD": "s3cr3t-4",
+           "GLIDEIN_X509_PROXY": PEM_LINE, "GLIDEIN_Collector_Pass": "s3cr3t-5",
+           "GLIDEIN_HMAC": "s3cr3t-6", "GLIDEIN_SESSION_ID": "s3cr3t-7",
+           "GLIDEIN_SIGNATURE": "s3cr3t-8", "X509_USER_PROXY": "/s3cr3t/x509up_u1",
+           "GLIDEIN_Note": JWT, "GLIDEIN_Site": JWT}
+
+
+@pytest.mark.fuse
+def test_secrets_by_name_and_value_reach_no_reader(dist: Path, short_tmp: Path) -> None:
+    """The payload asks for every secret through env, get and config, and reads the metrics
+    any local user could read: no secret value anywhere; GLIDEIN_Auth_Method is served."""
+    gconfig = short_tmp / "glidein_config"
+    gconfig.write_text("".join(f"{k} {v}\n" for k, v in SECRETS.items())
+                       + "GLIDEIN_Auth_Method GSI\nGLIDEIN_Entry_Name Entry_1\n")
+    gets = " ".join(f'"$CVMFSCTL" get {k} 2>&1;' for k in [*SECRETS, "GLIDEIN_Auth_Method"])
+    script = f'env; {gets} "$CVMFSCTL" config; "$CVMFSCTL" env; "$CVMFSCTL" metrics'
+    result = cvmfsd_run(dist, "--repos", REPO_A, "--glidein-config", str(gconfig), "--",
+                        "sh", "-c", script)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    for key, value in SECRETS.items():
+        assert value not in out, f"{key}'s value reached the payload or the metrics"
+    assert out.count("looks like a secret") == len(SECRETS)
+    assert "GSI" in out, "GLIDEIN_Auth_Method is no secret"
+    assert 'entry="Entry_1"' in out and 'site=""' in out

@@ -166,6 +166,14 @@ def test_pilot_identity_falls_back_to_host_and_pid() -> None:
     assert pilot_identity({})["glidein_id"].endswith(f"-{__import__('os').getpid()}")
 
 
+def test_pilot_identity_never_labels_a_secret_looking_value() -> None:
+    """A JWT placed in GLIDEIN_Site is not served as a label to every local user."""
+    jwt = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJwaWxvdC0xMjM0NSJ9.c2lnbmF0dXJl"
+    identity = pilot_identity({"GLIDEIN_Site": jwt, "GLIDEIN_Entry_Name": "E",
+                               "GLIDEIN_Name": "g", "GLIDEIN_Other": "x"})
+    assert identity == {"site": "", "entry": "E", "glidein_id": "g"}
+
+
 def test_process_stats_of_ourselves_and_of_a_gone_pid(tmp_path: Path) -> None:
     stats = process_stats(__import__("os").getpid())
     assert stats is not None and stats.rss_bytes > 1 << 20
