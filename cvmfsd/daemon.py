@@ -31,6 +31,7 @@ from cvmfsd.config import Config, exported_variables, parse_address
 from cvmfsd.errors import CvmfsdError
 from cvmfsd.exports import Pushgateway, Textfile
 from cvmfsd.httpd import serve_metrics
+from cvmfsd.janitor import process_start, signal_process
 from cvmfsd.keeper import RepoKeeper
 from cvmfsd.launch import LaunchError
 from cvmfsd.loader import LoaderCode
@@ -657,14 +658,17 @@ def _sweep_descendants(keep: Sequence[int] = ()) -> int:
     word on "no process left behind".  Returns how many it killed.
     """
     killed = 0
-    for pid in reversed(launch.descendants(os.getpid())):
-        if pid in keep or not launch.is_running(pid):
+    # Each one as it was when found (pid and start time), as the janitor does:
+    # a pid that ends and is reused meanwhile by another process is not signalled.
+    found = [(pid, process_start(pid)) for pid in launch.descendants(os.getpid())]
+    for pid, start in reversed(found):
+        if pid in keep or start is None or not launch.is_running(pid):
             continue
         try:
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
         except OSError:
             argv = b""
-        if not launch.send_signal(pid, signal.SIGKILL):
+        if not signal_process((pid, start), signal.SIGKILL, lambda _: True):
             continue
         if not argv or any(helper in argv for helper in _OWN_HELPERS):
             # no command line: it was already exiting (its memory is gone)

@@ -179,19 +179,43 @@ def mount_dirs(root: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys((given, os.path.realpath(given))))
 
 
-def cvmfs2_mountpoint(argv: Sequence[str], dirs: Sequence[str]) -> str | None:
+def cvmfs2_mountpoint(argv: Sequence[str], dirs: Sequence[str],
+                      exe: str | None = None) -> str | None:
     """The mount point a cvmfs2 command line serves, if it is one below ``dirs``.
 
-    cvmfs2 is ``cvmfs2 [options] <repo> <mount point>`` (argv[0] named cvmfs2,
-    or the simulated ``python -m cvmfsd.sim.cvmfs2``); its watchdog child has the
-    same command line.
+    cvmfs2 is ``cvmfs2 [options] <repo> <mount point>``, the mount point
+    ``dist/cvmfs/<repo>`` (mountrepo); its watchdog child has the same command
+    line.  Either argv[0] is named cvmfs2 and its executable (``exe``, from
+    ``/proc/<pid>/exe``, when known) is that distribution's ``usr/bin/cvmfs2``,
+    or it is the simulated one, ``python -m cvmfsd.sim.cvmfs2`` run by a
+    Python.  A same-uid process whose arguments merely mention
+    ``cvmfsd.sim.cvmfs2`` and a mount point is not cvmfs2 (issue 12).
     """
     if len(argv) < 3:
         return None
-    if os.path.basename(argv[0]) != "cvmfs2" and _SIM_CVMFS2 not in argv[1:3]:
-        return None
     mountpoint = os.path.normpath(argv[-1])
-    return mountpoint if os.path.dirname(mountpoint) in dirs else None
+    parent = os.path.dirname(mountpoint)
+    if parent not in dirs or argv[-2] != os.path.basename(mountpoint):
+        return None
+    if os.path.basename(argv[0]) == "cvmfs2":
+        binary = os.path.join(os.path.dirname(parent), "usr", "bin", "cvmfs2")
+        if exe is not None and os.path.realpath(exe) != os.path.realpath(binary):
+            return None
+    elif list(argv[1:3]) == ["-m", _SIM_CVMFS2]:
+        python = os.path.basename(exe if exe is not None else argv[0])
+        if not python.startswith("python"):
+            return None
+    else:
+        return None
+    return mountpoint
+
+
+def _exe(pid: int, proc_root: str) -> str | None:
+    """What ``/proc/<pid>/exe`` points to (None if unreadable)."""
+    try:
+        return os.readlink(f"{proc_root}/{pid}/exe")  # noqa: PTH115 - the janitor keeps to os
+    except OSError:
+        return None
 
 
 def _cmdline(pid: int, proc_root: str) -> list[str]:
@@ -210,8 +234,11 @@ def find_cvmfs2(dirs: Sequence[str], proc_root: str = "/proc",
         return []
     for name in entries:
         pid = int(name)
-        mountpoint = cvmfs2_mountpoint(_cmdline(pid, proc_root), dirs)
-        if mountpoint is None or _real_uid(_status(pid, proc_root)) != uid:
+        argv = _cmdline(pid, proc_root)
+        if cvmfs2_mountpoint(argv, dirs) is None or _real_uid(_status(pid, proc_root)) != uid:
+            continue
+        mountpoint = cvmfs2_mountpoint(argv, dirs, _exe(pid, proc_root) or "?")
+        if mountpoint is None:
             continue
         start = process_start(pid, proc_root)
         if start is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -128,3 +129,43 @@ def test_secrets_by_name_and_value_reach_no_reader(dist: Path, short_tmp: Path) 
     assert out.count("looks like a secret") == len(SECRETS)
     assert "GSI" in out, "GLIDEIN_Auth_Method is no secret"
     assert 'entry="Entry_1"' in out and 'site=""' in out
+
+
+@pytest.mark.fuse
+def test_start_up_cleanup_spares_a_process_that_only_looks_like_cvmfs2(
+        dist: Path, short_tmp: Path) -> None:
+    """A same-uid process whose argv mentions cvmfsd.sim.cvmfs2 and a mount point of the
+    distribution survives cvmfsd's start-up cleanup (only real cvmfs2 are leftovers)."""
+    tool = short_tmp / "tool.py"
+    tool.write_text("import time\ntime.sleep(120)\n")
+    point = dist / "dist" / "cvmfs" / "X"
+    bystander = subprocess.Popen([sys.executable, str(tool), "cvmfsd.sim.cvmfs2", "X",
+                                  str(point)])
+    try:
+        result = cvmfsd_run(dist, "--repos", REPO_A, "--", "true")
+        assert result.returncode == 0, result.stderr
+        assert bystander.poll() is None, "an unrelated process was killed as a leftover"
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def test_the_final_sweep_checks_the_start_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """_sweep_descendants signals a process only if it is still the one it found: a pid
+    whose start time changed in between (reused) is left alone."""
+    from cvmfsd import daemon, janitor
+
+    child = subprocess.Popen(["sleep", "60"])
+    try:
+        real = janitor.process_start(child.pid)
+        assert real is not None
+        # As if the pid had been reused between the listing and the signal.
+        monkeypatch.setattr(daemon, "process_start", lambda pid: real + 1)
+        daemon._sweep_descendants()
+        assert child.poll() is None
+        monkeypatch.setattr(daemon, "process_start", janitor.process_start)
+        daemon._sweep_descendants()
+        assert child.wait(timeout=5) == -signal.SIGKILL
+    finally:
+        child.kill()
+        child.wait()

@@ -183,10 +183,28 @@ def test_dist_mounts_order_and_boundary() -> None:
     (["cvmfs2", "-o", "c", "r.a", "/d/dist/cvmfs/r.a/sub"], None),
     (["ls", "-l", "/d/dist/cvmfs/r.a"], None),
     (["cvmfs2", "/d/dist/cvmfs/r.a"], None),
+    (["python", "x.py", "cvmfsd.sim.cvmfs2", "r.a", "/d/dist/cvmfs/r.a"], None),
+    (["sh", "cvmfsd.sim.cvmfs2", "-o", "r.a", "/d/dist/cvmfs/r.a"], None),
+    (["python", "-m", "cvmfsd.sim.cvmfs2", "-o", "c", "r.b", "/d/dist/cvmfs/r.a"], None),
 ])
 def test_cvmfs2_mountpoint(argv: list[str], expected: str | None) -> None:
     """Only a cvmfs2 command line whose last argument is right below dist/cvmfs counts."""
     assert janitor.cvmfs2_mountpoint(argv, janitor.mount_dirs("/d")) == expected
+
+
+@pytest.mark.parametrize(("argv", "exe", "expected"), [
+    (["/d/dist/usr/bin/cvmfs2", "-o", "c", "r.a", "/d/dist/cvmfs/r.a"], "/d/dist/usr/bin/cvmfs2",
+     "/d/dist/cvmfs/r.a"),
+    (["/home/u/cvmfs2", "-o", "c", "r.a", "/d/dist/cvmfs/r.a"], "/home/u/cvmfs2", None),
+    (["python", "-m", "cvmfsd.sim.cvmfs2", "-o", "c", "r.a", "/d/dist/cvmfs/r.a"],
+     "/usr/bin/python3.12", "/d/dist/cvmfs/r.a"),
+    (["python", "-m", "cvmfsd.sim.cvmfs2", "-o", "c", "r.a", "/d/dist/cvmfs/r.a"],
+     "/usr/bin/bash", None),
+])
+def test_cvmfs2_mountpoint_checks_the_executable(argv: list[str], exe: str,
+                                                 expected: str | None) -> None:
+    """A same-uid process named like cvmfs2 must also run cvmfs2 (issue 12)."""
+    assert janitor.cvmfs2_mountpoint(argv, janitor.mount_dirs("/d"), exe) == expected
 
 
 def test_signal_process_refuses_a_different_start_time() -> None:

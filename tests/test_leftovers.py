@@ -37,9 +37,10 @@ from tests.conftest import REPO_A, REPO_B, cvmfs2_pids, mounts_under, reap, wait
 
 
 def _proc(root: Path, pid: int, argv: list[str], *, uid: int, state: str = "S",
-          start: int = 1000) -> None:
+          start: int = 1000, exe: str = "/usr/bin/python3.11") -> None:
     d = root / str(pid)
     d.mkdir(parents=True)
+    (d / "exe").symlink_to(exe)
     (d / "cmdline").write_bytes(b"".join(a.encode() + b"\0" for a in argv))
     (d / "status").write_text(f"Name:\tx\nUid:\t{uid}\t{uid}\t{uid}\t{uid}\nNSpid:\t{pid}\n")
     fields = [state, *["0"] * 18, str(start), "0"]
@@ -64,6 +65,13 @@ def test_find_leftovers_in_a_canned_proc(tmp_path: Path) -> None:
     _proc(proc, 12, [*cvmfs2, "repo.b", str(mine / "repo.b")], uid=uid + 1)
     _proc(proc, 13, [*cvmfs2, "repo.b", str(mine / "repo.b")], uid=uid, state="Z")
     _proc(proc, 14, ["cat", str(mine / "repo.a")], uid=uid)
+    # Same uid, an argv that merely looks like cvmfs2's (issue 12): not cvmfs2.
+    _proc(proc, 15, ["python", "tool.py", "cvmfsd.sim.cvmfs2", "repo.a", str(mine / "repo.a")],
+          uid=uid)
+    _proc(proc, 16, [*cvmfs2, "repo.a", str(mine / "repo.a")], uid=uid, exe="/usr/bin/bash")
+    _proc(proc, 17, ["cvmfs2", "-o", "c", "repo.a", str(mine / "repo.a")], uid=uid,
+          exe="/usr/bin/cvmfs2")
+    _proc(proc, 18, [*cvmfs2, "repo.b", str(mine / "repo.a")], uid=uid)
     found = find_leftovers(Dist(root), proc, probe_timeout=None)
     assert found.mounts == tuple(LeftoverMount(mine / name, MountState.UNKNOWN)
                                  for name in ("repo.b", "repo.a", "cfg.repo"))
