@@ -23,6 +23,7 @@ import contextlib
 import enum
 import os
 import re
+import stat
 import tempfile
 import time
 import types
@@ -185,9 +186,9 @@ def update_glidein_config(path: Path | str, updates: Mapping[str, str], *,
         try:
             mode = path.stat().st_mode & 0o7777
             data = path.read_bytes()
-            with path.with_name(path.name + ".history").open("ab") as history:
-                history.write(b"".join(f"CVMFSD{os.getpid()} ".encode() + _encode_line(k, v)
-                                       for k, v in updates.items()))
+            _append_history(path.with_name(path.name + ".history"),
+                            b"".join(f"CVMFSD{os.getpid()} ".encode() + _encode_line(k, v)
+                                     for k, v in updates.items()))
             fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
             try:
                 with os.fdopen(fd, "wb") as out:
@@ -215,21 +216,105 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+#: How companion files (``.pid``, ``.history``) are opened: never through a symlink,
+#: never blocking on a FIFO someone put there.
+_COMPANION = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+
+
+def _own_regular_file(fd: int) -> bool:
+    """Whether ``fd`` is a regular file of ours with one name (not another's choosing)."""
+    st = os.fstat(fd)
+    return stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid() and st.st_nlink == 1
+
+
+def _append_history(history: Path, data: bytes) -> None:
+    """Append to ``<gc>.history``: created exclusively, or ours already; never a symlink.
+
+    In a shared (sticky) directory another user may have put a symlink, a
+    FIFO or a file of theirs there: then the history is not written (issue 12),
+    and the update goes on.
+    """
+    flags = os.O_WRONLY | os.O_APPEND | _COMPANION
+    try:
+        fd = os.open(history, flags | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        try:
+            fd = os.open(history, flags)
+        except OSError:
+            return  # a symlink (ELOOP), a FIFO without reader (ENXIO), not writable
+    try:
+        if _own_regular_file(fd):
+            os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
 def _read_pid(pidfile: Path) -> int | None:
     try:
-        return int(pidfile.read_text().strip())
+        fd = os.open(pidfile, os.O_RDONLY | _COMPANION)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        return int(os.read(fd, 64).strip())
     except (OSError, ValueError):
         return None
+    finally:
+        os.close(fd)
 
 
-def _break_lock(lock: Path, pidfile: Path) -> None:
-    # The rename is what makes breaking atomic: of two breakers only one wins it.
-    with contextlib.suppress(FileNotFoundError):
+def _write_pid(pidfile: Path) -> None:
+    """Name ourselves the holder in ``<gc>.pid``, created exclusively, never through a symlink.
+
+    What is there already (a leftover, or another user's plant) is removed
+    first if we may; if it stays, the lock goes without a pid file (others
+    then treat it as a lock of an unknown writer).
+    """
+    for _ in range(2):
+        try:
+            fd = os.open(pidfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _COMPANION, 0o644)
+        except FileExistsError:
+            try:
+                pidfile.unlink()
+            except OSError:
+                return
+            continue
+        except OSError:
+            return
+        try:
+            os.write(fd, f"{os.getpid()}\n".encode())
+        finally:
+            os.close(fd)
+        return
+
+
+def _break_lock(lock: Path, pidfile: Path) -> bool:
+    """Remove the lock (and the pid file); whether the lock is gone.
+
+    The rename is what makes breaking atomic: of two breakers only one wins it.
+    Nothing here raises: a name another user planted in a sticky directory
+    cannot be renamed or removed, which must not crash a writer that holds
+    the lock (it would be left stale).
+    """
+    with contextlib.suppress(OSError):
         pidfile.unlink()
     gone = lock.with_name(lock.name[: -len(".lock")] + ".deleteme")
-    with contextlib.suppress(FileNotFoundError):
+    try:
         lock.rename(gone)
+    except FileNotFoundError:
+        return True
+    except OSError:  # e.g. someone else's .deleteme in a sticky directory
+        try:
+            lock.unlink()
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return False
+        return True
+    with contextlib.suppress(OSError):
         gone.unlink()
+    return True
 
 
 @contextlib.contextmanager
@@ -249,15 +334,14 @@ def _symlink_lock(path: Path, *, timeout: float, stale_after: float,
         holder = _read_pid(pidfile)
         if holder is None:
             with contextlib.suppress(FileNotFoundError):
-                if time.time() - os.lstat(lock).st_mtime > stale_after:
-                    _break_lock(lock, pidfile)
+                if time.time() - os.lstat(lock).st_mtime > stale_after and _break_lock(
+                        lock, pidfile):
                     continue
         elif holder == os.getpid() or not _pid_alive(holder):
             # Not us holding it: this lock is not reentrant, so our pid is a leftover.
             if dead is None or dead[0] != holder:
                 dead = (holder, now)
-            elif now - dead[1] >= stale_after:
-                _break_lock(lock, pidfile)
+            elif now - dead[1] >= stale_after and _break_lock(lock, pidfile):
                 continue
         if now >= deadline:
             raise ConfigError(
@@ -267,7 +351,7 @@ def _symlink_lock(path: Path, *, timeout: float, stale_after: float,
             )
         time.sleep(poll)
     try:
-        pidfile.write_text(f"{os.getpid()}\n")
+        _write_pid(pidfile)
         yield
     finally:
         _break_lock(lock, pidfile)

@@ -169,3 +169,39 @@ def test_the_final_sweep_checks_the_start_time(monkeypatch: pytest.MonkeyPatch) 
     finally:
         child.kill()
         child.wait()
+
+
+@pytest.mark.parametrize("plant", ["symlink", "fifo", "readonly-symlink"])
+def test_companion_files_planted_around_glidein_config(short_tmp: Path, plant: str) -> None:
+    """In a shared sticky directory, symlinks (or FIFOs) at <gc>.pid, <gc>.history and
+    <gc>.deleteme: no file of the planter's choosing is written, the update is made,
+    and no lock is left behind."""
+    from cvmfsd import glidein
+
+    shared = short_tmp / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    gconfig = shared / "glidein_config"
+    gconfig.write_text("GLIDEIN_Site S\n")
+    victims = {}
+    for suffix in (".pid", ".history", ".deleteme"):
+        planted = shared / f"glidein_config{suffix}"
+        if plant == "fifo":
+            os.mkfifo(planted)
+            continue
+        victim = short_tmp / f"victim{suffix}"
+        victim.write_text("precious\n")
+        if plant == "readonly-symlink":
+            victim.chmod(0o444)
+        victims[victim] = victim.read_text()
+        planted.symlink_to(victim)
+    glidein.update_glidein_config(gconfig, {"CVMFSD_STATUS": "ready"}, lock_timeout=5)
+    assert glidein.read_glidein_config(gconfig).values["CVMFSD_STATUS"] == "ready"
+    for victim, text in victims.items():
+        assert victim.read_text() == text, f"{victim} was written through a planted symlink"
+    assert not os.path.lexists(shared / "glidein_config.lock"), "a stale lock was left"
+    history = shared / "glidein_config.history"
+    if not os.path.lexists(history):  # the planted one was removable: none written
+        return
+    assert history.is_symlink() or not history.is_file() or "CVMFSD_STATUS" in \
+        history.read_text()
