@@ -5,13 +5,18 @@ same in every mode, and this keeps FUSE out of the numbers), then:
 
 1. 64 concurrent connections, split over two client processes, each sending
    ``get GLIDEIN_Site`` requests back to back for a fixed time; reports
-   requests per second and the latency distribution.
+   requests per second and the latency distribution -- against cvmfsd, and,
+   in the same run, against an anchor: a minimal trio server that answers
+   every line with a fixed reply of the same size, so that cvmfsd's numbers
+   can be read as a fraction of what this machine and this client can do at
+   that moment (the absolute numbers move a lot between machines and loads).
 2. ``cvmfsctl get GLIDEIN_Site`` as a whole process vs ``python -c pass``,
    alternated, median of each and their ratio.
 
     python bench/control.py [--seconds 5] [--runs 30]
 
-Targets (design.md): >= 10,000 requests/s with p99 <= 10 ms; cvmfsctl <= 2.5x.
+Targets (design.md): >= 10,000 requests/s with p99 <= 10 ms, and >= 0.7 of the
+anchor's throughput with p99 <= 2x the anchor's; cvmfsctl <= 2.5x.
 For numbers that mean something: no PYTHONDONTWRITEBYTECODE, and a
 non-editable install (an editable one adds an import hook to every start-up).
 """
@@ -64,11 +69,42 @@ print(json.dumps(latencies))
 '''
 
 
+# The anchor: what serving this client costs with no work per request.
+ANCHOR = r'''
+import socket, sys
+import trio
+
+REPLY = b'{"v":1,"ok":true,"result":{"key":"GLIDEIN_Site","value":"Bench Site"}}\n'
+
+async def serve(stream):
+    buffer = b""
+    async with stream:
+        while True:
+            data = await stream.receive_some(65536)
+            if not data:
+                return
+            buffer += data
+            lines = buffer.count(b"\n")
+            buffer = buffer[buffer.rfind(b"\n") + 1:]
+            if lines:
+                await stream.send_all(REPLY * lines)
+
+async def main():
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await sock.bind(sys.argv[1])
+    sock.listen(128)
+    print("ready", flush=True)
+    await trio.serve_listeners(serve, [trio.SocketListener(sock)])
+
+trio.run(main)
+'''
+
+
 def percentile(ordered: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
-def throughput(socket_path: str, seconds: float) -> None:
+def throughput(socket_path: str, seconds: float, name: str) -> tuple[float, float]:
     procs = [subprocess.Popen([sys.executable, "-c", CLIENT, socket_path, "32", str(seconds)],
                               stdout=subprocess.PIPE, text=True) for _ in range(2)]
     latencies: list[float] = []
@@ -79,9 +115,33 @@ def throughput(socket_path: str, seconds: float) -> None:
         latencies += json.loads(out)
     ordered = sorted(latencies)
     p50, p99 = (percentile(ordered, q) * 1000 for q in (0.5, 0.99))
-    print(f"64 clients, {seconds:g} s: {len(ordered) / seconds:,.0f} requests/s; latency "
+    rate = len(ordered) / seconds
+    print(f"{name:>7}: 64 clients, {seconds:g} s: {rate:,.0f} requests/s; latency "
           f"p50 {p50:.2f} ms, p99 {p99:.2f} ms, max {ordered[-1] * 1000:.2f} ms "
           f"({len(ordered)} requests)")
+    return rate, p99
+
+
+def anchored(cvmfsd_socket: str, seconds: float, tmp: str) -> None:
+    """cvmfsd's throughput and p99, and the anchor's, measured alternately, as ratios."""
+    anchor_socket = str(Path(tmp) / "anchor.sock")
+    anchor = subprocess.Popen([sys.executable, "-c", ANCHOR, anchor_socket],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert anchor.stdout is not None
+        if anchor.stdout.readline() != "ready\n":
+            raise SystemExit("the anchor server did not start")
+        ours = throughput(cvmfsd_socket, seconds, "cvmfsd")
+        base = throughput(anchor_socket, seconds, "anchor")
+        ours2 = throughput(cvmfsd_socket, seconds, "cvmfsd")
+        base2 = throughput(anchor_socket, seconds, "anchor")
+    finally:
+        anchor.terminate()
+        anchor.wait(timeout=30)
+    rate = (ours[0] + ours2[0]) / (base[0] + base2[0])
+    p99 = (ours[1] + ours2[1]) / (base[1] + base2[1])
+    print(f"cvmfsd / anchor: throughput {rate:.2f} (target >= 0.7), p99 {p99:.2f}x "
+          "(target <= 2x)")
 
 
 def startup(socket_path: str, runs: int) -> None:
@@ -120,7 +180,7 @@ def main() -> int:
                 if time.monotonic() > deadline or daemon.poll() is not None:
                     raise SystemExit("cvmfsd did not open its control socket")
                 time.sleep(0.05)
-            throughput(str(socket_path), args.seconds)
+            anchored(str(socket_path), args.seconds, tmp)
             startup(str(socket_path), args.runs)
         finally:
             daemon.terminate()
