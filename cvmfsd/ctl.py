@@ -61,7 +61,7 @@ def call(path: str, verb: str, args: dict[str, object] | None = None, *,
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         try:
-            sock.connect(path)
+            _connect(sock, path, timeout)
             ancdata = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
             sent = sock.sendmsg([data], ancdata if fds else [])
             sock.sendall(data[sent:])
@@ -88,6 +88,23 @@ def call(path: str, verb: str, args: dict[str, object] | None = None, *,
                            protocol.ErrorCode.UNAVAILABLE.exit_status) from None
         except RemoteProtocolError as exc:
             raise CtlError(str(exc), protocol.ErrorCode.INTERNAL.exit_status) from None
+
+
+def _connect(sock: socket.socket, path: str, timeout: float | None) -> None:
+    """Connect, waiting while the server's backlog is full (a unix socket's connect then
+    fails with EAGAIN at once instead of waiting out the timeout)."""
+    import time
+
+    end = None if timeout is None else time.monotonic() + timeout
+    while True:
+        try:
+            sock.connect(path)
+        except BlockingIOError:
+            if end is not None and time.monotonic() > end:
+                raise socket.timeout from None
+            time.sleep(0.005)
+        else:
+            return
 
 
 def _status_lines(result: dict[str, object]) -> str:

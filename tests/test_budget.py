@@ -13,9 +13,12 @@ import array
 import errno
 import json
 import os
+import resource
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
@@ -23,6 +26,8 @@ import pytest
 import trio
 
 from cvmfsd import budget, control, ctl, httpd
+from tests.conftest import reap
+from tests.livedaemon import Daemon
 from tests.test_control import make_backend
 
 CVMFSD = [sys.executable, "-m", "cvmfsd"]
@@ -329,3 +334,172 @@ async def test_control_flood_of_idle_connections_never_starves_a_client(
             for sock in flood:
                 sock.close()
         nursery.cancel_scope.cancel()
+
+
+# -- the budget itself ----------------------------------------------------------------
+
+@pytest.mark.parametrize(("soft", "caps"), [
+    (1024, (384, 96)), (20000, (512, 128)), (65536, (512, 128)), (300, (22, 8)), (64, (8, 8)),
+])
+def test_connection_caps_fit_the_limit(soft: int, caps: tuple[int, int]) -> None:
+    """Both listeners' shares, at their worst, fit in the limit beside the reserve."""
+    assert budget.connection_caps(soft) == caps
+
+
+@pytest.mark.parametrize(("soft", "hard", "ceiling", "expected"), [
+    (1024, 20000, 65536, 20000), (1024, 20000, 4096, 4096), (100, 100, 65536, 100),
+    (8192, 20000, 4096, 8192),
+])
+def test_the_soft_limit_is_raised_toward_the_hard_one(soft: int, hard: int, ceiling: int,
+                                                      expected: int) -> None:
+    """Raised to min(hard, ceiling), never lowered; the hard limit is left alone."""
+    if hard > resource.getrlimit(resource.RLIMIT_NOFILE)[1]:
+        pytest.skip(f"the hard limit here is below {hard}")
+    code = ("import resource; from cvmfsd import budget; "
+            f"print(*budget.raise_nofile_limit({ceiling}), "
+            "*resource.getrlimit(resource.RLIMIT_NOFILE))")
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard)))
+    assert result.stdout.split()[-4:] == [str(soft), str(expected), str(expected), str(hard)]
+
+
+EMFILE_SERVER = """
+import resource, sys, trio
+from cvmfsd import httpd
+resource.setrlimit(resource.RLIMIT_NOFILE, (48, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+def render(accept): return b"up 1\\n", "text/plain"
+async def main():
+    async with trio.open_nursery() as nursery:
+        _, port = await nursery.start(
+            lambda task_status: httpd.serve_metrics("127.0.0.1", 0, render, max_connections=1000,
+                                                    task_status=task_status))
+        print("PORT", port, flush=True)
+trio.run(main)
+"""
+
+
+def test_out_of_descriptors_on_accept_sleeps_and_retries(tmp_path: Path) -> None:
+    """accept() failing with EMFILE (limit 48, cap 1000) neither crashes the server nor
+    floods the log; once the flood ends, scrapes are answered again."""
+    process = subprocess.Popen([sys.executable, "-c", EMFILE_SERVER], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    try:
+        assert process.stdout is not None
+        line = ""
+        while not line.startswith("PORT"):
+            line = process.stdout.readline()
+            assert line, "the server did not start"
+        port = int(line.split()[1])
+        flood = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(120)]
+        time.sleep(1.5)  # accept fails again and again meanwhile
+        assert process.poll() is None
+        for sock in flood:
+            sock.close()
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        assert answer.endswith(b"up 1\n")
+        assert process.poll() is None
+    finally:
+        process.kill()
+        output, _ = process.communicate(timeout=30)
+    warnings = [x for x in output.splitlines() if "accept failed" in x]
+    assert 1 <= len(warnings) <= 2, output
+    assert "EMFILE" in warnings[0]
+    assert "Traceback" not in output
+
+
+# -- a live cvmfsd, flooded from another process ---------------------------------------
+
+FLOOD = """
+import resource, socket, sys, time, array
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+kind, where, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+held = []
+def one():
+    if kind == "tcp":
+        host, port = where.rsplit(":", 1)
+        sock = socket.create_connection((host, int(port)), timeout=10)
+    else:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(where)  # blocking: waits while the backlog is full
+        fds = array.array("i", [0, 1, 2]).tobytes()
+        try:  # descriptors without a newline, as the issue's payload did
+            sock.sendmsg([b"{"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+        except OSError:
+            pass
+    held.append(sock)
+for _ in range(count):
+    one()
+print("READY", flush=True)
+end = time.monotonic() + 20
+while time.monotonic() < end:  # keep the pressure on: replace the oldest connections
+    held.pop(0).close()
+    one()
+    time.sleep(0.002)
+"""
+
+
+@pytest.fixture(name="daemon")
+def _daemon(dist: Path, short_tmp: Path) -> Iterator[Daemon]:
+    daemon = Daemon(dist, short_tmp)
+    yield daemon
+    daemon.stop()
+
+
+def _flood(kind: str, where: str, count: int) -> subprocess.Popen[str]:
+    process = subprocess.Popen([sys.executable, "-c", FLOOD, kind, where, str(count)],
+                               stdout=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    assert process.stdout.readline() == "READY\n"
+    return process
+
+
+def _pilot_is_served(daemon: Daemon) -> None:
+    for _ in range(10):
+        start = time.monotonic()
+        assert ctl.call(str(daemon.socket), "ping", timeout=5).error is None
+        took_ping = time.monotonic() - start
+        took_scrape, body = daemon.scrape()
+        assert "cvmfs_mount_up" in body
+        assert took_ping <= 0.1 and took_scrape <= 0.1, (took_ping, took_scrape)
+    payload = daemon.status()["payload"]
+    assert isinstance(payload, dict) and payload["status"] is None  # still running
+
+
+@pytest.mark.fuse
+def test_5000_connections_to_metrics_leave_the_pilot_served(daemon: Daemon) -> None:
+    """Another process holds and churns 5,000 connections to /metrics: cvmfsd keeps
+    answering the pilot's ping and scrape within 100 ms, and the payload keeps running."""
+    flood = _flood("tcp", daemon.address, 5000)
+    try:
+        # The burst fills the kernel's accept queue (4,096); once cvmfsd has drained it,
+        # with the churn going on, every answer must come within 100 ms.
+        end = time.monotonic() + 5
+        while daemon.scrape()[0] > 0.05 and time.monotonic() < end:
+            time.sleep(0.1)
+        _pilot_is_served(daemon)
+        assert flood.poll() is None  # the flood was not refused wholesale: it was absorbed
+    finally:
+        reap(flood)
+    assert daemon.process.poll() is None
+    log = daemon.stop()
+    assert "Traceback" not in log
+    assert log.count("dropping idle connections") <= 3
+
+
+@pytest.mark.fuse
+def test_the_payload_flooding_the_control_socket_leaves_others_served(daemon: Daemon) -> None:
+    """1,500 connections, each holding descriptors without a newline: cvmfsd survives and
+    answers other clients within 100 ms."""
+    flood = _flood("unix", str(daemon.socket), 1500)
+    try:
+        _pilot_is_served(daemon)
+    finally:
+        reap(flood)
+    assert daemon.process.poll() is None
+    assert "Traceback" not in daemon.stop()
