@@ -108,21 +108,46 @@ def looks_secret(value: str) -> bool:
     return False
 
 
+#: Bounds of the exported environment: one ``NAME=value`` (the kernel refuses a
+#: string over 128 KiB with E2BIG, MAX_ARG_STRLEN) and all exported glidein
+#: values together (argv and environment share ARG_MAX, often 2 MiB).  What does
+#: not fit is left to ``cvmfsctl get``.
+EXPORT_MAX_VARIABLE = 32 * 1024
+EXPORT_MAX_TOTAL = 256 * 1024
+
+
 def exported_variables(values: Mapping[str, str], *, allow: Sequence[str] = ()) -> dict[str, str]:
     """The glidein_config values the payload gets in its environment.
 
     Keys with one of :data:`EXPORT_PREFIXES`, valid as environment names, and
     not secret-looking by name or value (:func:`is_secret`) unless named in
-    ``allow``.  Values keep their spaces.
+    ``allow``.  Values keep their spaces.  Bounded: a variable over
+    :data:`EXPORT_MAX_VARIABLE` bytes, or one that would take the total over
+    :data:`EXPORT_MAX_TOTAL`, is left out (:func:`oversized_variables`).
     """
-    return {
-        key: value
-        for key, value in values.items()
-        if _ENV_NAME.fullmatch(key)
-        and key.startswith(EXPORT_PREFIXES)
-        and (key in allow or not is_secret(key, value))
-        and "\0" not in value
-    }
+    return _exports(values, allow)[0]
+
+
+def oversized_variables(values: Mapping[str, str], *, allow: Sequence[str] = ()) -> list[str]:
+    """The variables :func:`exported_variables` leaves out for size alone."""
+    return _exports(values, allow)[1]
+
+
+def _exports(values: Mapping[str, str], allow: Sequence[str]) -> tuple[dict[str, str], list[str]]:
+    exported: dict[str, str] = {}
+    oversized: list[str] = []
+    total = 0
+    for key, value in values.items():
+        if not (_ENV_NAME.fullmatch(key) and key.startswith(EXPORT_PREFIXES)
+                and (key in allow or not is_secret(key, value)) and "\0" not in value):
+            continue
+        size = len(key.encode()) + len(value.encode(errors="surrogateescape")) + 2  # = and NUL
+        if size > EXPORT_MAX_VARIABLE or total + size > EXPORT_MAX_TOTAL:
+            oversized.append(key)
+            continue
+        exported[key] = value
+        total += size
+    return exported, oversized
 
 
 def default_socket_path(environ: Mapping[str, str]) -> Path:

@@ -203,6 +203,9 @@ def _encode(protocol_conn: protocol.ServerConnection, response: Response) -> byt
     try:
         return protocol_conn.send(response)
     except LocalProtocolError as exc:
+        if exc.code == ErrorCode.TOO_LARGE.value:  # over MAX_RESPONSE: say so, nothing partial
+            return protocol_conn.send(protocol.error(
+                response.id, ErrorCode.TOO_LARGE, f"{exc}; ask for less (cvmfsctl get KEY)"))
         return protocol_conn.send(protocol.error(response.id, ErrorCode.INTERNAL, str(exc)))
 
 

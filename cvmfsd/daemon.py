@@ -27,7 +27,14 @@ import trio
 
 from cvmfsd import budget, control, glidein, launch, mode, mountinfo, probe, protocol, session, talk
 from cvmfsd.collect import Collection
-from cvmfsd.config import Config, exported_variables, parse_address
+from cvmfsd.config import (
+    EXPORT_MAX_TOTAL,
+    EXPORT_MAX_VARIABLE,
+    Config,
+    exported_variables,
+    oversized_variables,
+    parse_address,
+)
 from cvmfsd.errors import CvmfsdError
 from cvmfsd.exports import Pushgateway, Textfile
 from cvmfsd.httpd import serve_metrics
@@ -397,10 +404,19 @@ class Supervisor:
                     processes=[p.pid for p in leftovers.processes],
                     clean=cleaned.clean if cleaned else None)
 
+    def _report_glidein_config(self) -> None:
+        """Bad lines, and (in one warning) the values too big to be exported."""
+        for problem in self.prepared.problems:
+            log.warning("glidein_config", problem=problem)
+        oversized = oversized_variables(self.prepared.values, allow=self.config.allow_keys)
+        if oversized:
+            log.warning("glidein_config values too big for the environment: not exported; "
+                        "the payload can read them with cvmfsctl get", keys=oversized,
+                        limits=f"{EXPORT_MAX_VARIABLE} bytes each, {EXPORT_MAX_TOTAL} in all")
+
     async def _run(self) -> int:
         prepared = self.prepared
-        for problem in prepared.problems:
-            log.warning("glidein_config", problem=problem)
+        self._report_glidein_config()
         self._report_leftovers()
         decision = prepared.decision
         for line in decision.explain().splitlines():

@@ -86,3 +86,15 @@ def test_bad_configuration_is_a_usage_error(kwargs: dict[str, object], message: 
     """Each bad value is refused with a message naming it."""
     with pytest.raises(UsageError, match=message.replace("(", r"\(")):
         Config(**kwargs)  # type: ignore[arg-type]
+
+
+def test_exported_variables_are_bounded() -> None:
+    """A value too big for one environment string, or for the total, is left out and named."""
+    from cvmfsd.config import EXPORT_MAX_TOTAL, EXPORT_MAX_VARIABLE, oversized_variables
+
+    values = {"GLIDEIN_Huge": "x" * EXPORT_MAX_VARIABLE, "GLIDEIN_Site": "S"}
+    values.update({f"GLIDEIN_V{i}": "y" * (EXPORT_MAX_VARIABLE // 2) for i in range(20)})
+    exported = exported_variables(values)
+    assert "GLIDEIN_Huge" not in exported and exported["GLIDEIN_Site"] == "S"
+    assert sum(len(k) + len(v) + 2 for k, v in exported.items()) <= EXPORT_MAX_TOTAL
+    assert set(oversized_variables(values)) == set(values) - set(exported)

@@ -205,3 +205,27 @@ def test_companion_files_planted_around_glidein_config(short_tmp: Path, plant: s
         return
     assert history.is_symlink() or not history.is_file() or "CVMFSD_STATUS" in \
         history.read_text()
+
+
+@pytest.mark.fuse
+def test_big_values_cost_their_export_not_the_pilot(dist: Path, short_tmp: Path) -> None:
+    """A 1 MiB glidein value at start: cvmfsexec and the payload still start (no E2BIG),
+    the value is left to cvmfsctl get, with one warning; three more 1 MiB values added
+    later: cvmfsctl env still works, and config says clearly that it is too big."""
+    gconfig = short_tmp / "glidein_config"
+    big = "x" * (1 << 20)
+    gconfig.write_text(f"GLIDEIN_Site S\nGLIDEIN_Big {big}\n")
+    script = (
+        'echo "big:${#GLIDEIN_Big} site:$GLIDEIN_Site"; '
+        '"$CVMFSCTL" get GLIDEIN_Big | wc -c; '
+        f'for n in 1 2 3; do printf "GLIDEIN_Later$n %s\\n" "$(head -c {1 << 20} /dev/zero '
+        f'| tr "\\0" y)" >> {gconfig}; done; '
+        'out=$("$CVMFSCTL" env); echo "env:$?"; eval "$out"; echo "later:${#GLIDEIN_Later1}"; '
+        '"$CVMFSCTL" config >/dev/null 2>"$TMPDIR/err"; echo "config:$?"; cat "$TMPDIR/err"')
+    result = cvmfsd_run(dist, "--repos", REPO_A, "--glidein-config", str(gconfig), "--",
+                        "sh", "-c", script)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert lines[:4] == ["big:0 site:S", str((1 << 20) + 1), "env:0", "later:0"], lines
+    assert lines[4] == "config:65" and "ask for less" in result.stdout
+    assert result.stderr.count("too big for the environment") == 1
