@@ -654,10 +654,10 @@ class Supervisor:
 def _become_subreaper() -> None:
     """Adopt every orphan of our process tree, so that none escapes the final sweep."""
     try:
-        import prctl
+        from cvmfsd import _prctl
 
-        prctl.set_child_subreaper(1)
-    except (ImportError, OSError) as exc:  # pragma: no cover - python-prctl is a dependency
+        _prctl.set_child_subreaper(1)
+    except OSError as exc:  # pragma: no cover - Linux >= 3.4 has it
         log.warning("cannot become a child subreaper; orphans may escape", error=str(exc))
 
 

@@ -58,7 +58,7 @@ Theory of operation:
   through the pidfd, so a reused pid cannot be hit.  Mounts outside
   ``dist/cvmfs`` are never touched; no process group is signalled by number.
 * **Light.**  It starts on every run, so it imports only os, select, signal,
-  sys, time, prctl, cvmfsd.errors and cvmfsd.mountinfo (cvmfsd.glidein only to
+  sys, time, cvmfsd._prctl, cvmfsd.errors and cvmfsd.mountinfo (cvmfsd.glidein only to
   report a death), and parses /proc by hand (no pathlib,
   argparse or subprocess: hence the plain ``os`` calls; shutil only to remove
   the payload's TMPDIR).  It holds no descriptor of cvmfsd's but the pipe and
@@ -719,11 +719,12 @@ def _arm_parent_death() -> int:
     # A handler, however empty, keeps the signal from killing us; the wake-up
     # byte is what the loop acts on.
     signal.signal(PDEATH_SIGNAL, lambda signum, frame: None)
+    from cvmfsd import _prctl
+
     try:
-        import prctl
-    except ImportError:  # pipe EOF alone still tells cvmfsd's death
+        _prctl.set_pdeathsig(PDEATH_SIGNAL)
+    except OSError:  # pipe EOF alone still tells cvmfsd's death
         return wake_r
-    prctl.set_pdeathsig(PDEATH_SIGNAL)
     return wake_r
 
 
