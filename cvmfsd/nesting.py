@@ -41,6 +41,7 @@ from __future__ import annotations
 import os
 import select
 import signal
+import stat
 import threading
 import time
 
@@ -53,6 +54,70 @@ REQUEST_TIMEOUT = 300.0
 UNBLOCK_WAIT = 3.0
 #: How many times the processor's work is looked for again (children forked meanwhile).
 KILL_ROUNDS = 5
+
+
+PR_SET_DUMPABLE = 4
+CLONE_NEWUSER = 0x10000000
+
+
+def keep_from_payload(cmdfd: int | None, proc: str = "/proc") -> list[str]:
+    """Put cvmfsexec's request interface out of the payload's reach; what could not be done.
+
+    Without ``--allow-nesting`` the payload must not reach the command FIFO
+    (issue 12), which three things still held open or named after the shim
+    closed it for the payload: the FIFO's path (in the payload's TMPDIR),
+    namespace PID 1 (cvmfsexec's bash, which keeps ``CVMFSEXEC_CMDFD``), and
+    the shim itself.  The kernel lets a process open ``/proc/<pid>/fd/<n>`` only
+    with ptrace read access to ``pid`` (proc_fd_access_allowed): the same uid,
+    and then either a *dumpable* target in the opener's own user namespace
+    whose permitted capabilities are a subset of the opener's, or
+    CAP_SYS_PTRACE over the target's namespace (ptrace.c
+    __ptrace_may_access, commoncap.c cap_ptrace_access_check).  So, called by
+    the shim before any thread and before the payload exists:
+
+    1. the FIFO's name is removed (the processor and PID 1 opened it at start
+       and never again; cvmfsexec's exit removes the directory anyway);
+    2. the shim moves into a user namespace of its own (its uid and gid mapped
+       to themselves), which the payload and every later child inherit: they
+       have no capability over the namespace of PID 1 or of the request
+       processor, so those are out of reach;
+    3. the shim makes itself not dumpable (after writing its maps: that
+       makes its /proc files root's).  The shim also holds every capability
+       in its new namespace, which its payload never has.
+
+    cvmfsd, outside, keeps its access: it owns the outer user namespace, so it
+    has every capability in all the namespaces nested in it.  ``cvmfsctl
+    enter`` joins the shim's user namespace, so jobs are confined as the
+    payload is.
+    """
+    import ctypes  # only here: every other start-up of the shim stays light
+
+    problems = []
+    if cmdfd is not None:
+        try:
+            path = os.readlink(f"{proc}/self/fd/{cmdfd}")
+            held, named = os.fstat(cmdfd), os.lstat(path)
+            if stat.S_ISFIFO(named.st_mode) and (held.st_dev, held.st_ino) == (
+                    named.st_dev, named.st_ino):
+                os.unlink(path)
+        except OSError as exc:
+            problems.append(f"cannot remove the command FIFO's name: {exc.strerror}")
+    libc = ctypes.CDLL(None, use_errno=True)
+    uid, gid = os.getuid(), os.getgid()
+    if libc.unshare(CLONE_NEWUSER) != 0:
+        code = ctypes.get_errno()
+        problems.append(f"cannot make a user namespace for the payload: {os.strerror(code)}")
+    else:
+        try:
+            for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"),
+                               ("gid_map", f"{gid} {gid} 1")):
+                with open(f"{proc}/self/{name}", "w") as f:
+                    f.write(text)
+        except OSError as exc:
+            problems.append(f"cannot map the payload's user namespace: {exc.strerror}")
+    if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        problems.append(f"cannot make the shim not dumpable: {os.strerror(ctypes.get_errno())}")
+    return problems
 
 
 class NestingTimeout(OSError):
@@ -150,11 +215,11 @@ def _process_table(proc: str) -> dict[int, tuple[int, str]]:
             continue
         try:
             with open(f"{proc}/{entry}/stat", "rb") as f:
-                stat = f.read().decode("utf-8", "replace")
+                line = f.read().decode("utf-8", "replace")
         except OSError:
             continue  # gone
-        comm = stat[stat.find("(") + 1:stat.rfind(")")]
-        fields = stat[stat.rfind(")") + 2:].split()
+        comm = line[line.find("(") + 1:line.rfind(")")]
+        fields = line[line.rfind(")") + 2:].split()
         if len(fields) > 1 and fields[1].isdigit():
             table[int(entry)] = (int(fields[1]), comm)
     return table

@@ -3,6 +3,10 @@
 ``cvmfsd run`` starts ``<dist>/cvmfsexec REPOS -- python -m cvmfsd.shim ... --
 PAYLOAD``.  Inside the namespace the shim
 
+0. unless ``--allow-nesting``, puts cvmfsexec's request FIFO out of the
+   payload's reach (:func:`cvmfsd.nesting.keep_from_payload`: the FIFO's name
+   removed, a user namespace of its own for itself and the payload, not
+   dumpable);
 1. checks every repository itself -- a FUSE mount at ``/cvmfs/<repo>`` in
    its own mount table *and* a root that answers with the right ``user.fqrn``
    within a deadline (the rule of :mod:`cvmfsd.mountinfo`) -- because
@@ -38,7 +42,7 @@ import time
 from collections.abc import Sequence
 
 from cvmfsd.mountinfo import Mount, fuse_mounts
-from cvmfsd.nesting import NESTING_VARIABLES, REQUEST_TIMEOUT, Nesting
+from cvmfsd.nesting import NESTING_VARIABLES, REQUEST_TIMEOUT, Nesting, keep_from_payload
 
 FORWARDED = (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM)
 CHECK_TIMEOUT = 10.0
@@ -247,6 +251,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="give the payload cvmfsexec's $CVMFSMOUNT interface")
     parser.add_argument("payload", nargs="+")
     args = parser.parse_args(argv)
+    if not args.allow_nesting:  # first: before any thread, before the payload
+        for problem in keep_from_payload(Nesting(dict(os.environ)).fd):
+            print(f"cvmfsd shim: {problem}; the payload may reach cvmfsexec's mount requests",
+                  file=sys.stderr)
     stdio = [int(fd) for fd in args.stdio_fds.split(",")]
     channel = Channel(args.channel_fd)
 

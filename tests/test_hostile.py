@@ -229,3 +229,45 @@ def test_big_values_cost_their_export_not_the_pilot(dist: Path, short_tmp: Path)
     assert lines[:4] == ["big:0 site:S", str((1 << 20) + 1), "env:0", "later:0"], lines
     assert lines[4] == "config:65" and "ask for less" in result.stdout
     assert result.stderr.count("too big for the environment") == 1
+
+
+#: The payload's attack on cvmfsexec's request FIFO: through /proc, every descriptor of
+#: every process it can see that is the command FIFO, and the FIFO's name in its TMPDIR.
+ATTACK = r"""
+for p in /proc/[0-9]*; do
+    [ "${p#/proc/}" = $$ ] && continue
+    for f in "$p"/fd/*; do
+        case $(readlink "$f" 2>/dev/null) in
+        *cmd1*) timeout 2 sh -c 'echo "MOUNTREPO repo.b" >"$1"' - "$f" 2>/dev/null &&
+                echo "wrote $f" ;;
+        esac
+    done
+done
+for f in "$TMPDIR"/*/cmd1; do
+    [ -p "$f" ] && timeout 2 sh -c 'echo "MOUNTREPO repo.b" >"$1"' - "$f" && echo "wrote $f"
+done
+for n in $(seq 0 40); do  # blindly: opening (for writing) is what the kernel must refuse
+    for f in "/proc/1/fd/$n" "/proc/$PPID/fd/$n"; do
+        [ -e "$f" ] && timeout 2 sh -c 'exec 3>>"$1"' - "$f" 2>/dev/null && echo "opened $f"
+    done
+done
+sleep 1.5
+[ -e /cvmfs/repo.b/data.csv ] && echo "repo.b mounted"
+exit 0
+"""
+
+
+@pytest.mark.fuse
+@pytest.mark.parametrize("allow", [False, True])
+def test_the_payload_cannot_reach_the_mount_requests(dist: Path, allow: bool) -> None:
+    """Without --allow-nesting, the payload writing MOUNTREPO to cvmfsexec's command FIFO
+    (through /proc/<pid>/fd of namespace PID 1 or the shim, or by name) gets nothing
+    mounted; with it, the same attack works (so the test does attack)."""
+    extra = ["--allow-nesting"] if allow else []
+    result = cvmfsd_run(dist, "--repos", REPO_A, *extra, "--", "bash", "-c", ATTACK)
+    assert result.returncode == 0, result.stderr
+    if allow:
+        assert "repo.b mounted" in result.stdout, result.stdout
+        return
+    assert result.stdout == "", result.stdout
+    assert "cvmfsd shim:" not in result.stderr, result.stderr
