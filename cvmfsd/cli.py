@@ -193,8 +193,8 @@ def _add_run_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser
     run.add_argument("--allow-nesting", action="store_true",
                      help="let the payload use $CVMFSMOUNT (cvmfsexec without -N)")
     run.add_argument("--socket", type=Path, metavar="PATH",
-                     help="control socket (default: $XDG_RUNTIME_DIR/cvmfsd/PID.sock or "
-                     "/tmp/cvmfsd-UID/PID.sock)")
+                     help="control socket (default: control.sock in a new private directory "
+                     "in $XDG_RUNTIME_DIR or /tmp)")
     run.add_argument("--allow-exec", action="store_true",
                      help="let `cvmfsctl exec` run commands inside the namespace")
     run.add_argument("--allow-key", action="append", metavar="KEY",
