@@ -175,6 +175,61 @@ def test_kill_during_the_mounts(dist: Path, stratum_dir: Path, target: str, repe
     assert "payload exited" not in err, f"seed {seed}"
 
 
+def zombies_of(pid: int) -> list[str]:
+    """The zombie children of ``pid``, with their names."""
+    found = []
+    for child in launch.descendants(pid):
+        try:
+            stat = Path(f"/proc/{child}/stat").read_text()
+        except OSError:
+            continue
+        if launch.parent_pid(child) == pid and stat.rsplit(")", 1)[-1].split()[:1] == ["Z"]:
+            found.append(f"{child} ({stat[stat.find('(') + 1:stat.rfind(')')]})")
+    return found
+
+
+@pytest.mark.parametrize("target", ["cvmfsexec", "unshare"])
+def test_kill_during_the_mounts_under_preferred_leaves_no_zombie(
+        dist: Path, stratum_dir: Path, target: str) -> None:
+    """Mode 3, preferred: cvmfsexec (or unshare) SIGKILLed while mounting; the payload runs
+    without CVMFS, and cvmfsd has reaped what it adopted: only its janitor, the payload
+    and cvmfsd's own helpers are left, no zombie."""
+    stratum.set_faults(stratum_dir, REPO_B, mount_delay=1.0)
+    config = dist.parent / "glidein_config"
+    config.write_text("GLIDEIN_CVMFS preferred\n")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cvmfsd", "run", "--dist", str(dist), "--mode", "3",
+         "--glidein-config", str(config), "--grace", "1", "--repos", f"{REPO_A},{REPO_B}",
+         "--", "sleep", MARKER],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # cvmfsexec's own unshare, not the probe's `unshare -rm python -c <FUSE check>`
+    find = first(lambda pid, argv: argv[:1] == ["unshare"] and any("ns-root" in a for a in argv)
+                 ) if target == "unshare" else TARGETS[target]
+    try:
+        victim: list[int] = []
+
+        def seen() -> bool:
+            pid = find(process.pid)
+            victim[:] = [pid] if pid else []
+            return bool(victim)
+
+        wait_for(seen, timeout=30, interval=0.005)
+        os.kill(victim[0], signal.SIGKILL)
+        try:
+            wait_for(lambda: TARGETS["payload"](process.pid) is not None, timeout=30)
+        except pytest.fail.Exception:
+            process.kill()
+            pytest.fail(f"the payload did not start: {process.communicate()[1][-3000:]}")
+        wait_for(lambda: not zombies_of(process.pid), timeout=5)
+        assert not mounts_under(dist)
+        names = [" ".join(cmdline(pid))[:60] for pid in tree(process.pid)]
+        assert not [n for n in names if "unshare" in n or "cvmfsexec" in n], names
+    finally:
+        _status, err = finish(process, stop=True)
+    assert "continuing without CVMFS" in err
+    no_leftovers(dist, err)
+
+
 @pytest.mark.parametrize("repeat", range(REPEATS))
 @pytest.mark.parametrize("target", ["payload", "namespace-init", "cvmfs2"])
 def test_kill_during_shutdown(dist: Path, target: str, repeat: int) -> None:
