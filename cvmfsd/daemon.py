@@ -431,7 +431,7 @@ class Supervisor:
                           CVMFSD_SOCKET=str(prepared.socket_path),
                           CVMFSD_METRICS_ADDRESS=self.state.metrics_address or "",
                           # for the job-wrapper fragment: what to run, what a failure means
-                          CVMFSCTL=cvmfsctl_path() or "",
+                          CVMFSCTL=cvmfsctl_path(prepared.payload_tmp) or "",
                           CVMFSD_POLICY=decision.policy.policy.value)
         chosen = decision.mode
         if chosen in (mode.Mode.MODE3, mode.Mode.MODE2, mode.Mode.MODE1):
@@ -663,7 +663,8 @@ def _become_subreaper() -> None:
 
 #: cvmfsd's own helpers, which may still be starting when a short run ends (the
 #: process-watch subscription) or outlive a probe: ending them is no leftover.
-_OWN_HELPERS = (b"-m cvmfsd.procevents --subscribe ", b"probe_child.py --serve")
+_OWN_HELPERS = (b"-m cvmfsd.procevents --subscribe ", b"probe_child.py --serve",
+                b"-m cvmfsd.probe_child --serve")  # the last one: from the bundle
 
 
 def _sweep_descendants(keep: Sequence[int] = ()) -> int:

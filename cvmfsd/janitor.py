@@ -909,9 +909,10 @@ def spawn_janitor(dist: Path | None, *, log: Path | None = None, lock_fd: int | 
     """
     import subprocess
 
+    from cvmfsd._selfexec import module_argv
     from cvmfsd.launch import Dist
 
-    argv = [sys.executable, "-m", "cvmfsd.janitor", "--parent", str(os.getpid())]
+    argv = [*module_argv("cvmfsd.janitor"), "--parent", str(os.getpid())]
     if dist is not None:
         root = dist.absolute()
         argv += ["--dist", str(root)]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -29,6 +30,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cvmfsd._selfexec import module_argv
 from cvmfsd.errors import CvmfsdError
 from cvmfsd.loader import LoaderCode
 
@@ -46,16 +48,20 @@ class LaunchError(CvmfsdError):
         repo: the repository that failed, if one did.
         code: the loader exit code, if one was reported.
         log_tail: the last lines of the repository's log.
+        signal: the signal that killed the attempt (cvmfsexec, unshare or
+            mountrepo), if it died of one: a transient fault, worth one more try.
     """
 
     exit_status = 69  # EX_UNAVAILABLE: CVMFS is required and could not be had
 
     def __init__(self, message: str, *, repo: str | None = None, code: int | None = None,
-                 log_tail: Sequence[str] = (), hint: str | None = None) -> None:
+                 log_tail: Sequence[str] = (), hint: str | None = None,
+                 signal: int | None = None) -> None:
         super().__init__(message, hint=hint)
         self.repo = repo
         self.code = code
         self.log_tail = tuple(log_tail)
+        self.signal = signal
 
 
 @dataclass(frozen=True)
@@ -129,7 +135,7 @@ class LaunchPlan:
         """cvmfsexec's command line, with the shim wrapped around the payload."""
         # Never -N: the shim keeps cvmfsexec's mount-request interface to remount
         # crashed repositories, and hands it to the payload only if allowed.
-        shim = [self.python, "-m", "cvmfsd.shim", "--channel-fd", str(channel_fd),
+        shim = [*module_argv("cvmfsd.shim", python=self.python), "--channel-fd", str(channel_fd),
                 "--stdio-fds", ",".join(map(str, stdio_fds)), "--repos", ",".join(self.repos)]
         if not self.nonesting:
             shim.append("--allow-nesting")
@@ -171,11 +177,32 @@ def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> list[str]:
     return text.splitlines()[-lines:]
 
 
-def mount_failure(dist: Dist, repo: str | None, status: int, output: Sequence[str]) -> LaunchError:
-    """Explain a failed mount: the loader code's name and cause, the log's tail."""
+def killed_by(returncode: int) -> int | None:
+    """The signal a mount attempt died of: a negative return code (our child), or a shell's
+    128+N (cvmfsexec reports unshare's death so); None for an exit, a loader code."""
+    if returncode < 0:
+        return -returncode
+    return returncode - 128 if 128 < returncode < 128 + 65 else None
+
+
+def mount_failure(dist: Dist, repo: str | None, status: int, output: Sequence[str], *,
+                  killed_by_us: bool = False) -> LaunchError:
+    """Explain a failed mount: the loader code's name and cause, the log's tail.
+
+    ``status`` is the raw return code (negative: killed by that signal);
+    ``killed_by_us``: cvmfsd ended the attempt itself (a timeout), so a death by
+    signal is not the transient fault :attr:`LaunchError.signal` reports.
+    """
+    signum = None if killed_by_us else killed_by(status)
+    if signum is not None:
+        name = signal_name(signum)
+        where = f"mounting {repo}" if repo else "cvmfsexec"
+        return LaunchError(f"{where}: killed by {name} before CVMFS was ready", repo=repo,
+                           signal=signum)
     if repo is None:
         detail = "; ".join(output[-3:]) or "no output"
-        return LaunchError(f"cvmfsexec exited with status {status} before CVMFS was ready "
+        shown = 128 - status if status < 0 else status  # as a shell reports it
+        return LaunchError(f"cvmfsexec exited with status {shown} before CVMFS was ready "
                            f"({detail})", code=None)
     tail = log_tail(dist.log_file(repo))
     return LaunchError(
@@ -183,6 +210,13 @@ def mount_failure(dist: Dist, repo: str | None, status: int, output: Sequence[st
         repo=repo, code=status, log_tail=tail,
         hint=f"see {dist.log_file(repo)}" if tail else None,
     )
+
+
+def signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
 
 
 def _status_fields(proc_root: Path, pid: int) -> dict[str, str]:

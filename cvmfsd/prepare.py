@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cvmfsd import glidein, launch, mode, packed, probe
+from cvmfsd._selfexec import cvmfsctl_wrapper
 from cvmfsd.config import Config, default_socket_path, exported_variables, prepare_socket_dir
 from cvmfsd.errors import ConfigError
 from cvmfsd.janitor import PAYLOAD_TMP_PREFIX, Janitor, spawn_janitor
@@ -75,15 +76,23 @@ class Prepared:
         env.update(exported_variables(self.values, allow=self.config.allow_keys))
         env["TMPDIR"] = str(self.payload_tmp)
         env["CVMFSD_SOCKET"] = str(self.socket_path)
-        ctl = cvmfsctl_path()
+        ctl = cvmfsctl_path(self.payload_tmp)
         if ctl:
             env["CVMFSCTL"] = ctl
         env.update(extra)
         return env
 
 
-def cvmfsctl_path() -> str | None:
-    """The cvmfsctl that belongs to this cvmfsd, for the payload's ``$CVMFSCTL``."""
+def cvmfsctl_path(directory: Path | None = None) -> str | None:
+    """The cvmfsctl that belongs to this cvmfsd, for the payload's ``$CVMFSCTL``.
+
+    From the bundle, a script in ``directory`` (the payload's TMPDIR) that runs
+    the bundle's cvmfsctl: ``$CVMFSCTL`` must name one file that runs.
+    """
+    if directory is not None:
+        wrapper = cvmfsctl_wrapper(str(directory))
+        if wrapper is not None:
+            return wrapper
     beside = Path(sys.executable).parent / "cvmfsctl"
     if beside.exists():
         return str(beside)

@@ -38,14 +38,18 @@ import structlog
 import trio
 
 from cvmfsd import launch, probe_child
+from cvmfsd._selfexec import bundle_path, module_argv
 
 log = structlog.get_logger("cvmfsd.watch")
 
 PROBE_STATES = ("ok", "enotconn", "hung", "absent", "error")
 PROBE_DEADLINE = 5.0
 REAP_GRACE = 1.0  # bound on reaping a killed child when trio.run ends
-# The probe child, run without site-packages for a fast start (~20 ms).
-PROBE_CHILD: tuple[str, ...] = (sys.executable, "-I", "-S", str(Path(probe_child.__file__)))
+# The probe child, run without site-packages for a fast start (~20 ms); from
+# the bundle, through its ``-m`` dispatch (probe_child.py is inside the zip).
+PROBE_CHILD: tuple[str, ...] = (
+    (sys.executable, "-I", "-S", str(Path(probe_child.__file__))) if bundle_path() is None
+    else tuple(module_argv("cvmfsd.probe_child", flags=("-I", "-S"))))
 # The probe worker: the same file, serving requests until EOF of its stdin.
 PROBE_WORKER: tuple[str, ...] = (*PROBE_CHILD, "--serve")
 _MAX_OUTPUT = 65536

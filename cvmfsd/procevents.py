@@ -64,6 +64,7 @@ import structlog
 import trio
 
 from cvmfsd import launch
+from cvmfsd._selfexec import module_argv
 
 log = structlog.get_logger("cvmfsd.procevents")
 
@@ -280,7 +281,7 @@ def open_connector(deadline: float = SUBSCRIBE_DEADLINE) -> Connector:
         try:
             with child:
                 process = subprocess.Popen(
-                    [sys.executable, "-m", "cvmfsd.procevents", "--subscribe",
+                    [*module_argv("cvmfsd.procevents"), "--subscribe",
                      str(child.fileno())], pass_fds=[child.fileno()], stdin=subprocess.DEVNULL,
                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         except OSError as exc:

@@ -168,6 +168,7 @@ class Mode3Session:
         self._failed_repo: str | None = None
         self._payload_status: int | None = None
         self._stopping = False
+        self._ended_namespace = False  # we killed it ourselves: its death is no fault
         self._ready = False
         self._send_lock = trio.Lock()
         self._pending: dict[int, trio.Event] = {}
@@ -447,6 +448,7 @@ class Mode3Session:
         return self.ns_init_pid
 
     def _kill_namespace(self, reason: str) -> None:
+        self._ended_namespace = True
         pid = self._find_ns_init()
         log.warning("ending the namespace", reason=reason, ns_init_pid=pid)
         if pid is not None:
@@ -474,14 +476,15 @@ class Mode3Session:
         for done in self._pending.values():
             done.set()  # no answer: the callers learn the namespace is gone
         self._pending.clear()
-        status = exit_status(status)
+        raw, status = status, exit_status(status)
         if self._payload_status is not None:
             return Outcome(self._payload_status, "payload exited", stopped=self._stopping)
         if self._stopping:
             return Outcome(status, "stopped", stopped=True)
         if not ready or self._failed_repo is not None:
             failed = self._failed_repo if self._failed_repo != "timeout" else None
-            raise launch.mount_failure(self.plan.dist, failed, status, self._output)
+            raise launch.mount_failure(self.plan.dist, failed, raw, self._output,
+                                       killed_by_us=self._ended_namespace)
         return Outcome(status, "cvmfsexec exited")
 
 

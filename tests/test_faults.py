@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -188,44 +188,80 @@ def zombies_of(pid: int) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize("target", ["cvmfsexec", "unshare"])
-def test_kill_during_the_mounts_under_preferred_leaves_no_zombie(
-        dist: Path, stratum_dir: Path, target: str) -> None:
-    """Mode 3, preferred: cvmfsexec (or unshare) SIGKILLed while mounting; the payload runs
-    without CVMFS, and cvmfsd has reaped what it adopted: only its janitor, the payload
-    and cvmfsd's own helpers are left, no zombie."""
-    stratum.set_faults(stratum_dir, REPO_B, mount_delay=1.0)
+def kill_in_tree(process: subprocess.Popen[str], target: str, spare: Sequence[int] = ()) -> int:
+    """SIGKILL the first ``target`` below cvmfsd (none of ``spare``); its pid.
+
+    ``unshare`` means cvmfsexec's own, not the probe's ``unshare -rm python -c``.
+    """
+    find = first(lambda pid, argv: pid not in spare and (
+        argv[:1] == ["unshare"] and any("ns-root" in a for a in argv) if target == "unshare"
+        else len(argv) > 1 and argv[1].endswith("/cvmfsexec")))
+    victim: list[int] = []
+
+    def seen() -> bool:
+        pid = find(process.pid)
+        victim[:] = [pid] if pid else []
+        return bool(victim)
+
+    wait_for(seen, timeout=30, interval=0.005)
+    os.kill(victim[0], signal.SIGKILL)
+    return victim[0]
+
+
+def start_preferred(dist: Path) -> subprocess.Popen[str]:
     config = dist.parent / "glidein_config"
     config.write_text("GLIDEIN_CVMFS preferred\n")
-    process = subprocess.Popen(
+    return subprocess.Popen(
         [sys.executable, "-m", "cvmfsd", "run", "--dist", str(dist), "--mode", "3",
          "--glidein-config", str(config), "--grace", "1", "--repos", f"{REPO_A},{REPO_B}",
          "--", "sleep", MARKER],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    # cvmfsexec's own unshare, not the probe's `unshare -rm python -c <FUSE check>`
-    find = first(lambda pid, argv: argv[:1] == ["unshare"] and any("ns-root" in a for a in argv)
-                 ) if target == "unshare" else TARGETS[target]
+
+
+def payload_started(process: subprocess.Popen[str]) -> None:
     try:
-        victim: list[int] = []
+        wait_for(lambda: TARGETS["payload"](process.pid) is not None, timeout=30)
+    except pytest.fail.Exception:
+        process.kill()
+        pytest.fail(f"the payload did not start: {process.communicate()[1][-3000:]}")
 
-        def seen() -> bool:
-            pid = find(process.pid)
-            victim[:] = [pid] if pid else []
-            return bool(victim)
 
-        wait_for(seen, timeout=30, interval=0.005)
-        os.kill(victim[0], signal.SIGKILL)
-        try:
-            wait_for(lambda: TARGETS["payload"](process.pid) is not None, timeout=30)
-        except pytest.fail.Exception:
-            process.kill()
-            pytest.fail(f"the payload did not start: {process.communicate()[1][-3000:]}")
+@pytest.mark.parametrize("target", ["cvmfsexec", "unshare"])
+def test_a_killed_mount_attempt_is_tried_once_more(dist: Path, stratum_dir: Path,
+                                                   target: str) -> None:
+    """cvmfsexec (or its unshare) SIGKILLed while mounting: tried once more, and the
+    payload gets CVMFS; what was adopted is reaped (no zombie), one cvmfsexec left."""
+    stratum.set_faults(stratum_dir, REPO_B, mount_delay=1.0)
+    process = start_preferred(dist)
+    try:
+        kill_in_tree(process, target)
+        payload_started(process)
         wait_for(lambda: not zombies_of(process.pid), timeout=5)
-        assert not mounts_under(dist)
-        names = [" ".join(cmdline(pid))[:60] for pid in tree(process.pid)]
-        assert not [n for n in names if "unshare" in n or "cvmfsexec" in n], names
+        names = [" ".join(cmdline(pid)) for pid in tree(process.pid)]
+        assert len([n for n in names if "/cvmfsexec " in n]) == 1, names
     finally:
         _status, err = finish(process, stop=True)
+    assert "the mount attempt was killed; trying once more" in err, err[-3000:]
+    assert "ready: repo.a" in err and "continuing without CVMFS" not in err
+    no_leftovers(dist, err)
+
+
+def test_killed_twice_under_preferred_goes_on_without_cvmfs(dist: Path,
+                                                           stratum_dir: Path) -> None:
+    """The second attempt killed too: the payload runs without CVMFS, nothing is left."""
+    stratum.set_faults(stratum_dir, REPO_B, mount_delay=1.0)
+    process = start_preferred(dist)
+    try:
+        kill_in_tree(process, "cvmfsexec")
+        # the retry's cvmfsexec: not one of the first attempt's subshells (same argv)
+        kill_in_tree(process, "cvmfsexec", spare=launch.descendants(process.pid))
+        payload_started(process)
+        names = [" ".join(cmdline(pid)) for pid in tree(process.pid)]
+        assert not [n for n in names
+                    if "/cvmfsexec " in n or n.startswith("unshare -rm -pf")], names
+    finally:
+        _status, err = finish(process, stop=True)
+    assert err.count("trying once more") == 1
     assert "continuing without CVMFS" in err
     no_leftovers(dist, err)
 

@@ -41,7 +41,16 @@
 #                            an empty list is an error, not "ready")
 #   CVMFSEXEC_DIR            cvmfsexec distribution, or GlideinWMS's directory of
 #                            self-extracting cvmfsexec-<src>-<os><ver>-<arch> files
-#   CVMFSD_BIN               the cvmfsd command (default: cvmfsd on PATH)
+#   CVMFSD_BIN               the cvmfsd command (default: cvmfsd on PATH), or the
+#                            one-file bundle (a name ending in .pyz): then run with
+#                            the first Python >= 3.9 of CVMFSD_PYTHON, python3,
+#                            python3.14 ... python3.9, platform-python (PATH, then
+#                            /usr/libexec); with none, the policy decides: an error
+#                            under required, else the glidein goes on without CVMFS
+#   CVMFSD_PYTHON            the interpreter for the bundle, tried first
+#   CVMFSD_CACHE             where the bundle may keep its unpacked, compiled copy
+#                            (default: GLIDEIN_WORK_DIR/cvmfsd-cache; "none": run it
+#                            from the zip, slower to start)
 #   CVMFSD_MODE              auto|host|3|2|1 (default auto)
 #   CVMFSD_METRICS_LISTEN    HOST:PORT for /metrics, or none (default 127.0.0.1:0;
 #                            the bound address is written back as CVMFSD_METRICS_ADDRESS)
@@ -149,8 +158,12 @@ fi
 # --- what cvmfsd is told ------------------------------------------------------------
 cvmfsd=$(config_value CVMFSD_BIN)
 cvmfsd=${cvmfsd:-$(command -v cvmfsd)}
-[ -x "$cvmfsd" ] || report_error WN_Resource "cvmfsd not found (set CVMFSD_BIN or put it on PATH)" \
-    attribute CVMFSD_BIN
+case $cvmfsd in
+    *.pyz) [ -r "$cvmfsd" ] || report_error WN_Resource \
+               "cannot read the cvmfsd bundle '$cvmfsd' (CVMFSD_BIN)" attribute CVMFSD_BIN ;;
+    *) [ -x "$cvmfsd" ] || report_error WN_Resource \
+           "cvmfsd not found (set CVMFSD_BIN or put it on PATH)" attribute CVMFSD_BIN ;;
+esac
 repos=$(trimmed GLIDEIN_CVMFS_REPOS)
 [ -n "${repos//[:,[:space:]]/}" ] || report_error Config \
     "GLIDEIN_CVMFS_REPOS is empty: no CVMFS repository to provide" attribute GLIDEIN_CVMFS_REPOS
@@ -194,12 +207,61 @@ if declare -F gconfig_add >/dev/null; then
     gconfig_add CVMFSD_LOG "$log"
 fi
 
+# --- the bundle: an interpreter to run it -----------------------------------------------
+# The policy as cvmfsd resolves it (cvmfsd/glidein.py resolve_policy): USE=1 is
+# required; otherwise GLIDEIN_CVMFS_REQUIRE, or else the old GLIDEIN_CVMFS.
+if [ "$use" = 1 ]; then
+    policy_here=required
+elif [ -n "$use$require" ]; then
+    policy_here=$require
+else
+    policy_here=$old_policy
+fi
+found=
+find_python() {  # python := the first interpreter >= 3.9; found := what was seen
+    local candidate path version
+    for candidate in $(trimmed CVMFSD_PYTHON) python3 python3.14 python3.13 python3.12 \
+            python3.11 python3.10 python3.9 platform-python /usr/libexec/platform-python; do
+        path=$(command -v "$candidate" 2>/dev/null) || continue
+        version=$("$path" -I -c 'import sys; print("%d.%d.%d" % sys.version_info[:3])' \
+            2>/dev/null) || version=unusable
+        found="$found${found:+, }$candidate $version ($path)"
+        case $version in
+            3.9.*|3.[1-9][0-9].*) python=$path; return 0 ;;
+        esac
+    done
+    return 1
+}
+cvmfsd_cmd=("$cvmfsd")
+case $cvmfsd in
+    *.pyz)
+        if ! find_python; then
+            problem="no Python >= 3.9 to run the cvmfsd bundle $cvmfsd: found ${found:-none of python3, python3.14 ... python3.9, platform-python} (PATH=$PATH; set CVMFSD_PYTHON)"
+            [ "$policy_here" != required ] || report_error WN_Resource "$problem" \
+                attribute CVMFSD_PYTHON
+            if declare -F gconfig_add >/dev/null; then
+                gconfig_add CVMFSD_STATUS without-cvmfs
+                gconfig_add GWMS_IS_CVMFS no
+                gconfig_add CVMFSD_ERROR "$problem"
+            fi
+            report_ok "continuing without CVMFS, as the policy (${policy_here:-preferred}) allows: $problem" \
+                mode none
+        fi
+        cvmfsd_cmd=("$python" -I "$cvmfsd")
+        cache=$(trimmed CVMFSD_CACHE)
+        cache=${cache:-${work_dir:+$work_dir/cvmfsd-cache}}
+        if [ -n "$cache" ] && [ "$cache" != none ]; then
+            export CVMFSD_CACHE=$cache
+        fi
+        ;;
+esac
+
 # --- start cvmfsd, with the holder as its payload ---------------------------------------
 holder='exec >/dev/null 2>&1  # it has nothing to say; the log is cvmfsd'"'"'s, in JSON
 trap "kill \$nap; exit 0" TERM INT HUP
 cd / || exit 1
 while :; do sleep 86400 & nap=$!; wait $nap; done'
-nohup "$cvmfsd" "${args[@]}" -- /bin/sh -c "$holder" cvmfsd-namespace-holder \
+nohup "${cvmfsd_cmd[@]}" "${args[@]}" -- /bin/sh -c "$holder" cvmfsd-namespace-holder \
     </dev/null >>"$log" 2>&1 &
 pid=$!
 

@@ -1,0 +1,279 @@
+"""The one-file bundle (issue 13): built reproducibly, run with ``-I`` from a read-only copy.
+
+The bundle under test is ``$CVMFSD_TEST_BUNDLE`` (CI builds it first: then a
+missing file is a failure, not a skip); without it, one is built from this
+checkout in a session fixture.  It is run with each interpreter of
+``$CVMFSD_TEST_BUNDLE_PYTHONS`` (``:``-separated; CI gives pyenv's 3.9 and its
+newest 3.1x), else with pyenv's where found, else with this one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cvmfsd import _selfexec, bundle
+from tests.conftest import REPO_A, REPO_B
+
+CHECKOUT = Path(__file__).resolve().parent.parent
+MAX_SIZE = 5 * 1024 * 1024
+
+
+def _wheels() -> Path:
+    return Path(os.environ.get("CVMFSD_TEST_WHEELS") or CHECKOUT / "dist" / "wheels")
+
+
+@pytest.fixture(name="bundle_file", scope="session")
+def _bundle_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The bundle under test: CI's, or one built here from this checkout."""
+    given = os.environ.get("CVMFSD_TEST_BUNDLE")
+    if given:
+        if not Path(given).is_file():
+            pytest.fail(f"CVMFSD_TEST_BUNDLE={given}: no such file (the bundle was not built)")
+        return Path(given)
+    if os.environ.get("CI"):
+        pytest.fail("CI must build the bundle and name it in CVMFSD_TEST_BUNDLE")
+    output = tmp_path_factory.mktemp("bundle") / "cvmfsd.pyz"
+    assert bundle.main(["build", "-o", str(output), "--wheels", str(_wheels())]) == 0
+    return output
+
+
+def _pythons() -> list[str]:
+    given = os.environ.get("CVMFSD_TEST_BUNDLE_PYTHONS")
+    if given:
+        return given.split(":")
+    versions = Path(os.environ.get("PYENV_ROOT", "/root/.pyenv")) / "versions"
+    try:
+        found = sorted(versions.glob("3.*"), key=lambda p: tuple(map(int, p.name.split("."))))
+    except (OSError, ValueError):
+        found = []
+    oldest = [p for p in found if p.name.startswith("3.9.")][-1:]
+    newest = [p for p in found if not p.name.startswith("3.9.")][-1:]
+    chosen = [str(p / "bin" / "python") for p in [*oldest, *newest]
+              if os.access(p / "bin" / "python", os.X_OK)]
+    return chosen or [sys.executable]
+
+
+PYTHONS = _pythons()
+
+
+@pytest.fixture(name="readonly_bundle")
+def _readonly_bundle(bundle_file: Path, short_tmp: Path) -> Iterator[Path]:
+    """A copy of the bundle in a directory nobody may write to."""
+    directory = short_tmp / "ro"
+    directory.mkdir()
+    copy = directory / "cvmfsd.pyz"
+    shutil.copyfile(bundle_file, copy)
+    copy.chmod(0o555)
+    directory.chmod(0o555)
+    yield copy
+    directory.chmod(0o755)
+
+
+def _isolated_env(**extra: str) -> dict[str, str]:
+    """The environment of a pilot: no home to write to, nothing of ours on any path."""
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith(("PYTHON", "CVMFSD_", "VIRTUAL_ENV"))}
+    env.update(HOME="/nonexistent/home", PATH="/usr/bin:/bin", **extra)
+    return env
+
+
+def test_building_twice_gives_the_same_bytes(tmp_path: Path) -> None:
+    """Same checkout and wheels, two builds: identical files (fixed times and order)."""
+    one, two = tmp_path / "1" / "cvmfsd.pyz", tmp_path / "2" / "cvmfsd.pyz"
+    for output in (one, two):
+        assert bundle.main(["build", "-o", str(output), "--wheels", str(_wheels())]) == 0
+    assert one.read_bytes() == two.read_bytes()
+    with zipfile.ZipFile(one) as archive:
+        infos = archive.infolist()
+    assert [i.filename for i in infos] == sorted(i.filename for i in infos)
+    assert {i.date_time for i in infos} == {bundle.FIXED_TIME}
+
+
+def test_contents_and_size(bundle_file: Path) -> None:
+    """Every runtime dependency is in; the simulation, tests and compiled code are not."""
+    assert bundle_file.stat().st_size <= MAX_SIZE
+    with zipfile.ZipFile(bundle_file) as archive:
+        names = archive.namelist()
+    tops = {name.split("/")[0] for name in names}
+    for package in ("cvmfsd", "trio", "structlog", "prometheus_client", "pyroute2",
+                    "exceptiongroup", "sniffio", "outcome", "attrs", "sortedcontainers",
+                    "idna"):
+        assert package in tops, package
+    assert not [n for n in names if n.startswith("cvmfsd/sim/") or n == "cvmfsd/bundle.py"]
+    assert not [n for n in names if n.endswith((".so", ".pyc")) or "/_tests/" in n]
+    assert not [n for n in names if n.split("/")[0] in ("prctl", "pyfuse3")]
+
+
+@pytest.mark.parametrize("python", PYTHONS)
+def test_version_names_everything_inside(readonly_bundle: Path, python: str) -> None:
+    """``--version`` (of cvmfsd and of cvmfsctl) prints cvmfsd's and every pin's version."""
+    for command in ([], ["cvmfsctl"]):
+        ran = subprocess.run([python, "-I", str(readonly_bundle), *command, "--version"],
+                             capture_output=True, text=True, env=_isolated_env(),
+                             check=True, timeout=60)
+        lines = ran.stdout.splitlines()
+        assert lines[0].startswith("cvmfsd 0.")
+        assert [line.split() for line in lines[1:]] == [[n, v] for n, v, _ in bundle.PINS]
+
+
+def test_helpers_run_from_the_bundle() -> None:
+    """From a bundle, cvmfsd's helpers are ``python -I [-S] BUNDLE -m MODULE``."""
+    assert _selfexec.module_argv("cvmfsd.janitor", python="py", bundle="/b.pyz") == [
+        "py", "-I", "/b.pyz", "-m", "cvmfsd.janitor"]
+    assert _selfexec.module_argv("cvmfsd.probe_child", python="py", flags=("-I", "-S"),
+                                 bundle="/b.pyz") == [
+        "py", "-I", "-S", "/b.pyz", "-m", "cvmfsd.probe_child"]
+    assert _selfexec.bundle_path() is None  # this test runs cvmfsd installed
+    assert _selfexec.module_argv("cvmfsd.shim", python="py") == ["py", "-m", "cvmfsd.shim"]
+
+
+def test_cvmfsctl_wrapper_runs_the_bundle(tmp_path: Path) -> None:
+    """``$CVMFSCTL`` from a bundle is one script that runs the bundle's cvmfsctl."""
+    path = _selfexec.cvmfsctl_wrapper(str(tmp_path), python="/py 3", bundle="/b b.pyz")
+    assert path == str(tmp_path / "cvmfsctl")
+    assert os.access(path, os.X_OK)
+    assert "exec '/py 3' -I '/b b.pyz' cvmfsctl \"$@\"" in Path(path).read_text()
+    assert _selfexec.cvmfsctl_wrapper(str(tmp_path)) is None  # installed: none
+
+
+@pytest.mark.fuse
+@pytest.mark.parametrize("cache", [False, True], ids=["in-place", "cached"])
+@pytest.mark.parametrize("python", PYTHONS)
+def test_run_and_cvmfsctl_from_a_readonly_bundle(readonly_bundle: Path, python: str,
+                                                 dist: Path, short_tmp: Path,
+                                                 cache: bool) -> None:
+    """``python -I cvmfsd.pyz run`` mounts the simulation; ``$CVMFSCTL get``/``env`` work.
+
+    The bundle is read-only, the home does not exist; the only writable
+    places are the scratch directory (short_tmp) and /tmp (the payload's TMPDIR).
+    With $CVMFSD_CACHE, the bundle is unpacked there once and reused.
+    """
+    scratch = short_tmp / "scratch"
+    scratch.mkdir()
+    (scratch / "sock").mkdir(mode=0o700)
+    gconfig = scratch / "glidein_config"
+    gconfig.write_text("GLIDEIN_Site Test_Site\nGLIDEIN_Entry_Name Test_Entry\n")
+    out = scratch / "out"
+    script = (f'"$CVMFSCTL" get GLIDEIN_Site > {out}.get && "$CVMFSCTL" env > {out}.env && '
+              f"cat /cvmfs/{REPO_A}/hello.txt /cvmfs/{REPO_B}/data.csv > {out}.read")
+    extra = {"CVMFSD_CACHE": str(scratch / "cache")} if cache else {}
+    ran = subprocess.run(
+        [python, "-I", str(readonly_bundle), "run", "--dist", str(dist),
+         "--repos", f"{REPO_A},{REPO_B}", "--glidein-config", str(gconfig),
+         "--socket", str(scratch / "sock" / "s"), "--", "sh", "-c", script],
+        cwd=scratch, capture_output=True, text=True, env=_isolated_env(**extra), timeout=120,
+        check=False)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert Path(f"{out}.get").read_text() == "Test_Site\n"
+    assert "export GLIDEIN_Site='Test_Site'" in Path(f"{out}.env").read_text()
+    assert Path(f"{out}.read").read_text() == "hello from repo.a\nx,y\n1,2\n"
+    assert "Traceback" not in ran.stderr
+    assert [p.name for p in readonly_bundle.parent.iterdir()] == ["cvmfsd.pyz"]
+    if cache:
+        (unpacked,) = (scratch / "cache").iterdir()
+        assert (unpacked / "cvmfsd" / "daemon.py").is_file()
+    else:
+        assert not (scratch / "cache").exists()
+
+
+# -- the glidein set-up script runs the bundle ---------------------------------------------
+
+def _python39() -> str:
+    for python in PYTHONS:
+        ran = subprocess.run([python, "-I", "-c", "import sys; print(sys.version_info[:2])"],
+                             capture_output=True, text=True, check=True, timeout=30)
+        if ran.stdout.strip() == "(3, 9)":
+            return python
+    if os.environ.get("CI"):
+        pytest.fail(f"no Python 3.9 among {PYTHONS}")
+    pytest.skip(f"no Python 3.9 among {PYTHONS}")
+
+
+def _path_without_python(where: Path, **pythons: str) -> str:
+    """A PATH with every tool of /usr/bin and /bin but no python, plus ``pythons``.
+
+    ``pythons`` maps a command name to an interpreter, or to a version that a
+    fake interpreter of that name reports (``python3="3.6.8"``, EL8's).
+    """
+    bin_dir = where / "bin"
+    bin_dir.mkdir()
+    for system in (Path("/usr/bin"), Path("/bin")):
+        for tool in system.iterdir():
+            link = bin_dir / tool.name
+            if not tool.name.startswith(("python", "platform-python")) and not link.exists():
+                link.symlink_to(tool)
+    for name, target in pythons.items():
+        if target.startswith("/"):
+            (bin_dir / name).symlink_to(target)
+        else:
+            (bin_dir / name).write_text(f"#!/bin/sh\necho {target}\n")
+            (bin_dir / name).chmod(0o755)
+    return str(bin_dir)
+
+
+def _setup_with_path(pilot: Path, path: str) -> subprocess.CompletedProcess[str]:
+    from tests.test_glidein_scripts import script
+
+    env = {**_isolated_env(), "PATH": path}
+    return subprocess.run(["bash", script("cvmfsd_setup.sh"), "glidein_config", "entry"],
+                          capture_output=True, text=True, timeout=120, check=False,
+                          cwd=pilot.parent, stdin=subprocess.DEVNULL, env=env)
+
+
+@pytest.mark.fuse
+def test_glidein_setup_runs_the_bundle_with_python39(readonly_bundle: Path, short_tmp: Path,
+                                                     dist: Path) -> None:
+    """python3 is EL8's 3.6, python3.9 is there: the set-up script runs the bundle with it."""
+    from tests.test_glidein_scripts import calls, cleanup, make_pilot, values
+
+    python39 = _python39()
+    pilot = make_pilot(short_tmp, f"CVMFSEXEC_DIR {dist}\nGLIDEIN_CVMFS_REPOS {REPO_A}\n"
+                       "GLIDEIN_USE_CVMFS 1\nGLIDEIN_CVMFS_REQUIRE preferred\nCVMFSD_GRACE 7\n",
+                       cvmfsd=readonly_bundle)
+    path = _path_without_python(short_tmp, python3="3.6.8", **{"python3.9": python39})
+    try:
+        done = _setup_with_path(pilot, path)
+        assert done.returncode == 0, (done.stderr, calls(pilot))
+        got = values(pilot)
+        assert got["CVMFSD_STATUS"] == "ready", got
+        assert calls(pilot)[-1][:2] == ["-ok", "cvmfsd_setup.sh"]
+        argv = Path(f"/proc/{got['CVMFSD_PID']}/cmdline").read_bytes().split(b"\0")
+        assert argv[:3] == [os.fsencode(f"{path}/python3.9"), b"-I", os.fsencode(readonly_bundle)]
+        ctl = subprocess.run([got["CVMFSCTL"], "--socket", got["CVMFSD_SOCKET"], "get",
+                              "GLIDEIN_CVMFS_REPOS"], capture_output=True, text=True,
+                             check=False, timeout=30, env=_isolated_env())
+        assert (ctl.returncode, ctl.stdout) == (0, f"{REPO_A}\n"), ctl.stderr
+        assert (short_tmp / "cvmfsd-cache").is_dir()  # GLIDEIN_WORK_DIR/cvmfsd-cache
+    finally:
+        ended = cleanup(pilot)
+    assert ended.returncode == 0, ended.stderr
+
+
+@pytest.mark.parametrize(("policy", "status"), [("preferred", 0), ("required", 1)])
+def test_glidein_setup_without_any_python39(bundle_file: Path, short_tmp: Path,
+                                            policy: str, status: int) -> None:
+    """No Python >= 3.9 at all: error_gen says what was found; the policy decides."""
+    from tests.test_glidein_scripts import calls, make_pilot, values
+
+    pilot = make_pilot(short_tmp, f"GLIDEIN_CVMFS_REPOS {REPO_A}\nGLIDEIN_CVMFS {policy}\n",
+                       cvmfsd=bundle_file)
+    done = _setup_with_path(pilot, _path_without_python(short_tmp, python3="3.6.8"))
+    assert done.returncode == status, done.stderr
+    kind, name, *rest = calls(pilot)[-1]
+    detail = rest[1]
+    assert "no Python >= 3.9 to run the cvmfsd bundle" in detail
+    assert "python3 3.6.8 (" in detail
+    if policy == "required":
+        assert (kind, name, rest[0]) == ("-error", "cvmfsd_setup.sh", "WN_Resource")
+    else:
+        assert (kind, name, rest[0]) == ("-ok", "cvmfsd_setup.sh", "msg")
+        assert detail.startswith("continuing without CVMFS, as the policy (preferred) allows")
+        assert values(pilot)["CVMFSD_STATUS"] == "without-cvmfs"
