@@ -436,7 +436,7 @@ class Supervisor:
         chosen = decision.mode
         if chosen in (mode.Mode.MODE3, mode.Mode.MODE2, mode.Mode.MODE1):
             try:
-                return await self._run_with_dist(decision)
+                return await self._run_with_dist_once_more(decision)
             except LaunchError as exc:
                 self._mount_failed(exc)
                 if decision.policy.failure_is_fatal:
@@ -474,6 +474,28 @@ class Supervisor:
                           CVMFSD_STATUS="ready" if is_cvmfs == "yes" else "without-cvmfs",
                           CVMFS_MOUNT_DIR="")
         return await self._run_direct(prepared.payload_env({}))
+
+    async def _run_with_dist_once_more(self, decision: mode.Decision) -> int:
+        """:meth:`_run_with_dist`, under a policy that can go on without CVMFS tried once
+        more if the attempt was killed by a signal.
+
+        A SIGKILL of cvmfsexec, unshare or mountrepo from outside is transient
+        (an OOM kill, a careless pkill): under ``preferred`` it should not cost
+        the pilot CVMFS for its whole life.  A failure with a loader code, a
+        timeout, or anything cvmfsd ended itself is not retried; under
+        ``required`` a failure ends the glidein as before.
+        """
+        try:
+            return await self._run_with_dist(decision)
+        except LaunchError as exc:
+            if (exc.signal is None or decision.policy.failure_is_fatal
+                    or self.state.phase != "mounting"):
+                raise
+            self._mount_failed(exc)
+            log.warning("the mount attempt was killed; trying once more", error=str(exc))
+            if decision.mode is mode.Mode.MODE3 and self.prepared.plan is not None:
+                self.prepared.spawned = launch.spawn(self.prepared.plan)
+            return await self._run_with_dist(decision)
 
     async def _run_with_dist(self, decision: mode.Decision) -> int:
         prepared = self.prepared
