@@ -5,14 +5,18 @@ cache) with a payload that prints one line; the time measured is from spawning
 the command to reading that line, i.e. until the payload runs with /cvmfs.
 Runs alternate between the two so that machine noise hits both alike.
 
-    python bench/overhead.py [--trials 20] [--repos 2]
+    python bench/overhead.py [--trials 20] [--repos 2] [--bundle dist/cvmfsd.pyz]
 
-Target (design.md): cvmfsd adds at most 150 ms.
+Target (design.md): cvmfsd adds at most 150 ms.  With ``--bundle``, ``cvmfsd
+run`` from the one-file bundle joins the alternation (in place, and unpacked
+under ``$CVMFSD_CACHE``), with this interpreter and ``-I``; target (issue 13):
+within 30 ms of the installed package.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -23,10 +27,10 @@ from pathlib import Path
 from cvmfsd.sim import makedist, stratum
 
 
-def time_to_payload(argv: list[str]) -> float:
+def time_to_payload(argv: list[str], env: dict[str, str] | None = None) -> float:
     start = time.perf_counter()
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                               stdin=subprocess.DEVNULL, text=True)
+                               stdin=subprocess.DEVNULL, text=True, env=env)
     assert process.stdout is not None
     for line in process.stdout:
         if line.strip() == "payload-started":
@@ -52,7 +56,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--repos", type=int, default=2)
+    parser.add_argument("--bundle", type=Path, default=None,
+                        help="also time cvmfsd run from this bundle")
     args = parser.parse_args()
+    commands: dict[str, tuple[list[str], dict[str, str] | None]] = {}
     with tempfile.TemporaryDirectory(prefix="cvb", dir="/tmp") as tmp:
         root = Path(tmp)
         repos = [f"bench{i}.sim.test" for i in range(args.repos)]
@@ -65,16 +72,27 @@ def main() -> int:
         plain = [str(dist / "cvmfsexec"), "-N", *repos, "--", *payload]
         supervised = [sys.executable, "-m", "cvmfsd", "run", "--dist", str(dist),
                       "--repos", ",".join(repos), "--", *payload]
-        for argv in (plain, supervised):  # warm the cache and the page cache
-            time_to_payload(argv)
-        results: dict[str, list[float]] = {"cvmfsexec alone": [], "cvmfsd run": []}
+        commands = {"cvmfsexec alone": (plain, None), "cvmfsd run": (supervised, None)}
+        if args.bundle is not None:
+            clean = {k: v for k, v in os.environ.items()
+                     if not k.startswith(("PYTHON", "CVMFSD_"))}
+            from_bundle = [sys.executable, "-I", str(args.bundle.absolute()), *supervised[3:]]
+            commands["bundle (in place)"] = (from_bundle, clean)
+            commands["bundle ($CVMFSD_CACHE)"] = (from_bundle,
+                                                  {**clean, "CVMFSD_CACHE": str(root / "c")})
+        for argv, env in commands.values():  # warm the cache and the page cache
+            time_to_payload(argv, env)
+        results: dict[str, list[float]] = {name: [] for name in commands}
         for _ in range(args.trials):
-            results["cvmfsexec alone"].append(time_to_payload(plain))
-            results["cvmfsd run"].append(time_to_payload(supervised))
+            for name, (argv, env) in commands.items():
+                results[name].append(time_to_payload(argv, env))
     for name, samples in results.items():
         print(describe(name, samples))
     added = [s - p for s, p in zip(results["cvmfsd run"], results["cvmfsexec alone"])]
     print(describe("added by cvmfsd", added))
+    for name in list(results)[2:]:
+        more = [b - s for b, s in zip(results[name], results["cvmfsd run"])]
+        print(describe(f"{name} - installed", more))
     return 0
 
 
