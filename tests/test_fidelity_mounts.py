@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -97,3 +98,21 @@ def test_the_simulated_mountrepo_mounts_as_cvmfsexec_does(dist: Path) -> None:
                        timeout=60)
         if point in mountinfo.fuse_mounts(Path("/proc/self/mountinfo").read_text()):
             janitor.unmount(point, lazy=False)
+
+
+@pytest.mark.fuse
+def test_inside_the_namespace_the_repository_reads_fuse_dev_fuse(dist: Path) -> None:
+    """Mode 3: in the payload's mount table /cvmfs/<repo> is ``fuse /dev/fuse`` (the bind
+    of cvmfsexec's mount), and cvmfsd verified it: the payload ran, and reads the file."""
+    payload = (f"grep ' /cvmfs/{REPO_A} ' /proc/self/mountinfo; "
+               f"cat /cvmfs/{REPO_A}/hello.txt")
+    done = subprocess.run([sys.executable, "-m", "cvmfsd", "run", "--dist", str(dist),
+                           "--mode", "3", "--repos", REPO_A, "--", "sh", "-c", payload],
+                          capture_output=True, text=True, timeout=90, check=False,
+                          stdin=subprocess.DEVNULL, env={**os.environ, "GLIDEIN_CVMFS": "required"})
+    assert done.returncode == 0, done.stderr
+    line, content = done.stdout.splitlines()
+    mount = mountinfo.parse_mountinfo(line)[0]
+    assert (mount.mountpoint, mount.fstype, mount.source) == (f"/cvmfs/{REPO_A}", "fuse",
+                                                               "/dev/fuse")
+    assert content == "hello from repo.a"
