@@ -19,26 +19,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import _repos
+from _timing import describe, timed  # bench/_timing.py, beside this script
 
 from cvmfsd import bundle as builder
-
-
-def describe(name: str, samples: list[float]) -> str:
-    ordered = sorted(samples)
-    p90 = ordered[max(0, round(0.9 * len(ordered)) - 1)]
-    return (f"{name:>28}: median {statistics.median(ordered) * 1000:6.1f} ms, "
-            f"p90 {p90 * 1000:6.1f} ms, min {ordered[0] * 1000:6.1f} ms (n={len(ordered)})")
-
-
-def timed(argv: list[str], env: dict[str, str]) -> float:
-    start = time.perf_counter()
-    subprocess.run(argv, check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                   env=env)
-    return time.perf_counter() - start
 
 
 def main() -> int:
@@ -89,7 +75,7 @@ def main() -> int:
             daemon.wait(timeout=60)
     print(f"bundle: {size} bytes ({size / 2**20:.2f} MiB; target <= 5 MB)")
     for name, samples in times.items():
-        print(describe(name, samples))
+        print(describe(name, samples, width=28))
     base = statistics.median(times["python -c pass"])
     for name in list(times)[1:]:
         print(f"{name}: {statistics.median(times[name]) / base:.2f}x python -c pass "

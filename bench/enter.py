@@ -22,25 +22,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import _repos  # bench/_repos.py, beside this script
-
-
-def describe(name: str, samples: list[float]) -> str:
-    ordered = sorted(samples)
-    p90 = ordered[max(0, round(0.9 * len(ordered)) - 1)]
-    return (f"{name:>22}: median {statistics.median(ordered) * 1000:6.1f} ms, "
-            f"p90 {p90 * 1000:6.1f} ms, stdev {statistics.stdev(ordered) * 1000:5.1f} ms, "
-            f"min {ordered[0] * 1000:6.1f} ms (n={len(ordered)})")
-
-
-def timed(argv: list[str], env: dict[str, str]) -> float:
-    start = time.perf_counter()
-    subprocess.run(argv, check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                   env=env)
-    return time.perf_counter() - start
+from _timing import describe, timed  # bench/_timing.py
 
 
 def main() -> int:
