@@ -319,6 +319,21 @@ def wait_gone(idents: Iterable[Ident], timeout: float, proc_root: str = "/proc")
         time.sleep(_POLL)
 
 
+def _holds_dev_fuse(pid: int, proc_root: str) -> bool:
+    """Whether ``pid`` has /dev/fuse open: a FUSE daemon, not its watchdog."""
+    try:
+        entries = list(os.scandir(f"{proc_root}/{pid}/fd"))
+    except OSError:
+        return False
+    for entry in entries:
+        try:
+            if os.readlink(entry.path) == "/dev/fuse":  # noqa: PTH115 - the janitor keeps to os
+                return True
+        except OSError:
+            continue
+    return False
+
+
 def stop_cvmfs2(procs: Sequence[Cvmfs2], dirs: Sequence[str], *, exit_grace: float,
                 term_grace: float, proc_root: str = "/proc",
                 on_signal: Callable[[Cvmfs2, signal.Signals], None] = lambda p, s: None,
@@ -342,7 +357,14 @@ def stop_cvmfs2(procs: Sequence[Cvmfs2], dirs: Sequence[str], *, exit_grace: flo
     for sig, grace in ((signal.SIGTERM, term_grace), (signal.SIGKILL, term_grace)):
         if not alive:
             break
-        for ident in alive:
+        targets = alive
+        if sig is signal.SIGTERM:
+            # The daemons first (they hold /dev/fuse), not their watchdogs, which have
+            # the same command line: a watchdog that gets SIGTERM makes its cvmfs2
+            # abort (cvmfs monitor.cc), turning a clean end into an ENOTCONN mount;
+            # a watchdog leaves by itself once its cvmfs2 is gone.
+            targets = [i for i in alive if _holds_dev_fuse(i[0], proc_root)] or alive
+        for ident in targets:
             if signal_process(ident, sig, still_cvmfs2, proc_root):
                 on_signal((*ident, by_ident[ident]), sig)
         alive = wait_gone(alive, grace, proc_root)

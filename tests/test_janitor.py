@@ -24,6 +24,7 @@ from cvmfsd.janitor import Janitor, spawn_janitor
 from cvmfsd.leftovers import LOCK_NAME
 from cvmfsd.sim.makedist import DEFAULT_CONFIG_REPO
 from tests.conftest import REPO_A, REPO_B, cvmfs2_pids, mounts_under, reap, wait_for
+from tests.livedaemon import talk
 
 HELPER = r"""
 import os, signal, subprocess, sys, threading, time
@@ -294,6 +295,30 @@ def test_a_mount_busy_for_a_moment_is_unmounted_not_killed(dist: Path) -> None:
     assert not any("sent SIG" in line or "lazily" in line for line in logged), logged
     assert elapsed < 0.9, f"took {elapsed:.2f} s"
     assert not mounts_under(dist)
+
+
+@pytest.mark.fuse
+def test_sigterm_goes_to_the_daemon_not_its_watchdog(dist: Path) -> None:
+    """stop_cvmfs2 on a serving repository: SIGTERM to the daemon (it holds /dev/fuse)
+    only, never to its watchdog (same command line), which would make it abort (cvmfs
+    monitor.cc); the watchdog leaves by itself or takes the SIGKILL after the grace."""
+    subprocess.run([str(dist / "mountrepo"), REPO_A], check=True, capture_output=True,
+                   timeout=60)
+    point = str(dist / "dist" / "cvmfs" / REPO_A)
+    socket_path = dist / "dist/var/lib/cvmfs/shared" / f"cvmfs_io.{REPO_A}"
+    daemon = int(talk(socket_path, "pid"))
+    watchdog = int(talk(socket_path, "pid watchdog"))
+    dirs = janitor.mount_dirs(str(dist))
+    procs = [p for p in janitor.find_cvmfs2(dirs) if p[2] == point]
+    assert {p[0] for p in procs} >= {daemon, watchdog}
+    signals: list[tuple[int, str]] = []
+    try:
+        janitor.stop_cvmfs2(procs, dirs, exit_grace=0.1, term_grace=3.0,
+                            on_signal=lambda proc, sig: signals.append((proc[0], sig.name)))
+    finally:
+        janitor.unmount(point, lazy=True)
+    assert (daemon, "SIGTERM") in signals
+    assert (watchdog, "SIGTERM") not in signals, signals
 
 
 def test_close_leaves_everything_alone(dist: Path) -> None:
