@@ -87,6 +87,9 @@ SUBSCRIBE_DEADLINE = 10.0  # policy: the subscribing child's start, pyroute2's i
 # a SIGKILL inside it is judged only after this long, and counts as a hard kill only
 # if namespace PID 1 is still alive by then.
 HOLD = 0.25
+# An ended process is a zombie only a moment after its exit event: its reaping is
+# tried again this often (seconds) while one is pending.
+REAP_RETRY = 0.05
 
 _NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
 _CN_MSG = struct.Struct("=IIIIHH")  # idx, val, seq, ack, len, flags
@@ -486,6 +489,11 @@ class ProcessEvents:
         self._ns_init: int | None = None
         self._in_ns: set[int] = set()  # the namespace's processes (netlink only)
         self._held: list[tuple[float, ProcessEnded]] = []  # (judge at, SIGKILLed in the ns)
+        # Children cvmfsd forked itself (netlink only): someone of ours waits for them.
+        # Any other child that ends is an orphan cvmfsd adopted as a child subreaper,
+        # which nothing would ever wait for: it is reaped here (:meth:`_reap_adopted`).
+        self._forked: set[int] = set()
+        self._adopted: set[int] = set()
 
     def namespace_init(self, pid: int) -> None:
         """``pid`` is namespace PID 1: what dies with it is not a hard kill."""
@@ -533,7 +541,10 @@ class ProcessEvents:
     # --- netlink ---
     async def _read_connector(self, sock: socket.socket) -> NoReturn:
         while True:
-            with trio.move_on_at(self._held[0][0] if self._held else math.inf):
+            wake = self._held[0][0] if self._held else math.inf
+            if self._adopted:  # an ended process becomes a zombie a moment after its event
+                wake = min(wake, trio.current_time() + REAP_RETRY)
+            with trio.move_on_at(wake):
                 await trio.lowlevel.wait_readable(sock)
             for _ in range(BATCH):
                 try:
@@ -549,12 +560,15 @@ class ProcessEvents:
                 for event in parse_messages(data):
                     self.feed(event)
             self._judge_held(trio.current_time())
+            self._reap_adopted()
             await trio.sleep(GATHER)
 
     def feed(self, event: ProcEvent) -> None:
         """Follow the tree through one connector event, and report an end in it."""
         tree = self.processes
         if isinstance(event, Fork):
+            if event.child_pid == event.child_tgid and event.parent_tgid == os.getpid():
+                self._forked.add(event.child_pid)
             if event.child_pid == event.child_tgid and event.parent_tgid in tree:
                 tree[event.child_pid] = tree[event.parent_tgid]
             if event.parent_tgid == self._ns_init or event.parent_tgid in self._in_ns:
@@ -568,6 +582,9 @@ class ProcessEvents:
         elif isinstance(event, Exit) and event.pid == event.tgid and (
                 event.pid in tree or event.parent_tgid in tree):
             comm = tree.pop(event.pid, None)
+            if event.parent_tgid == os.getpid() and event.pid not in self._forked:
+                self._adopted.add(event.pid)
+            self._forked.discard(event.pid)
             ours = event.pid in launch.SIGNALLED or event.parent_tgid in launch.SIGNALLED
             ended = ProcessEnded(event.pid, decode_wait_status(event.wait_status), comm,
                                  "netlink", ours)
@@ -597,6 +614,22 @@ class ProcessEvents:
         known = self.processes
         self.processes = {pid: known.get(pid) or self._comm(pid)
                           for pid in (me, *launch.descendants(me, self._proc_root))}
+        # Whatever is our child now counts as forked by us: never reap what an
+        # owner may wait for (after lost events too; an orphan adopted meanwhile is
+        # then left alone, as before).
+        self._forked |= {pid for pid in self.processes
+                         if pid != me and launch.parent_pid(pid, self._proc_root) == me}
+
+    def _reap_adopted(self) -> None:
+        """Reap the adopted orphans that have ended (WNOHANG: never blocks)."""
+        for pid in list(self._adopted):
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:  # not a child (any more)
+                done = pid
+            if done:
+                self._adopted.discard(pid)
+                log.debug("reaped an adopted orphan", pid=pid)
 
     # --- pidfd ---
     async def _wait_pidfd(self, pid: int) -> None:

@@ -232,6 +232,18 @@ async def orphan() -> int:
     return pid
 
 
+def _gone(pid: int) -> None:
+    deadline = time.monotonic() + 2
+    while Path(f"/proc/{pid}").exists():
+        assert time.monotonic() < deadline, f"{pid} was not reaped (a zombie is left)"
+        time.sleep(0.005)
+
+
+async def reaped(pid: int) -> None:
+    """Wait until ``pid`` is gone from /proc: not even a zombie is left."""
+    await trio.to_thread.run_sync(_gone, pid)
+
+
 def kernel_version() -> tuple[int, int]:
     match = re.match(r"(\d+)\.(\d+)", platform.release())
     assert match is not None
@@ -268,7 +280,9 @@ async def test_netlink_reports_sigkill_of_a_child_and_an_orphan(subreaper: None)
         os.kill(grandchild, signal.SIGKILL)
         assert await ends.of(grandchild) == ProcessEnded(
             grandchild, Ending(signal="SIGKILL"), "sleep", "netlink")
-        await trio.to_thread.run_sync(os.waitpid, grandchild, 0)
+        # An adopted orphan: nothing of ours waits for it, so the process watch reaps it
+        # (a subreaper that did not would keep its zombie for the rest of the run).
+        await reaped(grandchild)
 
         exited = await trio.lowlevel.open_process(["sh", "-c", "exit 3"])
         assert (await ends.of(exited.pid)).ending == Ending(exit_status=3)
@@ -276,6 +290,24 @@ async def test_netlink_reports_sigkill_of_a_child_and_an_orphan(subreaper: None)
         nursery.cancel_scope.cancel()
     assert events.killed == {"SIGKILL": 2}
     assert [e.pid for e in ends.killed] == [child.pid, grandchild]
+
+
+async def test_netlink_reaps_adopted_orphans_not_our_own_children(subreaper: None) -> None:
+    """An orphan that exits by itself is reaped; a child of ours is left for its owner."""
+    if not connector_allowed():
+        return  # test_netlink_reports_sigkill_of_a_child_and_an_orphan checks the refusal
+    events = ProcessEvents()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(events.run)
+        shell = await trio.run_process(["sh", "-c", "sleep 0.2 >/dev/null 2>&1 & echo $!"],
+                                       capture_stdout=True)
+        adopted = int(shell.stdout)
+        assert launch.parent_pid(adopted) == os.getpid()
+        own = await trio.lowlevel.open_process(["sh", "-c", "exit 4"])
+        await reaped(adopted)  # exits after 0.2 s; nobody else would wait for it
+        await trio.sleep(0.2)
+        assert await own.wait() == 4  # our own child's status was left to us
+        nursery.cancel_scope.cancel()
 
 
 THREADED = "import threading\nfor _ in range(5):\n t = threading.Thread(target=min, args=[0])\n" \
