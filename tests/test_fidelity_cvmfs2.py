@@ -24,8 +24,8 @@ import pytest
 
 from cvmfsd.sim import _report, stratum
 from cvmfsd.sim._settings import make_settings
-from cvmfsd.sim._sockets import SUN_PATH_MAX
-from cvmfsd.sim.cvmfs2 import _talk_socket, make_socket
+from cvmfsd.sim._sockets import SUN_PATH_MAX, make_socket
+from cvmfsd.sim.cvmfs2 import _talk_socket
 from cvmfsd.sim.talk import talk
 from tests.test_sim_cvmfs2 import FQRN, Sim, process_gone, sim, wait_for
 

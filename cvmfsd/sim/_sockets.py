@@ -14,6 +14,7 @@ import errno
 import os
 import socket
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 SUN_PATH_MAX = 108
@@ -53,8 +54,6 @@ def remove_short_socket_link(short: str) -> None:
 def shortened(path: str) -> str:
     """``path``, or a temporary link's path to it when it does not fit ``sun_path``.
 
-    The caller removes the link (:func:`remove_short_socket_link`) once bound or connected.
-
     Raises:
         OSError: ENAMETOOLONG, when even the link's path would not fit.
     """
@@ -66,20 +65,57 @@ def shortened(path: str) -> str:
     return made
 
 
+@contextlib.contextmanager
+def short_path(path: str) -> Iterator[str]:
+    """:func:`shortened` ``path`` for one bind or connect; the link goes right after."""
+    short = shortened(path)
+    try:
+        yield short
+    finally:
+        if short != path:
+            remove_short_socket_link(short)
+
+
+def make_socket(path: str, mode: int) -> socket.socket:
+    """``MakeSocket`` (util/posix.cc ~325-380): bind a unix socket at ``path``.
+
+    A path of ``sizeof(sun_path)`` (108) bytes or more is bound through a
+    temporary symlink ``/tmp/cvmfs.XXXXXX/l`` to its directory, which is
+    removed right after the bind. The socket gets ``mode`` before the bind
+    (the kernel applies the umask to it). A bind failing with EADDRINUSE
+    unlinks ``path`` and tries once more.
+
+    Raises:
+        OSError: the socket cannot be bound.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        os.fchmod(sock.fileno(), mode)
+        with short_path(path) as short:
+            try:
+                sock.bind(short)
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise
+                Path(path).unlink()  # "Second try, perhaps the file was left over"
+                sock.bind(short)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def connect_socket(path: str) -> socket.socket:
     """``ConnectSocket``: a unix stream socket connected to ``path``, however long.
 
     Raises:
         OSError: it cannot be connected (or the path cannot be shortened).
     """
-    short = shortened(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.connect(short)
+        with short_path(path) as short:
+            sock.connect(short)
     except OSError:
         sock.close()
         raise
-    finally:
-        if short != path:
-            remove_short_socket_link(short)
     return sock

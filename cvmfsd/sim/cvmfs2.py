@@ -16,7 +16,7 @@ and behaves like it where the supervisor can tell:
    shutting down is waited for); change into the workspace; the shared cache
    manager (:mod:`._cachemgr`, code 12); manifest and root catalog (code 16);
    the talk socket ``./cvmfs_io.<fqrn>``, relative to the workspace (code 14,
-   see :func:`make_socket`); then print ``done``.
+   see :func:`cvmfsd.sim._sockets.make_socket`); then print ``done``.
 3. Mount (code 4, or 3 when /dev/fuse cannot be opened) with no ``fsname`` and
    no ``subtype``: the loader calls ``fuse_mount``/``fuse_session_mount``
    directly and libfuse then names the device as the source, so mountinfo
@@ -43,7 +43,6 @@ simulated one waits for them. There is no loader socket
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import os
 import resource
@@ -57,7 +56,7 @@ from cvmfsd.loader import LoaderCode
 from cvmfsd.sim import _cachemgr, cvmfsconf
 from cvmfsd.sim._client import CatalogError, Client
 from cvmfsd.sim._settings import VERSION, Settings, SettingsError, make_settings
-from cvmfsd.sim._sockets import remove_short_socket_link, shortened
+from cvmfsd.sim._sockets import make_socket
 from cvmfsd.sim._state import Log
 from cvmfsd.sim._watchdog import Watchdog, fork_watchdog
 from cvmfsd.sim.stratum import StratumError, validate_fqrn
@@ -210,38 +209,6 @@ def _lock(settings: Settings, log: Log) -> int:
         LoaderCode.OTHER_MOUNT,
         f"CernVM-FS repository {settings.fqrn} already mounted on {settings.mountpoint}",
     )
-
-
-def make_socket(path: str, mode: int) -> socket.socket:
-    """``MakeSocket`` (util/posix.cc ~325-380): bind a unix socket at ``path``.
-
-    A path of ``sizeof(sun_path)`` (108) bytes or more is bound through a
-    temporary symlink ``/tmp/cvmfs.XXXXXX/l`` to its directory, which is
-    removed right after the bind. The socket gets ``mode`` before the bind
-    (the kernel applies the umask to it). A bind failing with EADDRINUSE
-    unlinks ``path`` and tries once more.
-
-    Raises:
-        OSError: the socket cannot be bound.
-    """
-    short = shortened(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        os.fchmod(sock.fileno(), mode)
-        try:
-            sock.bind(short)
-        except OSError as exc:
-            if exc.errno != errno.EADDRINUSE:
-                raise
-            Path(path).unlink()  # "Second try, perhaps the file was left over"
-            sock.bind(short)
-    except OSError:
-        sock.close()
-        raise
-    finally:
-        if short != path:
-            remove_short_socket_link(short)
-    return sock
 
 
 def _talk_socket(settings: Settings) -> socket.socket:
