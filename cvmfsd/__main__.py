@@ -1,5 +1,9 @@
 """``python -m cvmfsd``: the same as the ``cvmfsd`` command."""
 
-from cvmfsd.cli import main
+from cvmfsd.timeline import mark
+
+mark("interpreter")
+
+from cvmfsd.cli import main  # noqa: E402
 
 raise SystemExit(main())

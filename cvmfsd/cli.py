@@ -12,10 +12,13 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from cvmfsd import __version__
 from cvmfsd.errors import CvmfsdError, SimError, UsageError
+
+if TYPE_CHECKING:
+    from cvmfsd.probe import Checks
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -121,6 +124,18 @@ def _cmd_probe(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    # The probe's checks in child processes first: they run while the rest of
+    # cvmfsd loads (start-up is on the critical path of every pilot).
+    from cvmfsd.probe import Checks
+
+    checks = Checks(repos=args.repos)
+    try:
+        return _run_checked(args, checks)
+    finally:
+        checks.cancel()  # if the run failed before the probe collected them
+
+
+def _run_checked(args: argparse.Namespace, checks: Checks) -> int:
     from cvmfsd.config import Config
 
     payload = list(args.payload)
@@ -140,12 +155,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
     # structlog: the mounts proceed while they load (start-up is on the
     # critical path of every pilot).
     from cvmfsd.prepare import prepare
+    from cvmfsd.timeline import mark
 
-    prepared = prepare(config)
+    mark("prepare imported")
+    prepared = prepare(config, checks=checks)
     try:
         from cvmfsd import daemon
         from cvmfsd.log import configure_logging
 
+        mark("daemon imported")
         configure_logging(config.log_format, level=args.log_level)
     except BaseException:
         if prepared.spawned is not None:

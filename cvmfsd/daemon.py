@@ -47,6 +47,7 @@ from cvmfsd.prepare import Prepared, cvmfsctl_path, prepare
 from cvmfsd.procevents import ProcessEvents
 from cvmfsd.shim import exit_status
 from cvmfsd.state import DaemonState, LiveConfig, RepoState
+from cvmfsd.timeline import mark
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
@@ -183,11 +184,7 @@ class Supervisor:
             locate=self._locate, mounts=self._mounts, remount=self._remount,
             stop=self._request_stop, run_exec=self._run_exec if self.config.allow_exec else None,
             metrics=self.metrics.text, classad=self.metrics.classad,
-            on_request=self.metrics.requested, probe_now=self._probe_now)
-
-    async def _probe_now(self, repo: str) -> None:
-        if self.keeper is not None:
-            await self.keeper.watcher.probe_now(repo)
+            on_request=self.metrics.requested)
 
     def _locate(self, path: str) -> Path | None:
         relative = path[len("/cvmfs/"):].lstrip("/")  # never an absolute join
@@ -286,6 +283,7 @@ class Supervisor:
 
     async def run(self) -> int:
         """Supervise to the end; the payload's directory is removed whatever happens."""
+        mark("event loop started")
         _become_subreaper()
         self._arm_janitor_report()
         try:
@@ -297,6 +295,7 @@ class Supervisor:
                 self.state.socket = str(path)
                 nursery.start_soon(self._watch_processes)
                 pushgateway = await self._start_metrics(nursery)
+                mark("control and metrics served")
                 try:
                     status = await self._run()
                     await self._record_stopped()

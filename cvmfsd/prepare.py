@@ -30,6 +30,7 @@ from cvmfsd.leftovers import (
     find_leftovers,
     lock_dist,
 )
+from cvmfsd.timeline import mark
 
 FORCED = {"host": mode.Mode.HOST, "3": mode.Mode.MODE3, "2": mode.Mode.MODE2,
           "1": mode.Mode.MODE1}
@@ -116,8 +117,10 @@ def _find_dist(prepared: Prepared) -> Dist:
 
 
 def prepare(config: Config, facts: probe.HostFacts | None = None, *,
-            start: bool = True) -> Prepared:
+            start: bool = True, checks: probe.Checks | None = None) -> Prepared:
     """Decide how to provide CVMFS and, in mode 3 with ``start``, start cvmfsexec.
+
+    ``checks``: the probe's checks, started earlier for ``config.repos``.
 
     Raises:
         ConfigError: glidein_config or the policy attributes are unusable.
@@ -130,7 +133,9 @@ def prepare(config: Config, facts: probe.HostFacts | None = None, *,
         values, problems = parsed.values, tuple(str(p) for p in parsed.problems)
     env_policy = {k: config.environ[k] for k in POLICY_VARIABLES if k in config.environ}
     policy = glidein.resolve_policy({**values, **env_policy})
-    facts = facts or probe.probe_host(repos=config.repos)
+    mark("configuration read")
+    facts = facts or probe.probe_host(repos=config.repos, checks=checks)
+    mark("probed")
     decision = mode.select_mode(policy, facts, forced=FORCED.get(config.mode))
     payload_tmp = Path(tempfile.mkdtemp(prefix=PAYLOAD_TMP_PREFIX,
                                         dir=config.environ.get("TMPDIR") or None)).absolute()
@@ -162,10 +167,12 @@ def prepare(config: Config, facts: probe.HostFacts | None = None, *,
                 prepared.leftovers = find_leftovers(prepared.dist)
                 if prepared.leftovers:
                     prepared.cleaned = clean_leftovers(prepared.dist, prepared.leftovers)
+            mark("locked, leftovers checked")
             # Started before anything mounts: if cvmfsd is SIGKILLed from here
             # on, the janitor ends the namespace or unmounts, holding the lock.
             prepared.janitor = _start_janitor(prepared)
             prepared.dist_lock.record(janitor_pid=prepared.janitor.pid)
+            mark("janitor started")
         if decision.mode is mode.Mode.MODE3:
             prepared.plan = LaunchPlan(
                 dist=prepared.dist, repos=config.repos, payload=config.payload,
@@ -173,6 +180,7 @@ def prepare(config: Config, facts: probe.HostFacts | None = None, *,
                 env=prepared.payload_env({"CVMFS_MOUNT_DIR": "", "CVMFSD_PID": str(os.getpid())}))
             if start:
                 prepared.spawned = launch.spawn(prepared.plan)
+                mark("cvmfsexec spawned")
     except LaunchError as exc:
         prepared.launch_error = exc
         if start and prepared.janitor is None:  # the payload may run without CVMFS

@@ -12,11 +12,9 @@ also done in a child with a deadline, because a stuck FUSE daemon makes even
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import json
 import os
-import platform
 import pwd
 import re
 import shlex
@@ -25,6 +23,7 @@ import signal
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,39 +164,70 @@ class _Ran:
     what: str  # "exit 0", "timed out after 5 s", "cannot run: ..."
 
 
-def _run(argv: Sequence[str], timeout: float) -> _Ran:
-    # A new session lets us kill the whole tree on timeout (unshare's children too).
-    try:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    except OSError as exc:
-        return _Ran(None, "", f"cannot run: {exc.strerror}")
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+class _Child:
+    """A check run in a child process, started at once, its result collected later."""
+
+    def __init__(self, argv: Sequence[str], timeout: float) -> None:
+        self.timeout = timeout
+        self.deadline = time.monotonic() + timeout
+        self.proc: subprocess.Popen[str] | None = None
+        self.error = ""
+        # A new session lets us kill the whole tree on timeout (unshare's children too).
         try:
-            out, _ = proc.communicate(timeout=1.0)
-        except subprocess.TimeoutExpired:  # stuck in D state: leave it, report the hang
-            out = ""
-        return _Ran(None, out, f"timed out after {timeout:g} s")
-    return _Ran(proc.returncode, out, f"exit {proc.returncode}")
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                         stderr=subprocess.STDOUT, text=True,
+                                         start_new_session=True)
+        except OSError as exc:
+            self.error = f"cannot run: {exc.strerror}"
+
+    def result(self) -> _Ran:
+        """Wait for it until its deadline (counted from its start); kill it past that."""
+        proc = self.proc
+        if proc is None:
+            return _Ran(None, "", self.error)
+        try:
+            out, _ = proc.communicate(timeout=max(0.0, self.deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            try:
+                out, _ = proc.communicate(timeout=1.0)
+            except subprocess.TimeoutExpired:  # stuck in D state: leave it, report the hang
+                out = ""
+            return _Ran(None, out, f"timed out after {self.timeout:g} s")
+        return _Ran(proc.returncode, out, f"exit {proc.returncode}")
+
+    def cancel(self) -> None:
+        """End it unwaited for (the probe was given up): no child is left behind."""
+        proc = self.proc
+        if proc is None or proc.returncode is not None:
+            return
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
 
 
 # Runs inside `unshare -rm`: mount(2) a FUSE file system on /dev/fuse with no daemon
 # behind it (mounting needs none), then close the fd (aborting the connection so
-# nothing can block on it) and detach the mount.
+# nothing can block on it) and detach the mount.  Its last line: "ok|step|ERRNO".
+# It imports as little as it can (no json, no tempfile): it is on the critical path.
 _FUSE_CHECK = """
-import ctypes, errno, json, os, tempfile
+import ctypes, errno, os
 libc = ctypes.CDLL(None, use_errno=True)
 def done(ok, step, err=0):
-    print(json.dumps([ok, step, errno.errorcode.get(err, str(err))]))
+    print("%d|%s|%s" % (ok, step, errno.errorcode.get(err, str(err))))
     raise SystemExit(0)
 try:
     fd = os.open("/dev/fuse", os.O_RDWR)
 except OSError as exc:
     done(False, "open /dev/fuse", exc.errno)
-d = tempfile.mkdtemp(prefix="cvmfsd-fuse-check.")
+d = os.path.join(os.environ.get("TMPDIR") or "/tmp",
+                 "cvmfsd-fuse-check." + os.urandom(6).hex())
+try:
+    os.mkdir(d, 0o700)
+except OSError as exc:
+    done(False, "mkdir " + d, exc.errno)
 opts = "fd=%d,rootmode=40000,user_id=0,group_id=0" % fd
 rc = libc.mount(b"cvmfsd-probe", d.encode(), b"fuse", 6, opts.encode())  # nosuid,nodev
 err = ctypes.get_errno()
@@ -208,41 +238,104 @@ os.rmdir(d)
 done(rc == 0, "mount", err)
 """
 
-# Looks at each repository under sys.argv[1]; one JSON line per repository as it goes,
-# so after a timeout the parent knows which one hung.
-_REPO_CHECK = """
-import json, os, sys
-for repo in sys.argv[2:]:
-    path = os.path.join(sys.argv[1], repo)
-    state = fqrn = None
-    try:
-        dirtab = os.path.exists(os.path.join(path, ".cvmfsdirtab"))
-        with os.scandir(path) as entries:
-            state = "present" if dirtab or next(entries, None) else "empty"
-        fqrn = os.getxattr(path, "user.fqrn").decode(errors="replace")
-    except OSError as exc:
-        if state is None:
-            state = os.strerror(exc.errno) if exc.errno else str(exc)
-    print(json.dumps([repo, state, fqrn]), flush=True)
+# Looks at each repository under a root; one JSON line per repository as it goes,
+# so after a timeout the parent knows which one hung.  One text, run two ways: in a
+# child process (_REPO_CHECK) when anything is mounted at or below the root, which
+# may hang; in-process when nothing is, as on most nodes that need cvmfsd: a plain
+# directory (or none) on the root's file system cannot hang in FUSE.
+_REPO_LOOK = """
+import json, os
+def look(root, repos, emit):
+    for repo in repos:
+        path = os.path.join(root, repo)
+        state = fqrn = None
+        try:
+            dirtab = os.path.exists(os.path.join(path, ".cvmfsdirtab"))
+            with os.scandir(path) as entries:
+                state = "present" if dirtab or next(entries, None) else "empty"
+            fqrn = os.getxattr(path, "user.fqrn").decode(errors="replace")
+        except OSError as exc:
+            if state is None:
+                state = os.strerror(exc.errno) if exc.errno else str(exc)
+        emit(json.dumps([repo, state, fqrn]))
+"""
+_REPO_CHECK = _REPO_LOOK + """
+import sys
+look(sys.argv[1], sys.argv[2:], lambda line: print(line, flush=True))
 """
 
 
-def _fuse_in_userns(timeout: float) -> Fact[bool | None]:
-    ran = _run(["unshare", "-rm", sys.executable, "-I", "-S", "-c", _FUSE_CHECK], timeout)
+def _look_here(cvmfs_root: Path, names: Sequence[str]) -> _Ran:
+    """_REPO_LOOK in this process (only where nothing is mounted to hang on)."""
+    namespace: dict[str, object] = {}
+    exec(_REPO_LOOK, namespace)  # noqa: S102 - our own constant text, shared with the child
+    lines: list[str] = []
+    look = namespace["look"]
+    assert callable(look)  # noqa: S101 - defined by the text above
+    look(str(cvmfs_root), names, lines.append)
+    return _Ran(0, "\n".join(lines), "looked in-process: nothing is mounted there")
+
+
+def _mounted_at_or_below(root: Path, proc_root: Path) -> bool:
+    """Whether the mount table shows anything at ``root`` or below it (autofs included)."""
+    prefix = str(root).rstrip("/") + "/"
+    return any(m.mountpoint == str(root) or m.mountpoint.startswith(prefix)
+               for m in parse_mountinfo(_read(proc_root / "self" / "mountinfo") or ""))
+
+
+class Checks:
+    """The probe's slow checks, started as early as possible and collected by probe_host.
+
+    ``cvmfsd run`` starts them before it imports the rest of itself, so the
+    children (a user namespace, a FUSE mount in one, a look at /cvmfs) run while
+    the interpreter loads: they are on the critical path of every pilot.
+    """
+
+    def __init__(self, *, repos: Sequence[str] = (), cvmfs_root: Path = Path("/cvmfs"),
+                 proc_root: Path = Path("/proc"), timeout: float = 5.0,
+                 run_checks: bool = True) -> None:
+        self.repos_wanted = tuple(repos)
+        self.cvmfs_root, self.proc_root, self.timeout = cvmfs_root, proc_root, timeout
+        self.names = list(dict.fromkeys((GWMS_PROBE_REPO, *repos)))
+        self.look: _Child | None = None
+        if _mounted_at_or_below(cvmfs_root, proc_root):
+            self.look = _Child([sys.executable, "-I", "-S", "-c", _REPO_CHECK,
+                                str(cvmfs_root), *self.names], timeout)
+        self.userns: _Child | None = None
+        self.fuse: _Child | None = None
+        if run_checks:
+            self.userns = _Child(["unshare", "-rm", "true"], timeout)
+            self.fuse = _Child(["unshare", "-rm", sys.executable, "-I", "-S", "-c", _FUSE_CHECK],
+                               timeout)
+
+    def looked(self) -> _Ran:
+        """What the look at the repositories found (in a child, or here)."""
+        if self.look is None:
+            return _look_here(self.cvmfs_root, self.names)
+        return self.look.result()
+
+    def cancel(self) -> None:
+        """End the children unwaited for: the run was given up before the probe ended."""
+        for child in (self.look, self.userns, self.fuse):
+            if child is not None:
+                child.cancel()
+
+
+def _fuse_in_userns(ran: _Ran) -> Fact[bool | None]:
     how = "ran `unshare -rm python -c <FUSE mount check>`"
     try:
-        ok, step, err = json.loads(ran.output.strip().splitlines()[-1])
-    except (ValueError, IndexError):
+        flag, step, err = ran.output.strip().splitlines()[-1].split("|")
+        ok = {"1": True, "0": False}[flag]
+    except (ValueError, IndexError, KeyError):
         return Fact(False if ran.status is not None else None,
                     f"{how}: {ran.what}: {ran.output.strip()[:200]!r}")
     detail = "mounted and unmounted FUSE" if ok else f"{step} failed: {err}"
     return Fact(bool(ok), f"{how}: {detail}")
 
 
-def _repos(cvmfs_root: Path, wanted: tuple[str, ...], proc_root: Path,
-           timeout: float) -> tuple[Fact[bool], Fact[tuple[str, ...]]]:
-    names = list(dict.fromkeys((GWMS_PROBE_REPO, *wanted)))
-    ran = _run([sys.executable, "-I", "-S", "-c", _REPO_CHECK, str(cvmfs_root), *names], timeout)
+def _repos(checks: Checks) -> tuple[Fact[bool], Fact[tuple[str, ...]]]:
+    cvmfs_root, wanted, names = checks.cvmfs_root, checks.repos_wanted, checks.names
+    ran = checks.looked()
     states: dict[str, str] = {}
     fqrns: dict[str, str | None] = {}
     for line in ran.output.splitlines():
@@ -256,7 +349,7 @@ def _repos(cvmfs_root: Path, wanted: tuple[str, ...], proc_root: Path,
             states[repo] = ran.what if ran.status is None else "not checked"
             break
     # Read after the child looked: an autofs /cvmfs mounts a repository on access.
-    table = parse_mountinfo(_read(proc_root / "self" / "mountinfo") or "")
+    table = parse_mountinfo(_read(checks.proc_root / "self" / "mountinfo") or "")
     fuse = {m.mountpoint: m for m in table if is_fuse(m.fstype)}
     for repo in names:
         states[repo] = _judge_host_repo(repo, states.get(repo),
@@ -269,8 +362,9 @@ def _repos(cvmfs_root: Path, wanted: tuple[str, ...], proc_root: Path,
         fqrn = f", user.fqrn {fqrns[repo]}" if fqrns.get(repo) else ""
         return f"{cvmfs_root / repo}: {states.get(repo, 'not checked')}{seen}{fqrn}"
 
-    how = (f"checked in a child process (timeout {timeout:g} s)"
-           + (f"; {cvmfs_root} is autofs" if autofs else ""))
+    how = (f"checked in a child process (timeout {checks.timeout:g} s)" if checks.look
+           else f"nothing mounted at or below {cvmfs_root}: looked in-process")
+    how += f"; {cvmfs_root} is autofs" if autofs else ""
     host = Fact(states.get(GWMS_PROBE_REPO) == "present",
                 f"{how}: {evidence(GWMS_PROBE_REPO)}")
     present = tuple(r for r in wanted if states.get(r) == "present")
@@ -328,7 +422,7 @@ def probe_host(*, proc_root: Path = Path("/proc"), sys_root: Path = Path("/sys")
                etc_root: Path = Path("/etc"), dev_root: Path = Path("/dev"),
                cvmfs_root: Path = Path("/cvmfs"), repos: Sequence[str] = (),
                run_checks: bool = True, timeout: float = 5.0,
-               search_path: str | None = None) -> HostFacts:
+               search_path: str | None = None, checks: Checks | None = None) -> HostFacts:
     """Probe the node; this blocks for up to a few times *timeout* seconds.
 
     Args:
@@ -340,7 +434,13 @@ def probe_host(*, proc_root: Path = Path("/proc"), sys_root: Path = Path("/sys")
         timeout: the deadline of each check run in a child process.
         search_path: the PATH to look for fusermount and apptainer in
             (default: the environment's).
+        checks: the checks in child processes, started earlier with the
+            same *repos*, *cvmfs_root*, *proc_root*, *timeout* and
+            *run_checks* (by default they are started here).
     """
+    if checks is None:
+        checks = Checks(repos=repos, cvmfs_root=cvmfs_root, proc_root=proc_root,
+                        timeout=timeout, run_checks=run_checks)
     osrel_path = proc_root / "sys" / "kernel" / "osrelease"
     release = _read(osrel_path)
     os_release = _os_release(etc_root)
@@ -350,20 +450,17 @@ def probe_host(*, proc_root: Path = Path("/proc"), sys_root: Path = Path("/sys")
     max_ns = _read(max_ns_path)
     skipped: Fact[bool | None] = Fact(None, "not checked (run_checks=False)")
     userns, fuse_ns = skipped, skipped
-    # The checks that run children are independent: run them side by side, so
-    # the probe costs the slowest of them rather than their sum (it is on the
-    # critical path of every `cvmfsd run`).
-    with concurrent.futures.ThreadPoolExecutor(max_workers=3) as pool:
-        repos_check = pool.submit(_repos, cvmfs_root, tuple(repos), proc_root, timeout)
-        if run_checks:
-            userns_check = pool.submit(_run, ["unshare", "-rm", "true"], timeout)
-            fuse_check = pool.submit(_fuse_in_userns, timeout)
-            ran = userns_check.result()
+    try:
+        if checks.userns is not None:
+            ran = checks.userns.result()
             userns = Fact(ran.status == 0 if ran.status is not None else None,
                           f"ran `unshare -rm true`: {ran.what} "
                           f"{ran.output.strip()[:200]}".rstrip())
-            fuse_ns = fuse_check.result()
-        host_cvmfs, present = repos_check.result()
+        if checks.fuse is not None:
+            fuse_ns = _fuse_in_userns(checks.fuse.result())
+        host_cvmfs, present = _repos(checks)
+    finally:
+        checks.cancel()  # only if interrupted: each was waited for above
     masked = [m.mountpoint for m in parse_mountinfo(_read(proc_root / "self" / "mountinfo") or "")
               if m.mountpoint == "/proc/sys" or m.mountpoint.startswith("/proc/driver")]
     runtime = next(filter(None, (shutil.which(n, path=search_path)
@@ -376,7 +473,7 @@ def probe_host(*, proc_root: Path = Path("/proc"), sys_root: Path = Path("/sys")
         os_version_id=Fact(os_release.get("VERSION_ID"),
                            f"{where}: VERSION_ID={os_release.get('VERSION_ID')}"),
         arch=Fact(arch_file, f"read {proc_root}/sys/kernel/arch") if arch_file
-        else Fact(platform.machine(), "platform.machine() (uname)"),
+        else Fact(os.uname().machine, "uname(2)'s machine"),
         max_user_namespaces=Fact(int(max_ns) if max_ns and max_ns.isdigit() else None,
                                  f"read {max_ns_path}: {max_ns}"),
         userns=userns,
@@ -393,5 +490,5 @@ def probe_host(*, proc_root: Path = Path("/proc"), sys_root: Path = Path("/sys")
                                else "no apptainer or singularity on PATH"),
         host_cvmfs=host_cvmfs,
         repos_present=present,
-        repos_wanted=tuple(repos),
+        repos_wanted=checks.repos_wanted,
     )

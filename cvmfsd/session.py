@@ -33,6 +33,7 @@ from cvmfsd import launch
 from cvmfsd.launch import Dist, LaunchError, LaunchPlan
 from cvmfsd.mountinfo import Mount, fuse_mounts
 from cvmfsd.shim import exit_status
+from cvmfsd.timeline import mark
 
 log = structlog.get_logger("cvmfsd.session")
 
@@ -377,6 +378,7 @@ class Mode3Session:
     async def _on_message(self, message: Message) -> bool:
         body = message.body
         if body.get("event") == "verified":
+            mark("verification received")
             self.shim_pid = message.pid
             if message.pid is not None:
                 parent = launch.parent_pid(message.pid)
@@ -396,6 +398,7 @@ class Mode3Session:
             # The payload goes first: reporting readiness (a glidein_config
             # rewrite under its lock) is not on the payload's critical path.
             await self._send(event="start", env=dict(self.plan.env))
+            mark("payload start sent")
             self._ready = True
             await self.on_ready(ReadyInfo(checks, self.shim_pid, self.ns_init_pid))
             return True

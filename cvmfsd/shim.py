@@ -43,6 +43,7 @@ from collections.abc import Sequence
 
 from cvmfsd.mountinfo import Mount, fuse_mounts
 from cvmfsd.nesting import NESTING_VARIABLES, REQUEST_TIMEOUT, Nesting, keep_from_payload
+from cvmfsd.timeline import mark
 
 FORWARDED = (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM)
 CHECK_TIMEOUT = 10.0
@@ -232,6 +233,7 @@ def run_payload(argv: Sequence[str], env: dict[str, str], stdio: Sequence[int],
     except OSError as exc:
         print(f"cvmfsd shim: cannot run {argv[0]!r}: {exc.strerror}", file=sys.stderr)
         return 127 if isinstance(exc, FileNotFoundError) else 126
+    mark("payload spawned")
 
     def forward(signum: int, _frame: object) -> None:
         payload.send_signal(signum)
@@ -251,6 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="give the payload cvmfsexec's $CVMFSMOUNT interface")
     parser.add_argument("payload", nargs="+")
     args = parser.parse_args(argv)
+    mark("shim started")
     if not args.allow_nesting:  # first: before any thread, before the payload
         for problem in keep_from_payload(Nesting(dict(os.environ)).fd):
             print(f"cvmfsd shim: {problem}; the payload may reach cvmfsexec's mount requests",
@@ -262,7 +265,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     repos = [r for r in args.repos.split(",") if r]
     checks = {repo: verify_repo(repo, f"/cvmfs/{repo}", mounts) for repo in repos}
     channel.send(event="verified", ns_pid=os.getpid(), repos=checks)
+    mark("shim verified")
     go, _ = channel.receive()
+    mark("shim told to start")
     if go.get("event") != "start":
         print(f"cvmfsd shim: not starting the payload: {go.get('reason', go)}", file=sys.stderr)
         return 1

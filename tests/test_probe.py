@@ -181,8 +181,77 @@ def test_real_host() -> None:
 
 def test_child_timeout_is_reported() -> None:
     """A child that outlives its deadline is killed (with its group) and reported."""
-    from cvmfsd.probe import _run
+    from cvmfsd.probe import _Child
 
-    ran = _run([sys.executable, "-c", "import time; time.sleep(30)"], 0.2)
+    ran = _Child([sys.executable, "-c", "import time; time.sleep(30)"], 0.2).result()
     assert (ran.status, ran.what) == (None, "timed out after 0.2 s")
-    assert "cannot run" in _run(["/nonexistent/cvmfsd-test"], 1.0).what
+    assert "cannot run" in _Child(["/nonexistent/cvmfsd-test"], 1.0).result().what
+
+
+def test_child_deadline_counts_from_its_start() -> None:
+    """A check started early (as `cvmfsd run` does) has spent its time by the collection."""
+    import time
+
+    from cvmfsd.probe import _Child
+
+    child = _Child([sys.executable, "-c", "import time; time.sleep(30)"], 0.5)
+    time.sleep(0.5)
+    began = time.monotonic()
+    assert child.result().status is None
+    assert time.monotonic() - began < 0.4  # not another 0.5 s
+
+
+def test_checks_cancelled_leave_no_child(tmp_path: Path) -> None:
+    """Checks given up before collection end their children (and their groups)."""
+    from cvmfsd.probe import Checks
+
+    checks = Checks(repos=["repo.a"], cvmfs_root=tmp_path, proc_root=tmp_path)
+    children = [c.proc for c in (checks.userns, checks.fuse) if c is not None and c.proc]
+    assert len(children) == 2
+    checks.cancel()
+    assert all(proc.poll() is not None for proc in children)
+
+
+def test_repos_looked_at_in_process_where_nothing_is_mounted(tmp_path: Path) -> None:
+    """No mount at or below the root (most nodes that need cvmfsd): no child for /cvmfs."""
+    from cvmfsd.probe import Checks
+
+    (tmp_path / "cvmfs" / "repo.a").mkdir(parents=True)
+    (tmp_path / "cvmfs" / "repo.a" / "f").write_text("x")
+    (tmp_path / "self").mkdir()
+    (tmp_path / "self" / "mountinfo").write_text(
+        f"40 1 0:50 / {tmp_path}/cvmfs-other rw - tmpfs tmpfs rw\n")
+    checks = Checks(repos=["repo.a"], cvmfs_root=tmp_path / "cvmfs", proc_root=tmp_path,
+                    run_checks=False)
+    assert checks.look is None
+    facts = probe_host(proc_root=tmp_path, etc_root=tmp_path, dev_root=tmp_path, checks=checks)
+    assert facts.repos_present.value == ("repo.a",)
+    assert f"nothing mounted at or below {tmp_path}/cvmfs: looked in-process" in (
+        facts.repos_present.evidence)
+    assert "repo.a: present" in facts.repos_present.evidence
+    # Something mounted there: the look goes to a child, which may hang alone.
+    (tmp_path / "self" / "mountinfo").write_text(
+        f"40 1 0:50 / {tmp_path}/cvmfs/repo.a rw - fuse /dev/fuse rw\n")
+    checks = Checks(repos=["repo.a"], cvmfs_root=tmp_path / "cvmfs", proc_root=tmp_path,
+                    run_checks=False)
+    assert checks.look is not None
+    checks.cancel()
+
+
+@pytest.mark.parametrize(("output", "status", "value", "said"), [
+    ("1|mount|0\n", 0, True, "mounted and unmounted FUSE"),
+    ("0|open /dev/fuse|ENOENT\n", 0, False, "open /dev/fuse failed: ENOENT"),
+    ("0|mount|EPERM\n", 0, False, "mount failed: EPERM"),
+    ("unshare: unshare failed: Operation not permitted\n", 1, False,
+     "exit 1: 'unshare: unshare failed: Operation not permitted'"),
+    ("", None, None, "timed out after 5 s"),
+])
+def test_fuse_check_output(output: str, status: int | None, value: bool | None,
+                           said: str) -> None:
+    """The FUSE check's last line (ok|step|errno) or, failing that, how the child ended."""
+    from cvmfsd.probe import _fuse_in_userns, _Ran
+
+    what = "timed out after 5 s" if status is None else f"exit {status}"
+    fact = _fuse_in_userns(_Ran(status, output, what))
+    assert fact.value is value
+    assert said in fact.evidence
