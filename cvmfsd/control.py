@@ -64,6 +64,9 @@ class Backend:
         metrics, classad: give the metrics text / ClassAd lines; None while
             there are none.
         on_request: told the verb of every request answered (counted).
+        probe_now: returns once ``repo`` has been probed afresh and the state
+            shows the result (so ``status`` is never behind what ``wait``
+            saw); None when nothing watches the repositories.
     """
 
     state: DaemonState
@@ -77,6 +80,7 @@ class Backend:
     metrics: Callable[[], str] | None = None
     classad: Callable[[], str] | None = None
     on_request: Callable[[str], None] = lambda verb: None
+    probe_now: Callable[[str], Awaitable[None]] | None = None
     owner_uid: int = field(default_factory=os.getuid)
 
 
@@ -284,16 +288,23 @@ async def _wait(request: Request, backend: Backend, fds: list[int]) -> object:
         raise RequestFailed(ErrorCode.NOT_FOUND, f"{repo} is not mounted by this cvmfsd "
                             f"(its repositories: {', '.join(backend.state.repos) or 'none'})")
     delay = 0.05
-    with trio.move_on_after(args.timeout):
+    with trio.move_on_after(args.timeout) as scope:
         while True:
             where = backend.locate(args.path)
             # A hung mount must not hang the server: the check runs in a
             # thread that is abandoned when the deadline passes.
             if where is not None and await trio.to_thread.run_sync(
                     os.path.lexists, where, abandon_on_cancel=True):
-                return {"path": args.path, "exists": True}
+                break
             await trio.sleep(delay)
             delay = min(delay * 2, 1.0)
+    if not scope.cancelled_caught:
+        # The path may be from a revision the watcher has not probed yet: have
+        # it probed before answering, so that a status asked after this answer
+        # never shows an older revision than the one the path came with.
+        if backend.probe_now is not None:
+            await backend.probe_now(repo)
+        return {"path": args.path, "exists": True}
     raise RequestFailed(ErrorCode.TIMEOUT, f"{args.path} did not appear within {args.timeout:g} s")
 
 

@@ -184,7 +184,11 @@ class Supervisor:
             locate=self._locate, mounts=self._mounts, remount=self._remount,
             stop=self._request_stop, run_exec=self._run_exec if self.config.allow_exec else None,
             metrics=self.metrics.text, classad=self.metrics.classad,
-            on_request=self.metrics.requested)
+            on_request=self.metrics.requested, probe_now=self._probe_now)
+
+    async def _probe_now(self, repo: str) -> None:
+        if self.keeper is not None:
+            await self.keeper.watcher.probe_now(repo)
 
     def _locate(self, path: str) -> Path | None:
         relative = path[len("/cvmfs/"):].lstrip("/")  # never an absolute join

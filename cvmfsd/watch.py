@@ -188,6 +188,9 @@ class _Repo:
         self.pid: int | None = None
         self.pid_set = trio.Event()
         self.pid_scope: trio.CancelScope | None = None
+        self.checks_begun = 0  # checks started (each applies its result before the next)
+        self.checks_done = 0  # the number of the last check whose result is applied
+        self.checked = trio.lowlevel.ParkingLot()  # unparked when a check is done
 
 
 class MountWatcher:
@@ -242,6 +245,7 @@ class MountWatcher:
         self._table_scope: trio.CancelScope | None = None
         self._probes = self._timeouts = self._skipped = 0
         self._table_events = self._daemon_deaths = 0
+        self._running = False
 
     # -- public -------------------------------------------------------------------
 
@@ -254,6 +258,23 @@ class MountWatcher:
         r = self._repos.get(repo)
         if r is not None:
             r.kick.set()
+
+    async def probe_now(self, repo: str) -> None:
+        """Return once a check of ``repo`` that began after this call has been applied.
+
+        What a client saw of a repository (``cvmfsctl wait`` found a path of a
+        new revision) is then in the state before it is told: a check that
+        began earlier may have looked before the change.  Checks of a
+        repository run one after the other, so "began after" is "the one after
+        the check under way, if any".  Bounded by the probe's own deadline.
+        """
+        r = self._repos.get(repo)
+        if r is None:
+            return
+        wanted = r.checks_begun + 1
+        r.kick.set()
+        while self._running and r.checks_done < wanted:
+            await r.checked.park()
 
     def refresh(self) -> None:
         """Re-ask the callables: re-open the mount table and probe every repository."""
@@ -297,6 +318,7 @@ class MountWatcher:
                   ) -> NoReturn:
         """Serve until cancelled; ready once the mount table (if known) has been read."""
         try:
+            self._running = True
             async with trio.open_nursery() as nursery:
                 await nursery.start(self._worker.run)
                 await nursery.start(self._watch_table)
@@ -307,6 +329,9 @@ class MountWatcher:
                                        name=f"cvmfsd.watch.daemon[{r.name}]")
                 task_status.started()
         finally:
+            self._running = False
+            for r in self._repos.values():
+                r.checked.unpark_all()  # no check will come: probe_now() returns
             if self._table is not None:
                 self._table.close()
                 self._table = None
@@ -372,7 +397,13 @@ class MountWatcher:
             with trio.move_on_after(self._interval):
                 await r.kick.wait()
             r.kick = trio.Event()
-            await self._check(r)
+            r.checks_begun += 1
+            number = r.checks_begun
+            try:
+                await self._check(r)
+            finally:
+                r.checks_done = number
+                r.checked.unpark_all()
 
     async def _check(self, r: _Repo) -> None:
         path = self._probe_path(r.name)

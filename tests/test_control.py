@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import array
+import json
 import os
 import socket
 import stat
+import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,7 +16,11 @@ import pytest
 import trio
 
 from cvmfsd import control, ctl, protocol
+from cvmfsd.sim import stratum
 from cvmfsd.state import DaemonState, LiveConfig, RepoState
+from tests.conftest import REPO_B, wait_for
+
+CVMFSCTL = str(Path(sys.executable).parent / "cvmfsctl")
 
 
 class Client:
@@ -244,3 +251,37 @@ def test_other_commands_take_the_full_path(argv: list[str],
     """Anything but a simple verb goes through argparse and the protocol module."""
     monkeypatch.setenv("CVMFSD_SOCKET", "/run/x.sock")
     assert ctl.fast_request(argv) is None
+
+
+@pytest.mark.fuse
+def test_status_after_wait_shows_the_revision_wait_saw(short_tmp: Path, dist: Path,
+                                                       stratum_dir: Path) -> None:
+    """Once wait has seen a path of a new revision, status reports that revision (or later).
+
+    The timer probe is pushed out of the test's reach (--probe-interval 600), so only
+    the wait itself can bring the state up to date.
+    """
+    source = short_tmp / "rev-ttl"
+    source.mkdir()
+    stratum.publish(stratum_dir, REPO_B, source, ttl=1)  # a new revision shows within ~1 s
+    sock = short_tmp / "ctl" / "c.sock"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cvmfsd", "run", "--dist", str(dist), "--repos", REPO_B,
+         "--probe-interval", "600", "--socket", str(sock), "--", "sleep", "600"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        def repo_b() -> dict[str, str | None]:
+            out = subprocess.run([CVMFSCTL, "--socket", str(sock), "--json", "status"],
+                                 capture_output=True, text=True, timeout=30, check=True).stdout
+            state: dict[str, str | None] = json.loads(out)["repos"][REPO_B]
+            return state
+
+        wait_for(lambda: sock.exists() and repo_b()["state"] == "ok", timeout=60)
+        (source / "new").mkdir()
+        revision = stratum.publish(stratum_dir, REPO_B, source, ttl=1)
+        subprocess.run([CVMFSCTL, "--socket", str(sock), "wait", f"/cvmfs/{REPO_B}/new",
+                        "--timeout", "30"], capture_output=True, timeout=60, check=True)
+        assert repo_b()["revision"] == str(revision)
+    finally:
+        process.terminate()
+        process.communicate(timeout=60)

@@ -280,6 +280,34 @@ async def test_one_hung_repo_does_not_block_the_others(tmp_path: Path) -> None:
         nursery.cancel_scope.cancel()
 
 
+async def test_probe_now_waits_for_a_probe_that_began_after_it(tmp_path: Path) -> None:
+    """probe_now() returns once a probe begun after the call is applied, not the one under
+    way, which looked before the change its caller saw; and at once once the watcher ends."""
+    code = (
+        "import os, time\n"
+        "def probe(path, repo):\n"
+        "    revision = open(os.path.join(path, 'revision')).read()\n"
+        "    open(os.path.join(path, 'started'), 'a').write('x')\n"
+        "    time.sleep(0.3)\n"
+        "    return {'state': 'ok', 'revision': revision, 'error': None}\n"
+    )
+    (tmp_path / "revision").write_text("1")
+    async with trio.open_nursery() as nursery:
+        watcher, changes = await _open_watcher(nursery, ["r"], {"r": tmp_path},
+                                               fake_worker(code), deadline=10)
+        await eventually(lambda: len(changes) == 1, 10)
+        watcher.kick("r")
+        await eventually(lambda: (tmp_path / "started").read_text() == "xx", 5)
+        (tmp_path / "revision").write_text("2")  # after the running probe read it
+        with trio.fail_after(5):
+            await watcher.probe_now("r")
+        assert watcher.results()["r"].revision == "2"
+        assert [c[2].revision for c in changes] == ["1", "2"]
+        nursery.cancel_scope.cancel()
+    with trio.fail_after(1):
+        await watcher.probe_now("r")  # nothing would ever probe: no wait
+
+
 async def test_worker_that_answers_nothing_is_replaced(tmp_path: Path) -> None:
     """A worker that no longer answers anything (here SIGSTOPped) fails its ping after a
     missed deadline: it is killed, reaped, and a new worker probes again."""
