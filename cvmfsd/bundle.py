@@ -26,9 +26,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
+import marshal
+import os
 import subprocess
 import sys
 import zipfile
+import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -101,8 +104,9 @@ def _cache(bundle, info):
         import tempfile
         import zipfile
         partial = tempfile.mkdtemp(prefix=".partial-", dir=root)
-        with zipfile.ZipFile(bundle) as archive:
-            archive.extractall(partial)
+        with zipfile.ZipFile(bundle) as archive:  # not _bytecode/: the cache compiles
+            archive.extractall(partial, [name for name in archive.namelist()
+                                         if not name.startswith("_bytecode/")])
         try:
             os.rename(partial, target)
         except OSError:  # another process was first
@@ -112,12 +116,147 @@ def _cache(bundle, info):
         return None
 
 
+def _read(bundle, offset, size):
+    """``size`` bytes of the bundle file at ``offset`` (OSError if fewer)."""
+    fd = os.open(bundle, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        data = os.pread(fd, size, offset)
+    finally:
+        os.close(fd)
+    if len(data) != size:
+        raise OSError("%s: %d bytes at %d, expected %d" % (bundle, len(data), offset, size))
+    return data
+
+
+class _Bytecode(object):
+    """Meta-path finder of the modules the build compiled for this interpreter.
+
+    Theory of operation: zipimport compiles every module from source at
+    every start, twice (its get_filename compiles too), and would use a
+    X.pyc beside X.py for one interpreter version only.  The build compiled
+    every module with each interpreter it was given into one stored entry
+    per cache tag, _bytecode/<tag>: a compressed index (the magic number,
+    then "path start length" per module), then each module's marshalled
+    code, compressed alone.  One entry, not one per module: zipimport reads
+    the whole zip directory at every start, a few microseconds an entry.
+    _cvmfsd_bundle.BYTECODE names where each entry's bytes are in the file.
+    Ahead of the path finder, this finder claims the modules of the index
+    and reads their code with pread (no zipfile import); the rest (source
+    for tracebacks, data, resources) is zipimport's, as if it had found
+    the module.  A module whose code cannot be read comes from source.
+    """
+
+    def __init__(self, bundle, base, lines):
+        self.bundle = bundle
+        self.base = base  # where the modules' code starts in the file
+        self.modules = {}
+        for line in lines:
+            path, start, size = line.split()
+            name = path[:-3].replace("/", ".")
+            name = name[:-9] if name.endswith(".__init__") else name
+            self.modules[name] = (path, int(start), int(size))
+        self.importers = {}
+
+    def find_spec(self, fullname, path=None, target=None):
+        found = self.modules.get(fullname)
+        if found is None:
+            return None
+        origin = self.bundle + "/" + found[0]
+        where = origin.rpartition("/")[0]
+        package = found[0].endswith("/__init__.py")
+        entry = where.rpartition("/")[0] if package else where  # where zipimport finds it
+        if path is not None and entry not in path:
+            return None  # a package's __path__ that leaves the bundle: not ours
+        from importlib.util import spec_from_file_location
+        return spec_from_file_location(fullname, origin,
+                                       loader=_Module(self, fullname, found, origin, entry),
+                                       submodule_search_locations=[where] if package else None)
+
+    def importer(self, entry):
+        """The zipimporter of ``entry``, a directory of the bundle (made once)."""
+        found = self.importers.get(entry)
+        if found is None:
+            import zipimport
+            found = self.importers[entry] = zipimport.zipimporter(entry)
+        return found
+
+
+class _Module(object):
+    """Loader of one module of the bundle: its code from bytecode, all else from zipimport."""
+
+    def __init__(self, finder, name, found, origin, entry):
+        self.finder = finder
+        self.name = name
+        self.path, self.start, self.size = found
+        self.origin = origin
+        self.entry = entry
+        self.archive = finder.bundle  # importlib.resources.files (3.9) reads it
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module):
+        exec(self.get_code(self.name), module.__dict__)
+
+    def get_code(self, fullname):
+        try:
+            import _imp
+            import marshal
+            import zlib
+            data = _read(self.finder.bundle, self.finder.base + self.start, self.size)
+            code = marshal.loads(zlib.decompress(data))
+            _imp._fix_co_filename(code, self.origin)  # built without knowing this path
+            return code
+        except Exception:  # noqa: BLE001 - the source always works
+            return self.finder.importer(self.entry).get_code(fullname)
+
+    def get_source(self, fullname):
+        return self.finder.importer(self.entry).get_source(fullname)
+
+    def get_filename(self, fullname):
+        return self.origin
+
+    def is_package(self, fullname):
+        return self.path.endswith("/__init__.py")
+
+    def get_data(self, pathname):
+        return self.finder.importer(self.entry).get_data(pathname)
+
+    def get_resource_reader(self, fullname):
+        return self.finder.importer(self.entry).get_resource_reader(fullname)
+
+
+def _bytecode(bundle, info):
+    """Import from the build's bytecode for this interpreter, where it has some."""
+    where = info.BYTECODE.get(sys.implementation.cache_tag)
+    if where is None or sys.flags.optimize:  # -O wants other bytecode (no asserts)
+        return
+    try:
+        import zlib
+        from importlib.machinery import PathFinder
+        from importlib.util import MAGIC_NUMBER
+        offset, size = where
+        lines = zlib.decompress(_read(bundle, offset, size)).decode("utf-8").splitlines()
+    except Exception:  # noqa: BLE001 - the bundle was changed after its build: source
+        return
+    if not lines or lines[0] != MAGIC_NUMBER.hex():
+        return
+    finder = _Bytecode(bundle, offset + size, lines[1:])
+    try:
+        position = sys.meta_path.index(PathFinder)
+    except ValueError:
+        position = len(sys.meta_path)
+    sys.meta_path.insert(position, finder)
+
+
 def _setup():
     import _cvmfsd_bundle as info
     bundle = info.BUNDLE = os.path.abspath(sys.path[0])
     cache = _cache(bundle, info) if os.path.isfile(bundle) else None
     if cache is not None:
         sys.path[0] = cache
+    elif os.path.isfile(bundle):
+        _bytecode(bundle, info)
 
 
 def _version():
@@ -146,11 +285,49 @@ def main(argv):
         from cvmfsd.ctl import main as ctl_main
         return ctl_main(argv)
     from cvmfsd.cli import main as cli_main
-    return cli_main(argv)
+    try:
+        return cli_main(argv)
+    except ModuleNotFoundError as exc:
+        if not (exc.name or "").startswith("cvmfsd.sim"):
+            raise
+        sys.stderr.write(
+            "cvmfsd: the simulated CVMFS distribution (cvmfsd.sim, for 'cvmfsd sim' and "
+            "'cvmfsd demo') is not in the one-file bundle: it needs pyfuse3, so the bundle "
+            "leaves it out; run it from a checkout or an installed cvmfsd with its extra "
+            "(pip install 'cvmfsd[sim]')\\n")
+        return 69
 
 
 raise SystemExit(main(sys.argv[1:]))
 '''
+
+
+#: Run by each interpreter the bundle is built for (``python -S -s -c``, with
+#: PYTHONHASHSEED=0 so that frozenset constants keep one order, and
+#: PYTHONNODEBUGRANGES=1, see :func:`compile_for`): reads the sources as a
+#: marshalled list of (path, bytes) on stdin, writes back the marshalled
+#: (cache tag, magic number, [(path, marshalled code)], [(path, error)]).
+#: One process compiles all files in sorted order, so that even marshal's
+#: reference flags (which follow reference counts) come out the same.
+COMPILER = """\
+import importlib.util, marshal, sys, warnings
+warnings.simplefilter("ignore")
+compiled, failed = [], []
+for path, source in marshal.loads(sys.stdin.buffer.read()):
+    try:
+        code = compile(source, path, "exec", dont_inherit=True, optimize=0)
+    except (SyntaxError, ValueError) as exc:
+        failed.append((path, str(exc)))
+        continue
+    compiled.append((path, marshal.dumps(code)))
+    del code
+sys.stdout.buffer.write(marshal.dumps(
+    (sys.implementation.cache_tag, importlib.util.MAGIC_NUMBER, compiled, failed)))
+"""
+
+#: The bytecode for the interpreters of cache tag T is the one stored entry
+#: BYTECODE/T (see :func:`compile_for` and the bundle's ``__main__``).
+BYTECODE = "_bytecode"
 
 
 class BundleError(Exception):
@@ -217,6 +394,47 @@ def _package_entries(checkout: Path) -> Iterator[tuple[str, bytes]]:
             yield name, path.read_bytes()
 
 
+def compile_for(python: str, sources: Sequence[tuple[str, bytes]]) -> tuple[str, bytes, bytes]:
+    """The bytecode of ``sources`` for ``python``: its cache tag, the index and the code.
+
+    The index (compressed) is the magic number, then a line ``path start
+    length`` per module; the code is each module's marshalled code object,
+    compressed alone, at ``start`` after the index, so that one module is
+    read without the others.
+
+    Raises:
+        BundleError: ``python`` does not run, has no cache tag, or cannot
+            compile one of the sources.
+    """
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PYTHON")}
+    # PYTHONNODEBUGRANGES (3.11+): no column positions in the line tables,
+    # a fifth of the bytecode; tracebacks still show each line, without ^^^.
+    env.update(PYTHONHASHSEED="0", PYTHONNODEBUGRANGES="1")
+    try:
+        ran = subprocess.run([python, "-S", "-s", "-c", COMPILER],
+                             input=marshal.dumps(list(sources)), capture_output=True,
+                             env=env, check=False)
+    except OSError as exc:
+        raise BundleError(f"cannot run {python} to compile the bundle's modules: {exc}") from None
+    if ran.returncode != 0:
+        raise BundleError(f"{python} failed to compile the bundle's modules "
+                          f"(exit {ran.returncode}):\n{ran.stderr.decode(errors='replace')}")
+    # our own child's answer, from the interpreter the builder was told to use
+    tag, magic, compiled, failed = marshal.loads(ran.stdout)  # noqa: S302
+    if failed:
+        raise BundleError(f"{python} cannot compile " + "; ".join(
+            f"{path}: {error}" for path, error in failed))
+    if not tag:
+        raise BundleError(f"{python} has no sys.implementation.cache_tag: it cannot "
+                          "use bytecode; build without it (it runs the bundle from source)")
+    lines, code = [magic.hex()], bytearray()
+    for path, marshalled in compiled:
+        packed = zlib.compress(marshalled, 9)
+        lines.append(f"{path} {len(code)} {len(packed)}")
+        code += packed
+    return tag, zlib.compress(("\n".join(lines) + "\n").encode(), 9), bytes(code)
+
+
 def source_id(checkout: Path) -> str:
     """What the bundle was built from: ``git describe`` of the checkout, else 'unknown'."""
     try:
@@ -227,42 +445,79 @@ def source_id(checkout: Path) -> str:
     return ran.stdout.strip() if ran.returncode == 0 and ran.stdout.strip() else "unknown"
 
 
-def build(output: Path, *, checkout: Path, wheels: Sequence[Path], source: str) -> int:
+def build(output: Path, *, checkout: Path, wheels: Sequence[Path], source: str,
+          pythons: Sequence[str] = (sys.executable,)) -> int:
     """Write the bundle to ``output`` (atomically); its size in bytes.
 
+    Args:
+        pythons: the interpreters whose bytecode goes in (see :func:`compile_for`);
+            any other runs the bundle from source.
+
     Raises:
-        BundleError: two inputs provide the same file.
+        BundleError: two inputs provide the same file, or an interpreter fails
+            to compile them or has the cache tag of another.
     """
     from cvmfsd import __version__
 
     entries: dict[str, bytes] = {}
     for name, data in [*_package_entries(checkout),
                        *(entry for wheel in wheels for entry in _wheel_entries(wheel))]:
-        if name in entries:
-            raise BundleError(f"{name} is provided twice")
+        if name in entries or name.startswith(f"{BYTECODE}/"):
+            raise BundleError(f"{name} is provided twice" if name in entries
+                              else f"{name}: {BYTECODE}/ is the bundle's own")
         entries[name] = data
+    sources = [(name, entries[name]) for name in sorted(entries) if name.endswith(".py")]
+    indexes: dict[str, bytes] = {}
+    for python in pythons:
+        tag, index, code = compile_for(python, sources)
+        if tag in indexes:
+            raise BundleError(f"two of the interpreters {', '.join(pythons)} have the cache "
+                              f"tag {tag}: give one of them")
+        indexes[tag] = index
+        entries[f"{BYTECODE}/{tag}"] = index + code
     entries["__main__.py"] = MAIN.encode()
     digest = hashlib.sha256()
     for name in sorted(entries):
         digest.update(f"{name}\0{len(entries[name])}\0".encode())
         digest.update(entries[name])
     pins = ", ".join(repr((name, version)) for name, version, _ in PINS)
-    entries["_cvmfsd_bundle.py"] = (
-        f'"""What this cvmfsd bundle holds (written by cvmfsd.bundle)."""\n'
-        f"VERSION = {__version__!r}\nSOURCE = {source!r}\nPINS = ({pins},)\n"
-        f"#: sha256 of every other entry: names the unpacked copy under $CVMFSD_CACHE\n"
-        f"DIGEST = {digest.hexdigest()!r}\n"
-        f"#: the bundle file, set by __main__ when it runs\nBUNDLE = None\n").encode()
+    info_name = "_cvmfsd_bundle.py"
+    where: dict[str, tuple[int, int]] = {}  # tag: offset in the file, size of the index
     buffer = io.BytesIO()
     buffer.write(SHEBANG)
     with zipfile.ZipFile(buffer, "w") as bundle:
-        for name in sorted(entries):
+        # Sorted, the bytecode entries come before the info module that says
+        # where they are, so their offsets are known when it is written.
+        for name in sorted([*entries, info_name]):
             info = zipfile.ZipInfo(name, date_time=FIXED_TIME)
-            info.compress_type = zipfile.ZIP_DEFLATED
             info.external_attr = 0o644 << 16
             info.create_system = 3  # Unix, whatever the build host
-            bundle.writestr(info, entries[name], compresslevel=9)
+            if name == info_name:
+                data = (
+                    f'"""What this cvmfsd bundle holds (written by cvmfsd.bundle)."""\n'
+                    f"VERSION = {__version__!r}\nSOURCE = {source!r}\nPINS = ({pins},)\n"
+                    f"#: sha256 of every other entry: names the unpacked copy under "
+                    f"$CVMFSD_CACHE\nDIGEST = {digest.hexdigest()!r}\n"
+                    f"#: cache tag: (offset in this file, size of the index) of its bytecode\n"
+                    f"BYTECODE = {dict(sorted(where.items()))!r}\n"
+                    f"#: the bundle file, set by __main__ when it runs\nBUNDLE = None\n").encode()
+            else:
+                data = entries[name]
+            if not name.startswith(f"{BYTECODE}/"):
+                info.compress_type = zipfile.ZIP_DEFLATED
+                bundle.writestr(info, data, compresslevel=9)
+                continue
+            # Stored (its parts are compressed), so read in place: the data
+            # follows the 30-byte local header and the name (no extra field).
+            info.compress_type = zipfile.ZIP_STORED
+            where[name[len(BYTECODE) + 1:]] = (buffer.tell() + 30 + len(name.encode()),
+                                               len(indexes[name[len(BYTECODE) + 1:]]))
+            bundle.writestr(info, data)
     data = buffer.getvalue()
+    for tag, (offset, size) in where.items():
+        if data[offset:offset + size] != indexes[tag]:
+            raise BundleError(f"{BYTECODE}/{tag} is not at offset {offset} of the bundle "
+                              "(a zip local header of another size?)")
     output.parent.mkdir(parents=True, exist_ok=True)
     partial = output.with_name(f".{output.name}.partial")
     partial.write_bytes(data)
@@ -284,12 +539,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "(default: 'wheels' beside the output)")
     b.add_argument("--checkout", type=Path, default=Path(__file__).resolve().parent.parent,
                    help="the checkout whose cvmfsd package goes in (default: this one)")
+    b.add_argument("--python", action="append", dest="pythons", metavar="PATH",
+                   help="an interpreter to compile the bundle's modules with, so that it "
+                        "imports them from bytecode (repeat for several versions; "
+                        "default: this one); any other compiles them at every start")
     args = parser.parse_args(argv)
     wheels_dir = args.wheels or args.output.parent / "wheels"
     try:
         wheels = fetch_wheels(wheels_dir)
         size = build(args.output, checkout=args.checkout, wheels=wheels,
-                     source=source_id(args.checkout))
+                     source=source_id(args.checkout),
+                     pythons=args.pythons or [sys.executable])
     except BundleError as exc:
         print(f"cvmfsd.bundle: {exc}", file=sys.stderr)
         return 1
