@@ -39,6 +39,34 @@ the process.  The socket is a plain non-blocking one read with
 ``ProcEventSocket`` is not used for the I/O: it drives a private asyncio loop
 that consumes the socket's messages whenever one of its methods runs, and its
 ``bind`` turns EPERM into ``KeyError('no free address available')``.
+
+Adopted orphans, and what the janitor is told
+---------------------------------------------
+cvmfsd is a child subreaper: an orphan of its tree becomes its child, and
+nothing in cvmfsd waits for it, so once it ends it stays a zombie unless it is
+reaped here (:meth:`ProcessEvents.keep`, from cvmfsd's start, whatever the
+source and the phase).  The kernel sends SIGCHLD when a child becomes a zombie
+(an adopted one too); on each, cvmfsd's zombie children are listed and only
+those known to be adopted are reaped, so that the wait status of a child that
+cvmfsd started (trio's processes, the session's pidfd waiters, ``Popen``
+objects) is never taken from its owner.  A zombie child is known adopted when
+
+* it was seen deeper in the tree (pid and start time) before it became a
+  child: a child cvmfsd forks is a child from birth.  With netlink, every fork
+  in the tree says where a process was born; with pidfd, cvmfsd looks at its
+  tree (``/proc/<pid>/task/*/children``) on each SIGCHLD and every
+  ``LOOK_INTERVAL`` seconds;
+* or its process group is neither its own nor cvmfsd's: cvmfsd starts its
+  children in its own group or in a new session, and never in a third group.
+
+Limit (pidfd only): a process born and orphaned between two looks, that leads
+its own group or is in cvmfsd's (``setsid prog &`` in a payload that exits at
+once, say), is not known to be adopted and stays a zombie until cvmfsd ends.
+
+The same looks (pidfd) and forks (netlink) tell ``on_appeared`` the processes
+of the tree, pid and start time, batched (every ``TELL_INTERVAL`` at most,
+``TELL_MAX`` at a time): cvmfsd hands them to its janitor, which kills them if
+cvmfsd is SIGKILLed (:mod:`cvmfsd.janitor`).
 """
 
 from __future__ import annotations
@@ -87,9 +115,16 @@ SUBSCRIBE_DEADLINE = 10.0  # policy: the subscribing child's start, pyroute2's i
 # a SIGKILL inside it is judged only after this long, and counts as a hard kill only
 # if namespace PID 1 is still alive by then.
 HOLD = 0.25
-# An ended process is a zombie only a moment after its exit event: its reaping is
-# tried again this often (seconds) while one is pending.
-REAP_RETRY = 0.05
+# Without fork events (pidfd, or netlink not yet subscribed), the tree is looked at
+# on each SIGCHLD and this often (seconds): ~0.3 ms for a tree of 10 processes.
+LOOK_INTERVAL = 1.0
+# The processes of the tree are told to ``on_appeared`` at most this often
+# (seconds), at most this many at a time: a fork storm must not flood the janitor.
+TELL_INTERVAL = 0.1
+TELL_MAX = 512
+#: ``CVMFSD_PROCEVENTS_PIDFD=1`` makes cvmfsd use the pidfd source where netlink
+#: would serve (tests, and a check of the fallback that EL9 nodes get).
+FORCE_PIDFD = "CVMFSD_PROCEVENTS_PIDFD"
 
 _NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
 _CN_MSG = struct.Struct("=IIIIHH")  # idx, val, seq, ack, len, flags
@@ -436,6 +471,67 @@ def _subscribe_main(fd: int) -> int:
     return 0
 
 
+# --- the tree in /proc -------------------------------------------------------------
+
+#: A process as the janitor names it: (pid, start time in clock ticks after boot).
+Ident = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Stat:
+    """What ``/proc/<pid>/stat`` says of a process (zombies included)."""
+
+    state: str
+    ppid: int
+    pgid: int
+    start: int
+
+
+def read_stat(pid: int, proc_root: Path = Path("/proc")) -> Stat | None:
+    """``pid``'s state, parent, process group and start time; None if it is gone."""
+    try:
+        raw = (proc_root / str(pid) / "stat").read_bytes()
+    except OSError:
+        return None
+    # comm, in parentheses, may hold anything: the fields follow the last ')'.
+    fields = raw.rpartition(b")")[2].split()
+    if len(fields) < 20:
+        return None
+    return Stat(fields[0].decode(), int(fields[1]), int(fields[2]), int(fields[19]))
+
+
+def children(pid: int, proc_root: Path = Path("/proc")) -> set[int]:
+    """The children of ``pid`` (of all its threads), zombies included."""
+    found: set[int] = set()
+    try:
+        tasks = list((proc_root / str(pid) / "task").iterdir())
+    except OSError:
+        return found
+    for task in tasks:
+        try:
+            found.update(int(c) for c in (task / "children").read_text().split())
+        except OSError:
+            continue
+    return found
+
+
+def look_at_tree(root: int, proc_root: Path = Path("/proc"),
+                 ) -> tuple[dict[int, Stat], dict[int, Stat]]:
+    """``root``'s children, and its deeper descendants, each with its :class:`Stat`."""
+    direct: dict[int, Stat] = {}
+    deep: dict[int, Stat] = {}
+    level, into = children(root, proc_root), direct
+    while level:
+        below: set[int] = set()
+        for pid in level:
+            stat = read_stat(pid, proc_root)
+            if stat is not None and pid not in direct and pid not in deep:
+                into[pid] = stat
+                below |= children(pid, proc_root)
+        level, into = below, deep
+    return direct, deep
+
+
 # --- the service -------------------------------------------------------------------
 
 
@@ -453,7 +549,7 @@ class ProcessEnded:
 
 
 class ProcessEvents:
-    """Sees every process of cvmfsd's tree end, and how.
+    """Sees every process of cvmfsd's tree end, and how; reaps the orphans it adopts.
 
     Args:
         on_ended: called for each process of the tree that ended.
@@ -461,7 +557,10 @@ class ProcessEvents:
             cvmfsd did not signal it or its parent (:data:`cvmfsd.launch.SIGNALLED`)
             and ``expected()`` is false.
         expected: true while cvmfsd is ending its tree itself (its kills cascade).
-        use_netlink: False skips the connector (tests force the fallback so).
+        on_appeared: called with processes of the tree (pid, start time) as they
+            are first seen, in batches (see the module docstring).
+        use_netlink: False skips the connector (tests force the fallback so); by
+            default it is tried unless ``CVMFSD_PROCEVENTS_PIDFD`` is set.
         proc_root: where /proc is.
 
     Attributes:
@@ -475,7 +574,8 @@ class ProcessEvents:
     def __init__(self, *, on_ended: Callable[[ProcessEnded], None] = lambda ended: None,
                  on_killed: Callable[[ProcessEnded], None] = lambda ended: None,
                  expected: Callable[[], bool] = lambda: False,
-                 use_netlink: bool = True, proc_root: Path = Path("/proc")) -> None:
+                 on_appeared: Callable[[list[Ident]], None] | None = None,
+                 use_netlink: bool | None = None, proc_root: Path = Path("/proc")) -> None:
         self.source: str | None = None
         self.rejected: str | None = None
         self.killed: Counter[str] = Counter()
@@ -483,17 +583,27 @@ class ProcessEvents:
         self._on_ended = on_ended
         self._on_killed = on_killed
         self._expected = expected
+        self._on_appeared = on_appeared
+        if use_netlink is None:
+            use_netlink = not os.environ.get(FORCE_PIDFD)
+            self._not_tried = f"not tried ({FORCE_PIDFD} is set)"
+        else:
+            self._not_tried = "not tried (use_netlink=False)"
         self._use_netlink = use_netlink
         self._proc_root = proc_root
         self._send_pid, self._new_pids = trio.open_memory_channel[int](float("inf"))
         self._ns_init: int | None = None
         self._in_ns: set[int] = set()  # the namespace's processes (netlink only)
         self._held: list[tuple[float, ProcessEnded]] = []  # (judge at, SIGKILLed in the ns)
-        # Children cvmfsd forked itself (netlink only): someone of ours waits for them.
-        # Any other child that ends is an orphan cvmfsd adopted as a child subreaper,
-        # which nothing would ever wait for: it is reaped here (:meth:`_reap_adopted`).
-        self._forked: set[int] = set()
-        self._adopted: set[int] = set()
+        # Evidence that a child of ours was adopted, not forked by us (module docstring):
+        self._deep: dict[int, int] = {}  # seen deeper in the tree: pid -> start time
+        self._born_deep: set[int] = set()  # netlink: forked by a descendant, still alive
+        self._adopted: set[int] = set()  # netlink: ended as our child, born deeper
+        # What on_appeared was told (pid -> start), and what it is still to be told
+        # (start None: a fork the connector reported, read from /proc when told).
+        self._told: dict[int, int] = {}
+        self._to_tell: dict[int, int | None] = {}
+        self._next_tell = -math.inf
 
     def namespace_init(self, pid: int) -> None:
         """``pid`` is namespace PID 1: what dies with it is not a hard kill."""
@@ -507,11 +617,41 @@ class ProcessEvents:
         if self.source != "netlink":
             self._send_pid.send_nowait(pid)
 
+    async def keep(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+                   ) -> NoReturn:
+        """Reap adopted orphans and tell ``on_appeared`` the tree, until cancelled.
+
+        Started with cvmfsd, before :meth:`run` (which the daemon defers until the
+        mounts are done): on each SIGCHLD the zombie children known to be adopted
+        are reaped; without the connector's fork events, the tree is also looked at
+        then and every ``LOOK_INTERVAL`` seconds.
+        """
+        with trio.open_signal_receiver(signal.SIGCHLD) as sigchld:
+            self._look()
+            task_status.started()
+            next_look = trio.current_time() + LOOK_INTERVAL
+            while True:
+                wake = next_look if self.source != "netlink" else math.inf
+                if self._to_tell:
+                    wake = min(wake, self._next_tell)
+                signalled = False
+                with trio.move_on_at(wake):
+                    await sigchld.__anext__()
+                    signalled = True
+                if self.source == "netlink":
+                    self._reap_zombies()
+                    self._tell()
+                elif signalled or trio.current_time() >= next_look:
+                    self._look()
+                    next_look = trio.current_time() + LOOK_INTERVAL
+                else:
+                    self._tell()
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
                   ) -> NoReturn:
         """Report ends until cancelled."""
         connector = None
-        reason = "not tried (use_netlink=False)"
+        reason = self._not_tried
         if self._use_netlink:
             try:
                 # Abandoned if cvmfsd ends meanwhile: its exit must not wait for the
@@ -542,8 +682,8 @@ class ProcessEvents:
     async def _read_connector(self, sock: socket.socket) -> NoReturn:
         while True:
             wake = self._held[0][0] if self._held else math.inf
-            if self._adopted:  # an ended process becomes a zombie a moment after its event
-                wake = min(wake, trio.current_time() + REAP_RETRY)
+            if self._to_tell:
+                wake = min(wake, self._next_tell)
             with trio.move_on_at(wake):
                 await trio.lowlevel.wait_readable(sock)
             for _ in range(BATCH):
@@ -560,19 +700,16 @@ class ProcessEvents:
                 for event in parse_messages(data):
                     self.feed(event)
             self._judge_held(trio.current_time())
-            self._reap_adopted()
+            if self._adopted:  # it may have become a zombie before its event was read
+                self._reap_zombies()
+            self._tell()
             await trio.sleep(GATHER)
 
     def feed(self, event: ProcEvent) -> None:
         """Follow the tree through one connector event, and report an end in it."""
         tree = self.processes
         if isinstance(event, Fork):
-            if event.child_pid == event.child_tgid and event.parent_tgid == os.getpid():
-                self._forked.add(event.child_pid)
-            if event.child_pid == event.child_tgid and event.parent_tgid in tree:
-                tree[event.child_pid] = tree[event.parent_tgid]
-            if event.parent_tgid == self._ns_init or event.parent_tgid in self._in_ns:
-                self._in_ns.add(event.child_tgid)
+            self._forked(event)
         elif isinstance(event, Exec):
             if event.pid in tree:
                 tree[event.pid] = self._comm(event.pid)
@@ -582,9 +719,11 @@ class ProcessEvents:
         elif isinstance(event, Exit) and event.pid == event.tgid and (
                 event.pid in tree or event.parent_tgid in tree):
             comm = tree.pop(event.pid, None)
-            if event.parent_tgid == os.getpid() and event.pid not in self._forked:
-                self._adopted.add(event.pid)
-            self._forked.discard(event.pid)
+            if event.parent_tgid == os.getpid() and event.pid in self._born_deep:
+                self._adopted.add(event.pid)  # an orphan: nothing of ours waits for it
+            self._born_deep.discard(event.pid)
+            self._to_tell.pop(event.pid, None)
+            self._told.pop(event.pid, None)
             ours = event.pid in launch.SIGNALLED or event.parent_tgid in launch.SIGNALLED
             ended = ProcessEnded(event.pid, decode_wait_status(event.wait_status), comm,
                                  "netlink", ours)
@@ -596,6 +735,18 @@ class ProcessEvents:
                 self._held.append((trio.current_time() + HOLD, ended))
                 return
             self._ended(ended)
+
+    def _forked(self, event: Fork) -> None:
+        tree = self.processes
+        if event.child_pid == event.child_tgid and event.parent_tgid in tree:
+            tree[event.child_pid] = tree[event.parent_tgid]
+            self._to_tell[event.child_pid] = None
+            if event.parent_tgid == os.getpid():
+                self._born_deep.discard(event.child_pid)
+            else:  # if it is ever our child, it was adopted
+                self._born_deep.add(event.child_pid)
+        if event.parent_tgid == self._ns_init or event.parent_tgid in self._in_ns:
+            self._in_ns.add(event.child_tgid)
 
     def _namespace_ended(self) -> None:
         """Namespace PID 1 ended: the SIGKILLs held were the kernel emptying the namespace."""
@@ -614,22 +765,68 @@ class ProcessEvents:
         known = self.processes
         self.processes = {pid: known.get(pid) or self._comm(pid)
                           for pid in (me, *launch.descendants(me, self._proc_root))}
-        # Whatever is our child now counts as forked by us: never reap what an
-        # owner may wait for (after lost events too; an orphan adopted meanwhile is
-        # then left alone, as before).
-        self._forked |= {pid for pid in self.processes
-                         if pid != me and launch.parent_pid(pid, self._proc_root) == me}
+        self._look()  # forks before the subscription (or lost) left no event
 
-    def _reap_adopted(self) -> None:
-        """Reap the adopted orphans that have ended (WNOHANG: never blocks)."""
-        for pid in list(self._adopted):
+    # --- adopted orphans, and the tree told ---
+    def _look(self) -> None:
+        """Look at the tree: who is deeper than a child, what is new; reap, tell."""
+        direct, deep = look_at_tree(os.getpid(), self._proc_root)
+        self._deep = {pid: stat.start for pid, stat in deep.items()} | {
+            pid: start for pid, start in self._deep.items()
+            if pid in direct and direct[pid].start == start}
+        self._reap_zombies()
+        seen = direct | deep
+        self._told = {pid: start for pid, start in self._told.items()
+                      if pid in seen and seen[pid].start == start}
+        for pid, stat in seen.items():
+            if stat.state not in ("Z", "X") and self._told.get(pid) != stat.start:
+                self._to_tell[pid] = stat.start
+        self._tell()
+
+    def _reap_zombies(self) -> None:
+        """Reap the zombie children known to be adopted (WNOHANG: never blocks)."""
+        me, group = os.getpid(), os.getpgrp()
+        kids = children(me, self._proc_root)
+        self._adopted &= kids
+        for pid in kids:
+            stat = read_stat(pid, self._proc_root)
+            if stat is None or stat.state != "Z" or stat.ppid != me:
+                continue
+            if not (pid in self._adopted or self._deep.get(pid) == stat.start
+                    or stat.pgid not in (pid, group)):
+                continue  # maybe ours: its owner reaps it
             try:
                 done, _ = os.waitpid(pid, os.WNOHANG)
             except ChildProcessError:  # not a child (any more)
-                done = pid
+                done = 0
+            self._adopted.discard(pid)
+            self._deep.pop(pid, None)
             if done:
-                self._adopted.discard(pid)
                 log.debug("reaped an adopted orphan", pid=pid)
+
+    def _tell(self) -> None:
+        """Tell ``on_appeared`` what it was not told yet (at most ``TELL_MAX``, and not
+        before ``TELL_INTERVAL`` has passed since the last time)."""
+        if self._on_appeared is None:
+            self._to_tell.clear()
+            return
+        now = trio.current_time()
+        if not self._to_tell or now < self._next_tell:
+            return
+        batch: list[Ident] = []
+        for pid in list(self._to_tell)[:TELL_MAX]:
+            start = self._to_tell.pop(pid)
+            if start is None:  # a fork the connector reported: still a process of the tree?
+                stat = read_stat(pid, self._proc_root)
+                if stat is None or stat.state in ("Z", "X") or stat.ppid not in self.processes:
+                    continue
+                start = stat.start
+            if self._told.get(pid) != start:
+                self._told[pid] = start
+                batch.append((pid, start))
+        if batch:
+            self._next_tell = now + TELL_INTERVAL
+            self._on_appeared(batch)
 
     # --- pidfd ---
     async def _wait_pidfd(self, pid: int) -> None:

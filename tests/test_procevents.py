@@ -21,7 +21,7 @@ import prctl
 import pytest
 import trio
 
-from cvmfsd import launch, procevents
+from cvmfsd import janitor, launch, procevents
 from cvmfsd.procevents import (
     UNKNOWN,
     Ack,
@@ -296,8 +296,9 @@ async def test_netlink_reaps_adopted_orphans_not_our_own_children(subreaper: Non
     """An orphan that exits by itself is reaped; a child of ours is left for its owner."""
     if not connector_allowed():
         return  # test_netlink_reports_sigkill_of_a_child_and_an_orphan checks the refusal
-    events = ProcessEvents()
+    events = ProcessEvents(use_netlink=True)
     async with trio.open_nursery() as nursery:
+        await nursery.start(events.keep)
         await nursery.start(events.run)
         shell = await trio.run_process(["sh", "-c", "sleep 0.2 >/dev/null 2>&1 & echo $!"],
                                        capture_stdout=True)
@@ -308,6 +309,122 @@ async def test_netlink_reaps_adopted_orphans_not_our_own_children(subreaper: Non
         await trio.sleep(0.2)
         assert await own.wait() == 4  # our own child's status was left to us
         nursery.cancel_scope.cancel()
+
+
+def sources() -> list[object]:
+    """Both sources; netlink only where the kernel lets this user listen."""
+    return ["pidfd", pytest.param("netlink", marks=pytest.mark.skipif(
+        not connector_allowed(), reason="netlink needs root before Linux 6.6"))]
+
+
+async def _forced(source: str, events: ProcessEvents) -> None:
+    assert events.source == source, events.rejected
+
+
+@pytest.mark.parametrize("source", sources())
+async def test_adopted_orphans_are_reaped_and_our_children_left_to_us(
+        subreaper: None, source: str) -> None:
+    """Reaped once ended: an orphan seen deeper in the tree before it was adopted, and
+    one whose process group is neither its own nor ours; never a child we started
+    (in our group, in a session of its own, or a Popen waited for late)."""
+    events = ProcessEvents(use_netlink=source == "netlink")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(events.keep)
+        await nursery.start(events.run)
+        await _forced(source, events)
+        # Like the payload's: started in a session of its own, its orphan is in its group.
+        shell = await trio.run_process(["sh", "-c", "sleep 0.3 >/dev/null 2>&1 & echo $!"],
+                                       capture_stdout=True, start_new_session=True)
+        other_group = int(shell.stdout)
+        # In our group (like cvmfsexec's unshare): known adopted only if seen deeper first.
+        parent = await trio.lowlevel.open_process(
+            ["sh", "-c", "sleep 0.5 >/dev/null 2>&1 & echo $!; read _ || :"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert parent.stdin is not None and parent.stdout is not None
+        seen_deeper = int(await parent.stdout.receive_some())
+        await trio.run_process(["true"])  # its SIGCHLD: cvmfsd looks at its tree (pidfd)
+        await trio.sleep(0.1)
+        await parent.stdin.aclose()  # the shell ends: its sleep becomes our child
+        assert await parent.wait() == 0
+        late = subprocess.Popen(["sh", "-c", "exit 6"])  # noqa: ASYNC220 - waited late, as the janitor is
+        same_group = await trio.lowlevel.open_process(["sh", "-c", "exit 4"])
+        own_session = await trio.lowlevel.open_process(["sh", "-c", "exit 5"],
+                                                       start_new_session=True)
+        await reaped(other_group)
+        await reaped(seen_deeper)
+        assert await same_group.wait() == 4
+        assert await own_session.wait() == 5
+        assert late.wait() == 6
+        await parent.stdout.aclose()
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("source", sources())
+async def test_the_tree_is_told_pid_and_start_time(source: str) -> None:
+    """on_appeared hears of the tree's processes with their start times, each once."""
+    appeared: list[tuple[int, int]] = []
+    told = trio.Event()
+
+    def on_appeared(batch: list[tuple[int, int]]) -> None:
+        nonlocal told
+        appeared.extend(batch)
+        told.set()
+        told = trio.Event()
+
+    events = ProcessEvents(use_netlink=source == "netlink", on_appeared=on_appeared)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(events.keep)
+        await nursery.start(events.run)
+        await _forced(source, events)
+        shell = await trio.lowlevel.open_process(
+            ["sh", "-c", "sleep 30 & echo $!; wait"], stdout=subprocess.PIPE)
+        assert shell.stdout is not None
+        sleeper = int(await shell.stdout.receive_some())
+        wanted = {(pid, janitor.process_start(pid)) for pid in (shell.pid, sleeper)}
+        with trio.fail_after(procevents.LOOK_INTERVAL + 2):
+            while not wanted <= set(appeared):
+                await told.wait()
+        os.kill(sleeper, signal.SIGKILL)
+        await shell.wait()
+        await shell.stdout.aclose()
+        nursery.cancel_scope.cancel()
+    assert len(appeared) == len(set(appeared))
+
+
+def fake_proc(root: Path, tree: dict[int, list[int]]) -> Path:
+    """A /proc with ``tree`` (pid -> children), every process alive, started at tick 1000 + pid."""
+    leaves: dict[int, list[int]] = {kid: [] for kids in tree.values() for kid in kids}
+    for pid, kids in {**leaves, **tree}.items():
+        (root / str(pid) / "task" / str(pid)).mkdir(parents=True, exist_ok=True)
+        (root / str(pid) / "task" / str(pid) / "children").write_text(
+            "".join(f"{kid} " for kid in kids))
+        (root / str(pid) / "stat").write_text(
+            f"{pid} (x) S 1 {pid} {pid} " + "0 " * 15 + f"{1000 + pid} 0 0\n")
+    return root
+
+
+async def test_a_fork_storm_is_told_in_bounded_batches(tmp_path: Path,
+                                                       autojump_clock: trio.abc.Clock) -> None:
+    """Thousands of new processes: TELL_MAX at a time, TELL_INTERVAL apart, all of them."""
+    me = os.getpid()
+    proc = fake_proc(tmp_path, {me: [100], 100: list(range(1000, 2200))})
+    calls: list[tuple[float, int]] = []
+    told: list[tuple[int, int]] = []
+
+    def on_appeared(batch: list[tuple[int, int]]) -> None:
+        calls.append((trio.current_time(), len(batch)))
+        told.extend(batch)
+
+    events = ProcessEvents(use_netlink=False, on_appeared=on_appeared, proc_root=proc)
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(events.keep)
+        await trio.sleep(1)
+        nursery.cancel_scope.cancel()
+    interval, most = procevents.TELL_INTERVAL, procevents.TELL_MAX
+    assert [(round(at - start, 6), n) for at, n in calls] == [
+        (0, most), (interval, most), (2 * interval, 1201 - 2 * most)]
+    assert sorted(told) == [(pid, 1000 + pid) for pid in (100, *range(1000, 2200))]
 
 
 THREADED = "import threading\nfor _ in range(5):\n t = threading.Thread(target=min, args=[0])\n" \
@@ -355,6 +472,7 @@ async def test_pidfd_fallback_knows_how_its_children_ended() -> None:
         assert (events.source, events.rejected) == ("pidfd", "netlink: not tried "
                                                     "(use_netlink=False)")
         killed = await trio.lowlevel.open_process(["sleep", "60"])
+        await execed(killed.pid, "sleep")  # watched before its exec, its comm would be ours
         events.watch(killed.pid)
         exited = await trio.lowlevel.open_process(["sh", "-c", "exit 3"])
         events.watch(exited.pid)
