@@ -9,6 +9,7 @@ newest 3.1x), else with pyenv's where found, else with this one.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -41,7 +42,8 @@ def _bundle_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if os.environ.get("CI"):
         pytest.fail("CI must build the bundle and name it in CVMFSD_TEST_BUNDLE")
     output = tmp_path_factory.mktemp("bundle") / "cvmfsd.pyz"
-    assert bundle.main(["build", "-o", str(output), "--wheels", str(_wheels())]) == 0
+    assert bundle.main(["build", "-o", str(output), "--wheels", str(_wheels()),
+                        *_python_options()]) == 0
     return output
 
 
@@ -62,6 +64,74 @@ def _pythons() -> list[str]:
 
 
 PYTHONS = _pythons()
+
+
+def _python_options() -> list[str]:
+    """``--python P`` for each interpreter of the tests: the bundle has bytecode for each."""
+    return [option for python in PYTHONS for option in ("--python", python)]
+
+
+def _cache_tag(python: str) -> str:
+    ran = subprocess.run([python, "-I", "-c", "import sys; print(sys.implementation.cache_tag)"],
+                         capture_output=True, text=True, check=True, timeout=30)
+    return ran.stdout.strip()
+
+
+#: Runs the bundle's ``__main__`` as ``BUNDLE -m cvmfsd._selfexec`` (the way
+#: cvmfsd starts its helpers), recording every source compiled; then imports
+#: more of the bundle and prints what it saw as JSON.  Arguments: the bundle,
+#: then optionally a cache tag to pretend to be, or "bad-offset" to make the
+#: bundle's record of where its bytecode is wrong.
+PROBE = """\
+import builtins, json, runpy, sys, traceback
+bundle, how = sys.argv[1], sys.argv[2]
+if how == "bad-offset":
+    sys.path.insert(0, bundle)
+    import _cvmfsd_bundle
+    sys.path.remove(bundle)
+    offset, size = _cvmfsd_bundle.BYTECODE[sys.implementation.cache_tag]
+    _cvmfsd_bundle.BYTECODE[sys.implementation.cache_tag] = (offset + 1, size)
+elif how != "as-is":
+    sys.implementation.cache_tag = how
+compiled = []
+real_compile = builtins.compile
+def spy(source, filename, *args, **kwargs):
+    compiled.append(str(filename))
+    return real_compile(source, filename, *args, **kwargs)
+builtins.compile = spy
+sys.argv = [bundle, "-m", "cvmfsd._selfexec"]
+try:
+    runpy.run_path(bundle, run_name="__main__")
+except SystemExit:
+    pass
+sys.path.insert(0, bundle)  # run_path took it away; the finder needs none
+import importlib.resources, trio, structlog, cvmfsd.config, cvmfsd.daemon
+builtins.compile = real_compile
+try:
+    cvmfsd.config.parse_address("nonsense")
+except Exception:
+    tb = traceback.format_exc()
+setup = importlib.resources.files("cvmfsd.glidein_scripts").joinpath("cvmfsd_setup.sh")
+print(json.dumps({
+    "compiled": sorted(set(name[len(bundle) + 1:] for name in compiled
+                           if name.startswith(bundle + "/"))),
+    "loader": type(cvmfsd.daemon.__loader__).__name__,
+    "file": cvmfsd.daemon.__file__,
+    "co_filename": cvmfsd.daemon.run.__code__.co_filename,
+    "trio_path": list(trio.__path__),
+    "traceback": tb,
+    "resource": setup.read_text()[:11],
+}))
+"""
+
+
+def _probe(python: str, bundle_file: Path, how: str = "as-is") -> dict[str, object]:
+    ran = subprocess.run([python, "-I", "-c", PROBE, str(bundle_file), how],
+                         capture_output=True, text=True, env=_isolated_env(), check=False,
+                         timeout=60)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    result: dict[str, object] = json.loads(ran.stdout)
+    return result
 
 
 @pytest.fixture(name="readonly_bundle")
@@ -88,8 +158,12 @@ def _isolated_env(**extra: str) -> dict[str, str]:
 def test_building_twice_gives_the_same_bytes(tmp_path: Path) -> None:
     """Same checkout and wheels, two builds: identical files (fixed times and order)."""
     one, two = tmp_path / "1" / "cvmfsd.pyz", tmp_path / "2" / "cvmfsd.pyz"
-    for output in (one, two):
-        assert bundle.main(["build", "-o", str(output), "--wheels", str(_wheels())]) == 0
+    checkout = tmp_path / "checkout"  # a snapshot: the same inputs, whatever else edits
+    shutil.copytree(CHECKOUT / "cvmfsd", checkout / "cvmfsd",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for output in (one, two):  # each compiles in new processes of every interpreter
+        assert bundle.main(["build", "-o", str(output), "--wheels", str(_wheels()),
+                            "--checkout", str(checkout), *_python_options()]) == 0
     assert one.read_bytes() == two.read_bytes()
     with zipfile.ZipFile(one) as archive:
         infos = archive.infolist()
@@ -110,6 +184,54 @@ def test_contents_and_size(bundle_file: Path) -> None:
     assert not [n for n in names if n.startswith("cvmfsd/sim/") or n == "cvmfsd/bundle.py"]
     assert not [n for n in names if n.endswith((".so", ".pyc")) or "/_tests/" in n]
     assert not [n for n in names if n.split("/")[0] in ("prctl", "pyfuse3")]
+    tags = {_cache_tag(python) for python in PYTHONS}
+    assert {n for n in names if n.startswith("_bytecode/")} == {f"_bytecode/{t}" for t in tags}
+
+
+@pytest.mark.parametrize("python", PYTHONS)
+def test_modules_come_from_bytecode(readonly_bundle: Path, python: str) -> None:
+    """From a read-only bundle, nothing but the bundle's ``__main__`` is compiled from source.
+
+    The modules of cvmfsd and of its dependencies are loaded by the bundle's
+    bytecode loader, with ``__file__`` and the code's file name inside the
+    bundle; their source (tracebacks) and data (importlib.resources) are read
+    from the zip.
+    """
+    seen = _probe(python, readonly_bundle)
+    assert seen["compiled"] == ["__main__.py", "_cvmfsd_bundle.py"]
+    assert seen["loader"] == "_Module"
+    assert seen["file"] == seen["co_filename"] == f"{readonly_bundle}/cvmfsd/daemon.py"
+    assert seen["trio_path"] == [f"{readonly_bundle}/trio"]
+    assert seen["resource"] == "#!/bin/bash"
+    tb = str(seen["traceback"])
+    assert f'File "{readonly_bundle}/cvmfsd/config.py", line ' in tb
+    assert 'raise UsageError(f"--metrics-address {text!r}: expected HOST:PORT' in tb
+
+
+@pytest.mark.parametrize("how", ["cpython-0", "bad-offset"], ids=["uncovered", "bad-offset"])
+def test_modules_come_from_source_without_bytecode(readonly_bundle: Path, how: str) -> None:
+    """Another interpreter than the build's, or bytecode not where recorded: zipimport, source."""
+    seen = _probe(PYTHONS[-1], readonly_bundle, how)
+    compiled = seen["compiled"]
+    assert isinstance(compiled, list)
+    assert "cvmfsd/daemon.py" in compiled
+    assert "trio/__init__.py" in compiled
+    assert seen["loader"] == "zipimporter"
+    assert seen["file"] == seen["co_filename"] == f"{readonly_bundle}/cvmfsd/daemon.py"
+    assert 'raise UsageError(f"--metrics-address {text!r}' in str(seen["traceback"])
+
+
+def test_simulation_is_not_in_the_bundle(bundle_file: Path, tmp_path: Path) -> None:
+    """``cvmfsd sim`` from the bundle says the simulation is left out, and where to get it."""
+    ran = subprocess.run([PYTHONS[-1], "-I", str(bundle_file), "sim", "makedist",
+                          str(tmp_path / "d"), "--stratum", str(tmp_path / "s")],
+                         capture_output=True, text=True, env=_isolated_env(), check=False,
+                         timeout=60)
+    assert ran.returncode == 69
+    assert "Traceback" not in ran.stderr
+    assert "(cvmfsd.sim, for 'cvmfsd sim' and 'cvmfsd demo') is not in the one-file bundle" \
+        in ran.stderr
+    assert "pip install 'cvmfsd[sim]'" in ran.stderr
 
 
 @pytest.mark.parametrize("python", PYTHONS)
