@@ -4,6 +4,8 @@ Starts ``cvmfsd run`` (from the bundle) on a simulated distribution, then
 times, alternately, ``python -c pass`` and ``python -I cvmfsd.pyz cvmfsctl get
 GLIDEIN_Site`` run in place from the zip and with ``$CVMFSD_CACHE`` (the
 bundle unpacked once into a scratch directory), with the same interpreter.
+The bundle it builds has bytecode for that interpreter; a given one says for
+which interpreters it has some (any other compiles the modules at every start).
 
     python bench/bundle.py [--bundle dist/cvmfsd.pyz] [--python python3] [--runs 50]
 
@@ -19,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 
 import _repos
@@ -41,8 +44,12 @@ def main() -> int:
         if pyz is None:
             pyz = work / "cvmfsd.pyz"
             checkout = Path(__file__).resolve().parent.parent
-            builder.main(["build", "-o", str(pyz), "--wheels", str(checkout / "dist/wheels")])
+            builder.main(["build", "-o", str(pyz), "--wheels", str(checkout / "dist/wheels"),
+                          "--python", args.python])
         size = pyz.stat().st_size
+        with zipfile.ZipFile(pyz) as archive:
+            tags = sorted(name.split("/")[1] for name in archive.namelist()
+                          if name.startswith(f"{builder.BYTECODE}/"))
         dist, repos = _repos.build(work, 1, "bundle.test")
         gconfig = work / "glidein_config"
         gconfig.write_text("GLIDEIN_Site Bench_Site\n")
@@ -60,6 +67,9 @@ def main() -> int:
                    "get", "GLIDEIN_Site"]
             cached = {**env, "CVMFSD_CACHE": str(work / "cache")}
             check = subprocess.run(get, capture_output=True, text=True, check=True, env=cached)
+            tag = subprocess.run([args.python, "-c", "import sys; print(sys.implementation."
+                                  "cache_tag)"], capture_output=True, text=True,
+                                 check=True).stdout.strip()
             assert check.stdout == "Bench_Site\n", check
             commands = {"python -c pass": ([args.python, "-c", "pass"], env),
                         "cvmfsctl get (in place)": (get, env),
@@ -73,7 +83,8 @@ def main() -> int:
         finally:
             daemon.terminate()
             daemon.wait(timeout=60)
-    print(f"bundle: {size} bytes ({size / 2**20:.2f} MiB; target <= 5 MB)")
+    print(f"bundle: {size} bytes ({size / 2**20:.2f} MiB; target <= 5 MB), "
+          f"bytecode for {', '.join(tags) or 'no interpreter'}; {args.python} is {tag}")
     for name, samples in times.items():
         print(describe(name, samples, width=28))
     base = statistics.median(times["python -c pass"])
