@@ -29,7 +29,7 @@ import errno
 import os
 import resource
 from collections.abc import Awaitable, Callable
-from typing import NoReturn
+from typing import NoReturn, Protocol, TypeVar
 
 import structlog
 import trio
@@ -100,6 +100,13 @@ class RateLimitedWarning:
         self._next, self.suppressed = now + self._interval, 0
 
 
+class _Closable(Protocol):
+    def close(self) -> None: ...
+
+
+_Socket = TypeVar("_Socket", bound=_Closable)  # a trio socket, or a plain non-blocking one
+
+
 class Slot:
     """One connection's place in a :class:`Pool`; ``idle`` while it waits for a request."""
 
@@ -161,8 +168,8 @@ class Pool:
         self._changed.unpark_all()
 
 
-async def serve_pool(accept: Callable[[], Awaitable[trio.socket.SocketType]],
-                     handle: Callable[[trio.socket.SocketType, Slot], Awaitable[None]],
+async def serve_pool(accept: Callable[[], Awaitable[_Socket]],
+                     handle: Callable[[_Socket, Slot], Awaitable[None]],
                      pool: Pool) -> NoReturn:
     """Accept connections forever and run ``handle(sock, slot)`` for each, within ``pool``.
 
@@ -190,11 +197,11 @@ async def serve_pool(accept: Callable[[], Awaitable[trio.socket.SocketType]],
             nursery.start_soon(_run, sock, handle, pool, pool.admit())
 
 
-async def _run(sock: trio.socket.SocketType,
-               handle: Callable[[trio.socket.SocketType, Slot], Awaitable[None]],
+async def _run(sock: _Socket, handle: Callable[[_Socket, Slot], Awaitable[None]],
                pool: Pool, slot: Slot) -> None:
     try:
-        with sock, slot.scope:
+        with slot.scope:
             await handle(sock, slot)
     finally:
+        sock.close()
         pool.release(slot)

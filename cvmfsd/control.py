@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import math
 import os
 import socket
 import struct
@@ -27,7 +28,7 @@ import structlog
 import trio
 
 from cvmfsd import budget, protocol
-from cvmfsd.config import prepare_socket_dir
+from cvmfsd.config import bind_socket
 from cvmfsd.errors import CvmfsdError, LocalProtocolError
 from cvmfsd.protocol import ErrorCode, Request, Response, Verb
 from cvmfsd.shim import received_fds
@@ -36,6 +37,7 @@ from cvmfsd.state import DaemonState, LiveConfig
 log = structlog.get_logger("cvmfsd.control")
 
 IDLE_TIMEOUT = 60.0  # seconds a connection may sit without a complete request
+IDLE_SLACK = 1 / 60  # the idle deadline is not moved by less than this part of it
 SEND_TIMEOUT = 10.0  # seconds a client may take to read a response
 MAX_FDS = 3  # descriptors a request may bring (exec: stdin, stdout, stderr)
 _UCRED = struct.Struct("3i")
@@ -82,38 +84,42 @@ class Backend:
     on_request: Callable[[str], None] = lambda verb: None
     probe_now: Callable[[str], Awaitable[None]] | None = None
     owner_uid: int = field(default_factory=os.getuid)
+    # config.visible() of each key asked for, for one version of the values
+    # (LiveConfig hands out the same mapping until the file changes).
+    _shown: tuple[Mapping[str, str], dict[str, bool]] = field(
+        default=({}, {}), init=False, repr=False)
+
+    def visible(self, values: Mapping[str, str], key: str) -> bool:
+        """Whether ``key`` of ``values`` (``config.values()``) may be shown; worked out once."""
+        seen, shown = self._shown
+        if seen is not values:
+            shown = {}
+            self._shown = (values, shown)
+        answer = shown.get(key)
+        if answer is None:
+            answer = shown[key] = self.config.visible(key, values[key])
+        return answer
 
 
 async def serve_control(path: Path, backend: Backend, *, max_connections: int | None = None,
+                        listener: socket.socket | None = None,
                         task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED,
                         ) -> NoReturn:
     """Listen on ``path`` until cancelled; ``task_status.started(path)`` once bound.
 
-    At most ``max_connections`` (default: the control share of the descriptor
-    budget, :mod:`cvmfsd.budget`) are open at once.
+    ``listener``: the socket already bound there (:func:`cvmfsd.config.bind_socket`,
+    which binds one by default).  At most ``max_connections`` (default: the
+    control share of the descriptor budget, :mod:`cvmfsd.budget`) are open at once.
     """
-    prepare_socket_dir(path)
-    listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     # Local, tiny file-system calls on our own private directory: not worth a thread.
+    listener = listener or bind_socket(path)
     try:
-        _unlink(path)
-        old_umask = os.umask(0o177)
-        try:
-            await listener.bind(str(path))
-        finally:
-            os.umask(old_umask)
-        os.chmod(path, 0o600)  # noqa: PTH101 - see above
-        listener.listen(128)
         if max_connections is None:
             max_connections = budget.connection_caps(budget.soft_nofile())[1]
         log.info("control socket ready", path=str(path), max_connections=max_connections)
         task_status.started(path)
-
-        async def accept() -> trio.socket.SocketType:
-            conn, _ = await listener.accept()
-            return conn
-
-        await budget.serve_pool(accept, partial(_serve_connection, backend=backend),
+        await budget.serve_pool(partial(_accept, listener),
+                                partial(_serve_connection, backend=backend),
                                 budget.Pool("control", max_connections))
     finally:
         listener.close()
@@ -125,7 +131,19 @@ def _unlink(path: Path) -> None:
         os.unlink(path)  # noqa: PTH108 - called from async code; pathlib is flagged there
 
 
-async def _serve_connection(conn: trio.socket.SocketType, slot: budget.Slot, *,
+async def _accept(listener: socket.socket) -> socket.socket:
+    """The next connection, as a non-blocking plain socket (see :func:`_converse`)."""
+    while True:
+        await trio.lowlevel.wait_readable(listener)
+        try:
+            conn, _addr = listener.accept()
+        except BlockingIOError:
+            continue  # the client gave up between the wake-up and the accept
+        conn.setblocking(False)
+        return conn
+
+
+async def _serve_connection(conn: socket.socket, slot: budget.Slot, *,
                             backend: Backend) -> None:
     pid, uid, _gid = _UCRED.unpack(
         conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
@@ -135,8 +153,8 @@ async def _serve_connection(conn: trio.socket.SocketType, slot: budget.Slot, *,
         refusal = protocol.error(
             None, ErrorCode.REFUSED,
             f"uid {uid} may not use this cvmfsd (owner uid {backend.owner_uid})")
-        with trio.move_on_after(SEND_TIMEOUT):
-            await conn.send(protocol_conn.send(refusal))
+        with trio.CancelScope() as scope:
+            await _send_all(conn, protocol_conn.send(refusal), scope)
         return
     fds: list[int] = []
     try:
@@ -154,7 +172,7 @@ def _close_all(fds: list[int]) -> None:
     fds.clear()
 
 
-async def _converse(conn: trio.socket.SocketType, protocol_conn: protocol.ServerConnection,
+async def _converse(conn: socket.socket, protocol_conn: protocol.ServerConnection,
                     backend: Backend, fds: list[int], slot: budget.Slot) -> None:
     """Answer requests until the client is done, misbehaves, or idles past its deadline.
 
@@ -163,44 +181,103 @@ async def _converse(conn: trio.socket.SocketType, protocol_conn: protocol.Server
     time.  Descriptors (SCM_RIGHTS) are held only until the request they came
     with is parsed, and only ``exec`` keeps them past that; more than
     ``MAX_FDS`` pending, or a truncated control message, ends the connection.
+
+    Theory of operation (what a request costs)
+    ==========================================
+
+    A request of a busy connection must cost little more than the bytes it
+    moves: entering a trio cancel scope, or trio's socket methods (which
+    yield to the scheduler after every call that did not block), each cost
+    as much as parsing the request.  So the socket is a plain non-blocking
+    one, and the connection has one cancel scope whose deadline is moved
+    only when it must be:
+
+    * waiting for a request: the idle deadline, set after each response.
+      When it would move by less than ``IDLE_SLACK`` of ``IDLE_TIMEOUT`` it
+      is left alone, so a connection is dropped after 59 to 60 seconds
+      without a complete request (one move a second at most);
+    * answering: at least ``SEND_TIMEOUT`` ahead, or none at all for the
+      verbs that wait by design (``_WAITING_VERBS``);
+    * writing a response that does not fit in the socket's buffer: the
+      client gets ``SEND_TIMEOUT`` from then on to read it.
+
+    The scope's expiry ends the connection, as any of the deadlines should.
+    The read waits for readability before ``recvmsg`` (the next request is
+    rarely there already, and a failed try costs a system call and an
+    exception), and a response that fits is written at once.  A client
+    that pipelines never waits, so then the loop checkpoints once per
+    request: it cannot keep the others from being served.
     """
-    space = socket.CMSG_SPACE(MAX_FDS * 4)
-    deadline = trio.current_time() + IDLE_TIMEOUT
-    while True:
-        event = protocol_conn.next_event()
-        if event is protocol.NEED_DATA:
-            slot.idle()
-            with trio.move_on_at(deadline):
-                data, ancdata, flags, _addr = await conn.recvmsg(65536, space)
-                fds.extend(received_fds(ancdata))
-                if len(fds) > MAX_FDS or flags & socket.MSG_CTRUNC:
-                    _close_all(fds)
-                    response = protocol.error(
-                        None, ErrorCode.BAD_REQUEST, f"more than {MAX_FDS} descriptors sent "
-                        "with one request; the connection will be closed")
-                    with trio.move_on_after(SEND_TIMEOUT):
-                        await _send_all(conn, _encode(protocol_conn, response))
+    with trio.CancelScope(deadline=trio.current_time() + IDLE_TIMEOUT) as scope:
+        while True:
+            event = protocol_conn.next_event()
+            if event is protocol.NEED_DATA:
+                slot.idle()
+                received = await _receive(conn, protocol_conn, fds, scope)
+                if received is None:
+                    await trio.lowlevel.wait_readable(conn)
+                elif not received:
                     return
-                protocol_conn.receive_data(data)
                 continue
-            return  # idle for too long
-        if event is protocol.EOF:
-            return
-        slot.busy()
-        if isinstance(event, protocol.BadMessage):
-            _close_all(fds)
-            response = event.response()
-        elif event.verb is Verb.EXEC:
-            taken, fds[:] = list(fds), []
-            response = await _dispatch(event, backend, taken)
-        else:
-            _close_all(fds)  # only exec uses descriptors: closed before the verb runs
-            response = await _dispatch(event, backend, [])
-        with trio.move_on_after(SEND_TIMEOUT) as scope:
-            await _send_all(conn, _encode(protocol_conn, response))
-        if scope.cancelled_caught or protocol_conn.must_close:
-            return
-        deadline = trio.current_time() + IDLE_TIMEOUT
+            if event is protocol.EOF:
+                return
+            slot.busy()
+            response = await _answer(event, backend, fds, scope)
+            await _send_all(conn, _encode(protocol_conn, response), scope)
+            if protocol_conn.must_close:
+                return
+            idle = trio.current_time() + IDLE_TIMEOUT
+            if not idle - IDLE_TIMEOUT * IDLE_SLACK <= scope.deadline <= idle:
+                scope.deadline = idle
+            # Let the other connections run; by the time this one is back, its
+            # client has most often sent the next request, which is then read
+            # without a wait.
+            await trio.lowlevel.checkpoint()
+
+
+_ANCILLARY_SPACE = socket.CMSG_SPACE(MAX_FDS * 4)
+
+
+async def _receive(conn: socket.socket, protocol_conn: protocol.ServerConnection,
+                   fds: list[int], scope: trio.CancelScope) -> bool | None:
+    """Read what has arrived into ``protocol_conn``.
+
+    Returns None if nothing had, and False if the connection must end.
+    """
+    try:
+        data, ancdata, flags, _addr = conn.recvmsg(65536, _ANCILLARY_SPACE)
+    except BlockingIOError:
+        return None
+    fds.extend(received_fds(ancdata))
+    if len(fds) > MAX_FDS or flags & socket.MSG_CTRUNC:
+        _close_all(fds)
+        response = protocol.error(
+            None, ErrorCode.BAD_REQUEST, f"more than {MAX_FDS} descriptors sent "
+            "with one request; the connection will be closed")
+        scope.deadline = trio.current_time() + SEND_TIMEOUT
+        await _send_all(conn, _encode(protocol_conn, response), scope)
+        return False
+    protocol_conn.receive_data(data)
+    return True
+
+
+async def _answer(event: Request | protocol.BadMessage, backend: Backend, fds: list[int],
+                  scope: trio.CancelScope) -> Response:
+    """The response to ``event``, with the connection's deadline set for answering it."""
+    if isinstance(event, Request) and event.verb in _WAITING_VERBS:
+        scope.deadline = math.inf
+    else:
+        floor = trio.current_time() + SEND_TIMEOUT
+        if scope.deadline < floor:  # noqa: PLR1730 - a deadline assignment costs: only if needed
+            scope.deadline = floor
+    if isinstance(event, protocol.BadMessage):
+        _close_all(fds)
+        return event.response()
+    if event.verb is Verb.EXEC:
+        taken, fds[:] = list(fds), []
+        return await _dispatch(event, backend, taken)
+    _close_all(fds)  # only exec uses descriptors: closed before the verb runs
+    return await _dispatch(event, backend, [])
 
 
 def _encode(protocol_conn: protocol.ServerConnection, response: Response) -> bytes:
@@ -213,10 +290,22 @@ def _encode(protocol_conn: protocol.ServerConnection, response: Response) -> byt
         return protocol_conn.send(protocol.error(response.id, ErrorCode.INTERNAL, str(exc)))
 
 
-async def _send_all(conn: trio.socket.SocketType, data: bytes) -> None:
-    view = memoryview(data)
+async def _send_all(conn: socket.socket, data: bytes, scope: trio.CancelScope) -> None:
+    """Write ``data``: at once if it fits, else within ``SEND_TIMEOUT`` (``scope``'s deadline)."""
+    try:
+        sent = conn.send(data)
+    except BlockingIOError:
+        sent = 0
+    if sent == len(data):
+        return
+    scope.deadline = trio.current_time() + SEND_TIMEOUT
+    view = memoryview(data)[sent:]
     while view:
-        sent = await conn.send(view)
+        await trio.lowlevel.wait_writable(conn)
+        try:
+            sent = conn.send(view)
+        except BlockingIOError:
+            continue
         view = view[sent:]
 
 
@@ -260,7 +349,7 @@ async def _get(request: Request, backend: Backend, fds: list[int]) -> object:
     values = backend.config.values()
     if args.key not in values:
         raise RequestFailed(ErrorCode.NOT_FOUND, f"{args.key} is not set in glidein_config")
-    if not backend.config.visible(args.key, values[args.key]):
+    if not backend.visible(values, args.key):
         raise RequestFailed(ErrorCode.REFUSED, f"{args.key} looks like a secret and is withheld; "
                             "the pilot can allow it with cvmfsd run --allow-key")
     return {"key": args.key, "value": values[args.key]}
@@ -273,7 +362,7 @@ async def _env(request: Request, backend: Backend, fds: list[int]) -> object:
 
 async def _config(request: Request, backend: Backend, fds: list[int]) -> object:
     values = backend.config.values()
-    return {k: v for k, v in values.items() if backend.config.visible(k, v)}
+    return {k: v for k, v in values.items() if backend.visible(values, k)}
 
 
 async def _mounts(request: Request, backend: Backend, fds: list[int]) -> object:
@@ -355,3 +444,7 @@ _HANDLERS: Mapping[Verb, Handler] = {
     Verb.CONFIG: _config, Verb.MOUNTS: _mounts, Verb.WAIT: _wait, Verb.EXEC: _exec,
     Verb.REMOUNT: _remount, Verb.STOP: _stop, Verb.METRICS: _metrics, Verb.CLASSAD: _classad,
 }
+# Verbs that wait by design (for a path, a command, a thread, a remount, the stop):
+# no deadline while they run.  Every other verb answers at once.
+_WAITING_VERBS: frozenset[Verb] = frozenset({
+    Verb.MOUNTS, Verb.WAIT, Verb.EXEC, Verb.REMOUNT, Verb.STOP})

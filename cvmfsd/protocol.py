@@ -642,6 +642,11 @@ def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
     return obj
 
 
+# Made once: json.loads and json.dumps with options build a new coder on every call.
+_DECODER: Final = json.JSONDecoder(parse_constant=_no_constants, object_pairs_hook=_no_duplicates)
+_ENCODER: Final = json.JSONEncoder(ensure_ascii=True, allow_nan=False, separators=(",", ":"))
+
+
 def _loads(line: bytes) -> object:
     """Parse one line of JSON, or raise ``_Reject`` saying what is wrong with it."""
     try:
@@ -650,7 +655,7 @@ def _loads(line: bytes) -> object:
         raise _Reject(ErrorCode.BAD_REQUEST, f"message is not UTF-8 (bad byte at offset "
                       f"{exc.start}); expected one JSON object per line") from None
     try:
-        return json.loads(text, parse_constant=_no_constants, object_pairs_hook=_no_duplicates)
+        return _DECODER.decode(text)
     except json.JSONDecodeError as exc:
         reason = f"malformed JSON at column {exc.colno}: {exc.msg}"
     except _JsonRefused as exc:
@@ -665,7 +670,7 @@ def _loads(line: bytes) -> object:
 def _dumps(obj: object, limit: int) -> bytes:
     """One line of compact ASCII JSON; ``LocalProtocolError`` if impossible or over ``limit``."""
     try:
-        data = json.dumps(obj, ensure_ascii=True, allow_nan=False, separators=(",", ":"))
+        data = _ENCODER.encode(obj)
     except (TypeError, ValueError, RecursionError) as exc:
         raise LocalProtocolError(f"message cannot be encoded as JSON: {exc}",
                                  code=ErrorCode.INTERNAL.value) from None
@@ -676,6 +681,11 @@ def _dumps(obj: object, limit: int) -> bytes:
 
 
 _REQUEST_FIELDS: Final = ("v", "id", "verb", "args")
+_REQUEST_FIELD_SET: Final = frozenset(_REQUEST_FIELDS)
+_VERB_BY_NAME: Final[Mapping[str, Verb]] = {verb.value: verb for verb in Verb}
+_ARG_NAMES: Final[Mapping[Verb, frozenset[str]]] = {
+    spec.verb: frozenset(arg.name for arg in spec.args) for spec in _TABLE}
+_NO_ARGS: Final = NoArgs()  # frozen and empty: one instance serves every request
 _ABSENT: Final = object()
 
 
@@ -699,20 +709,19 @@ def _request_from_json(obj: object) -> Request:
                       f"got {_describe(obj)}; expected a request object")
     request_id = _as_id(obj.get("id"))
     _check_version(obj, request_id)
-    unknown = [name for name in obj if name not in _REQUEST_FIELDS]
-    if unknown:
-        raise _Reject(ErrorCode.BAD_REQUEST, f"unknown field {_quote(unknown[0])}; "
+    if not obj.keys() <= _REQUEST_FIELD_SET:
+        unknown = next(name for name in obj if name not in _REQUEST_FIELD_SET)
+        raise _Reject(ErrorCode.BAD_REQUEST, f"unknown field {_quote(unknown)}; "
                       f"expected only {', '.join(_REQUEST_FIELDS)}", request_id)
     name = obj.get("verb")
     if not isinstance(name, str):
         raise _Reject(ErrorCode.BAD_REQUEST,
                       f"field \"verb\": got {_describe(name)}; expected a verb name",
                       request_id)
-    try:
-        verb = Verb(name)
-    except ValueError:
+    verb = _VERB_BY_NAME.get(name)
+    if verb is None:
         raise _Reject(ErrorCode.UNKNOWN_VERB, f"unknown verb {_quote(name)}; expected one "
-                      f"of {', '.join(v.value for v in Verb)}", request_id) from None
+                      f"of {', '.join(v.value for v in Verb)}", request_id)
     raw = obj.get("args", {})
     if not isinstance(raw, dict):
         raise _Reject(ErrorCode.BAD_REQUEST,
@@ -721,12 +730,15 @@ def _request_from_json(obj: object) -> Request:
 
 
 def _args_from_json(spec: VerbSpec, raw: dict[str, object], request_id: RequestId) -> Args:
-    names = [arg.name for arg in spec.args]
-    for name in raw:
-        if name not in names:
-            expected = f"only {', '.join(names)}" if names else "no arguments"
-            raise _Reject(ErrorCode.BAD_REQUEST, f"{spec.verb.value}: unknown argument "
-                          f"{_quote(name)}; expected {expected}", request_id)
+    if not raw and not spec.args:
+        return _NO_ARGS  # the common case of most verbs: nothing to check
+    names = _ARG_NAMES[spec.verb]
+    if not raw.keys() <= names:
+        listed = [arg.name for arg in spec.args]
+        unknown = next(name for name in raw if name not in names)
+        expected = f"only {', '.join(listed)}" if listed else "no arguments"
+        raise _Reject(ErrorCode.BAD_REQUEST, f"{spec.verb.value}: unknown argument "
+                      f"{_quote(unknown)}; expected {expected}", request_id)
     for arg in spec.args:
         if arg.required and arg.name not in raw:
             raise _Reject(ErrorCode.BAD_REQUEST, f"{spec.verb.value}: missing argument "

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import array
+import gc
 import json
 import os
 import socket
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -165,6 +167,101 @@ async def test_a_stuck_client_does_not_block_others(short_tmp: Path,
         with trio.fail_after(2):
             other = await connect(path)
             assert (await other.ask(b'{"v":1,"verb":"ping"}\n')).ok
+        finish(nursery)
+
+
+async def test_a_client_that_does_not_read_is_dropped_after_the_send_timeout(
+        monkeypatch: pytest.MonkeyPatch, short_tmp: Path, glidein_config: Path) -> None:
+    """A response bigger than the socket buffers, never read: the connection is closed
+    SEND_TIMEOUT after the write blocked, and other clients are served meanwhile."""
+    monkeypatch.setattr(control, "SEND_TIMEOUT", 0.5)
+    backend = make_backend(glidein_config, metrics=lambda: "x" * (3 * 1024 * 1024))
+    async with trio.open_nursery() as nursery:
+        path = await serve(nursery, short_tmp, backend)
+        reader = await connect(path)
+        await reader.sock.send(protocol.encode_request("metrics"))
+        await trio.sleep(0.1)
+        with trio.fail_after(0.3):
+            assert (await (await connect(path)).ask(b'{"v":1,"verb":"ping"}\n')).ok
+        await trio.sleep(0.6)  # the server gave up writing: it has closed its side
+        received = 0
+        with trio.fail_after(5):
+            while chunk := await reader.sock.recv(1 << 20):
+                received += len(chunk)
+        assert 0 < received < 3 * 1024 * 1024
+        finish(nursery)
+
+
+class LongSteps(trio.abc.Instrument):
+    """Counts trio task steps that took over 1 ms of CPU (CPU, not wall: a busy machine
+    does not count)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._start: float | None = None  # None: added during a step, which is not timed
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self._start = time.thread_time()
+
+    def after_task_step(self, task: trio.lowlevel.Task) -> None:
+        if self._start is not None and time.thread_time() - self._start > 0.001:
+            self.count += 1
+
+
+async def test_a_pipelining_client_does_not_hold_the_server(short_tmp: Path,
+                                                            glidein_config: Path) -> None:
+    """1,500 pings sent in one go are answered a few per task step, so no other client
+    waits for the batch: without a checkpoint per answer the server runs for ms at a time
+    (until its writes block), some 6 times here."""
+    async with trio.open_nursery() as nursery:
+        client = await connect(await serve(nursery, short_tmp, make_backend(glidein_config)))
+        count = 1500
+        steps = LongSteps()
+        gc.disable()  # a collection would be a long step of its own
+        trio.lowlevel.add_instrument(steps)
+        try:
+            await client.sock.send(b'{"v":1,"verb":"ping"}\n' * count)
+            answered = 0
+            with trio.fail_after(30):
+                while answered < count:
+                    answered += (await client.sock.recv(1 << 20)).count(b"\n")
+        finally:
+            trio.lowlevel.remove_instrument(steps)
+            gc.enable()
+        assert steps.count <= 2
+        finish(nursery)
+
+
+async def test_a_value_that_turns_secret_is_withheld(short_tmp: Path,
+                                                     glidein_config: Path) -> None:
+    """Whether a key may be shown is decided again when the file changes (a new value
+    that looks like a token is withheld), not remembered from an earlier answer."""
+    async with trio.open_nursery() as nursery:
+        client = await connect(await serve(nursery, short_tmp, make_backend(glidein_config)))
+        get = protocol.encode_request("get", {"key": "GLIDEIN_Site"})
+        assert (await client.ask(get)).ok
+        with glidein_config.open("a") as f:
+            f.write("GLIDEIN_Site -----BEGIN PRIVATE KEY-----\n")
+        answer = await client.ask(get)
+        assert answer.error is not None and answer.error.code is protocol.ErrorCode.REFUSED
+        finish(nursery)
+
+
+async def test_the_idle_deadline_follows_the_last_answer(
+        monkeypatch: pytest.MonkeyPatch, short_tmp: Path, glidein_config: Path) -> None:
+    """A connection busy for longer than the idle timeout is kept, and dropped once it has
+    been idle for (within 1/60 of) the idle timeout after its last answer."""
+    monkeypatch.setattr(control, "IDLE_TIMEOUT", 0.6)
+    async with trio.open_nursery() as nursery:
+        client = await connect(await serve(nursery, short_tmp, make_backend(glidein_config)))
+        ping = b'{"v":1,"verb":"ping"}\n'
+        for _ in range(10):  # 1 s of use, past the idle timeout
+            await trio.sleep(0.1)
+            assert (await client.ask(ping)).ok
+        last = trio.current_time()
+        with trio.fail_after(2):
+            assert await client.sock.recv(10) == b""
+        assert 0.6 * (1 - control.IDLE_SLACK) - 0.05 <= trio.current_time() - last <= 0.8
         finish(nursery)
 
 
