@@ -33,6 +33,7 @@ import sys
 import zipfile
 import zlib
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 #: The runtime dependencies: name, version, sha256 of the wheel.  The newest
@@ -66,7 +67,11 @@ EXCLUDED_PARTS = ("/_tests/", "/tests/", "/__pycache__/")
 FIXED_TIME = (1980, 1, 1, 0, 0, 0)
 SHEBANG = b"#!/usr/bin/env python3\n"
 
-MAIN = '''\
+#: The bundle's __main__: short, since zipimport compiles it at every start
+#: (twice: its get_filename compiles too); it runs _cvmfsd_boot (BOOT) from this
+#: interpreter's bytecode if the build made some (_cvmfsd_bundle.BYTECODE says
+#: where), else from source, compiled once.
+STUB = '''\
 """cvmfsd bundle: python3 cvmfsd.pyz [cvmfsd|cvmfsctl] ARGS, or -m MODULE ARGS."""
 import os
 import sys
@@ -75,6 +80,46 @@ if sys.version_info < (3, 9):
     sys.stderr.write("cvmfsd: needs Python >= 3.9, this is %s (%s)\\n"
                      % (sys.version.split()[0], sys.executable))
     raise SystemExit(69)
+
+
+def _boot():
+    import zipimport
+    import _cvmfsd_bundle as info
+    from importlib.util import MAGIC_NUMBER
+    bundle = os.path.abspath(sys.path[0])
+    boot = sys.modules["_cvmfsd_boot"] = type(sys)("_cvmfsd_boot")
+    boot.__file__ = bundle + "/_cvmfsd_boot.py"
+    boot.__loader__ = zipimport.zipimporter(bundle)  # its source, for tracebacks
+    where = info.BYTECODE.get(sys.implementation.cache_tag)
+    if where and where[0] == MAGIC_NUMBER.hex() and not sys.flags.optimize:
+        try:
+            import _imp
+            import marshal
+            import zlib
+            fd = os.open(bundle, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                data = os.pread(fd, where[4], where[1] + where[2] + where[3])
+            finally:
+                os.close(fd)
+            code = marshal.loads(zlib.decompress(data))
+            _imp._fix_co_filename(code, boot.__file__)
+            exec(code, boot.__dict__)
+            return boot
+        except Exception:  # noqa: BLE001 - changed after its build? the source works
+            pass
+    exec(boot.__loader__.get_code("_cvmfsd_boot"), boot.__dict__)
+    return boot
+
+
+raise SystemExit(_boot().main(sys.argv[1:]))
+'''
+
+#: The bundle's start-up (_cvmfsd_boot.py): $CVMFSD_CACHE, the bytecode finder,
+#: --version and the dispatch to cvmfsd, cvmfsctl or -m MODULE.
+BOOT = '''\
+"""Start-up of the cvmfsd bundle, run by its __main__ (see cvmfsd.bundle)."""
+import os
+import sys
 
 
 def _cache(bundle, info):
@@ -135,10 +180,10 @@ class _Bytecode(object):
     every start, twice (its get_filename compiles too), and would use a
     X.pyc beside X.py for one interpreter version only.  The build compiled
     every module with each interpreter it was given into one stored entry
-    per cache tag, _bytecode/<tag>: a compressed index (the magic number,
-    then "path start length" per module), then each module's marshalled
-    code, compressed alone.  One entry, not one per module: zipimport reads
-    the whole zip directory at every start, a few microseconds an entry.
+    per cache tag, _bytecode/<tag>: a compressed index ("path start length"
+    per module), then each module's marshalled code, compressed alone.  One
+    entry, not one per module: zipimport reads the whole zip directory at
+    every start, a few microseconds an entry.
     _cvmfsd_bundle.BYTECODE names where each entry's bytes are in the file.
     Ahead of the path finder, this finder claims the modules of the index
     and reads their code with pread (no zipfile import); the rest (source
@@ -227,21 +272,24 @@ class _Module(object):
 
 
 def _bytecode(bundle, info):
-    """Import from the build's bytecode for this interpreter, where it has some."""
+    """Import from the build's bytecode for this interpreter, where it has some.
+
+    info.BYTECODE maps a cache tag to (magic number in hex, offset of its
+    entry's data in the file, size of the index, start and size of
+    _cvmfsd_boot's code); -O wants other bytecode (no asserts): source.
+    """
+    from importlib.machinery import PathFinder
+    from importlib.util import MAGIC_NUMBER
     where = info.BYTECODE.get(sys.implementation.cache_tag)
-    if where is None or sys.flags.optimize:  # -O wants other bytecode (no asserts)
+    if not where or where[0] != MAGIC_NUMBER.hex() or sys.flags.optimize:
         return
     try:
         import zlib
-        from importlib.machinery import PathFinder
-        from importlib.util import MAGIC_NUMBER
-        offset, size = where
+        offset, size = where[1:3]
         lines = zlib.decompress(_read(bundle, offset, size)).decode("utf-8").splitlines()
     except Exception:  # noqa: BLE001 - the bundle was changed after its build: source
         return
-    if not lines or lines[0] != MAGIC_NUMBER.hex():
-        return
-    finder = _Bytecode(bundle, offset + size, lines[1:])
+    finder = _Bytecode(bundle, offset + size, lines)
     try:
         position = sys.meta_path.index(PathFinder)
     except ValueError:
@@ -268,6 +316,7 @@ def _version():
 
 
 def main(argv):
+    """Run cvmfsd, cvmfsctl or ``-m MODULE`` from the bundle; the exit status."""
     _setup()
     if argv[:1] == ["-m"] and len(argv) > 1:
         import runpy
@@ -296,9 +345,6 @@ def main(argv):
             "leaves it out; run it from a checkout or an installed cvmfsd with its extra "
             "(pip install 'cvmfsd[sim]')\\n")
         return 69
-
-
-raise SystemExit(main(sys.argv[1:]))
 '''
 
 
@@ -394,13 +440,22 @@ def _package_entries(checkout: Path) -> Iterator[tuple[str, bytes]]:
             yield name, path.read_bytes()
 
 
-def compile_for(python: str, sources: Sequence[tuple[str, bytes]]) -> tuple[str, bytes, bytes]:
-    """The bytecode of ``sources`` for ``python``: its cache tag, the index and the code.
+@dataclass(frozen=True)
+class Bytecode:
+    """The bundle's modules compiled by one interpreter (see :func:`compile_for`)."""
 
-    The index (compressed) is the magic number, then a line ``path start
-    length`` per module; the code is each module's marshalled code object,
-    compressed alone, at ``start`` after the index, so that one module is
-    read without the others.
+    tag: str  #: the interpreter's sys.implementation.cache_tag
+    magic: bytes  #: its importlib.util.MAGIC_NUMBER
+    index: bytes  #: compressed: a line "path start length" per module
+    code: bytes  #: each module's marshalled code, compressed alone, at its start
+    where: dict[str, tuple[int, int]]  #: path: (start, length) in code
+
+
+def compile_for(python: str, sources: Sequence[tuple[str, bytes]]) -> Bytecode:
+    """The bytecode of ``sources`` for ``python``, for the entry ``_bytecode/<tag>``.
+
+    Each module's code is compressed alone, so that one is read without the
+    others; the bundle stores the entry uncompressed, the index first.
 
     Raises:
         BundleError: ``python`` does not run, has no cache tag, or cannot
@@ -427,12 +482,15 @@ def compile_for(python: str, sources: Sequence[tuple[str, bytes]]) -> tuple[str,
     if not tag:
         raise BundleError(f"{python} has no sys.implementation.cache_tag: it cannot "
                           "use bytecode; build without it (it runs the bundle from source)")
-    lines, code = [magic.hex()], bytearray()
+    where: dict[str, tuple[int, int]] = {}
+    code = bytearray()
     for path, marshalled in compiled:
         packed = zlib.compress(marshalled, 9)
-        lines.append(f"{path} {len(code)} {len(packed)}")
+        where[path] = (len(code), len(packed))
         code += packed
-    return tag, zlib.compress(("\n".join(lines) + "\n").encode(), 9), bytes(code)
+    index = "".join(f"{path} {start} {size}\n" for path, (start, size) in where.items())
+    return Bytecode(tag=tag, magic=magic, index=zlib.compress(index.encode(), 9),
+                    code=bytes(code), where=where)
 
 
 def source_id(checkout: Path) -> str:
@@ -466,23 +524,26 @@ def build(output: Path, *, checkout: Path, wheels: Sequence[Path], source: str,
             raise BundleError(f"{name} is provided twice" if name in entries
                               else f"{name}: {BYTECODE}/ is the bundle's own")
         entries[name] = data
-    sources = [(name, entries[name]) for name in sorted(entries) if name.endswith(".py")]
-    indexes: dict[str, bytes] = {}
+    entries["__main__.py"] = STUB.encode()
+    entries["_cvmfsd_boot.py"] = BOOT.encode()
+    sources = [(name, entries[name]) for name in sorted(entries)
+               if name.endswith(".py") and name != "__main__.py"]
+    compiled: dict[str, Bytecode] = {}
     for python in pythons:
-        tag, index, code = compile_for(python, sources)
-        if tag in indexes:
+        bytecode = compile_for(python, sources)
+        if bytecode.tag in compiled:
             raise BundleError(f"two of the interpreters {', '.join(pythons)} have the cache "
-                              f"tag {tag}: give one of them")
-        indexes[tag] = index
-        entries[f"{BYTECODE}/{tag}"] = index + code
-    entries["__main__.py"] = MAIN.encode()
+                              f"tag {bytecode.tag}: give one of them")
+        compiled[bytecode.tag] = bytecode
+        entries[f"{BYTECODE}/{bytecode.tag}"] = bytecode.index + bytecode.code
     digest = hashlib.sha256()
     for name in sorted(entries):
         digest.update(f"{name}\0{len(entries[name])}\0".encode())
         digest.update(entries[name])
     pins = ", ".join(repr((name, version)) for name, version, _ in PINS)
     info_name = "_cvmfsd_bundle.py"
-    where: dict[str, tuple[int, int]] = {}  # tag: offset in the file, size of the index
+    # tag: (magic, offset in the file, size of the index, start and size of the boot code)
+    where: dict[str, tuple[str, int, int, int, int]] = {}
     buffer = io.BytesIO()
     buffer.write(SHEBANG)
     with zipfile.ZipFile(buffer, "w") as bundle:
@@ -498,7 +559,8 @@ def build(output: Path, *, checkout: Path, wheels: Sequence[Path], source: str,
                     f"VERSION = {__version__!r}\nSOURCE = {source!r}\nPINS = ({pins},)\n"
                     f"#: sha256 of every other entry: names the unpacked copy under "
                     f"$CVMFSD_CACHE\nDIGEST = {digest.hexdigest()!r}\n"
-                    f"#: cache tag: (offset in this file, size of the index) of its bytecode\n"
+                    f"#: cache tag: (magic number, offset of its bytecode in this file, "
+                    f"size of the index, start and size of _cvmfsd_boot after it)\n"
                     f"BYTECODE = {dict(sorted(where.items()))!r}\n"
                     f"#: the bundle file, set by __main__ when it runs\nBUNDLE = None\n").encode()
             else:
@@ -510,12 +572,14 @@ def build(output: Path, *, checkout: Path, wheels: Sequence[Path], source: str,
             # Stored (its parts are compressed), so read in place: the data
             # follows the 30-byte local header and the name (no extra field).
             info.compress_type = zipfile.ZIP_STORED
-            where[name[len(BYTECODE) + 1:]] = (buffer.tell() + 30 + len(name.encode()),
-                                               len(indexes[name[len(BYTECODE) + 1:]]))
+            bytecode = compiled[name[len(BYTECODE) + 1:]]
+            where[bytecode.tag] = (bytecode.magic.hex(),
+                                   buffer.tell() + 30 + len(name.encode()),
+                                   len(bytecode.index), *bytecode.where["_cvmfsd_boot.py"])
             bundle.writestr(info, data)
     data = buffer.getvalue()
-    for tag, (offset, size) in where.items():
-        if data[offset:offset + size] != indexes[tag]:
+    for tag, (_, offset, size, *_boot) in where.items():
+        if data[offset:offset + size] != compiled[tag].index:
             raise BundleError(f"{BYTECODE}/{tag} is not at offset {offset} of the bundle "
                               "(a zip local header of another size?)")
     output.parent.mkdir(parents=True, exist_ok=True)
