@@ -10,6 +10,9 @@ same in every mode, and this keeps FUSE out of the numbers), then:
    every line with a fixed reply of the same size, so that cvmfsd's numbers
    can be read as a fraction of what this machine and this client can do at
    that moment (the absolute numbers move a lot between machines and loads).
+   Each line also gives the server's CPU time per request, which moves less
+   with the load than the rates do: the anchor's is the floor of trio and the
+   socket, cvmfsd's adds parsing, checking, the verb and the encoding.
 2. ``cvmfsctl get GLIDEIN_Site`` as a whole process vs ``python -c pass``,
    alternated, median of each and their ratio.
 
@@ -104,7 +107,14 @@ def percentile(ordered: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
-def throughput(socket_path: str, seconds: float, name: str) -> tuple[float, float]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def throughput(socket_path: str, seconds: float, name: str, pid: int) -> tuple[float, float]:
+    cpu = cpu_seconds(pid)
     procs = [subprocess.Popen([sys.executable, "-c", CLIENT, socket_path, "32", str(seconds)],
                               stdout=subprocess.PIPE, text=True) for _ in range(2)]
     latencies: list[float] = []
@@ -113,16 +123,17 @@ def throughput(socket_path: str, seconds: float, name: str) -> tuple[float, floa
         if proc.returncode:
             raise SystemExit(f"client failed: {proc.returncode}")
         latencies += json.loads(out)
+    cpu = cpu_seconds(pid) - cpu
     ordered = sorted(latencies)
     p50, p99 = (percentile(ordered, q) * 1000 for q in (0.5, 0.99))
     rate = len(ordered) / seconds
     print(f"{name:>7}: 64 clients, {seconds:g} s: {rate:,.0f} requests/s; latency "
           f"p50 {p50:.2f} ms, p99 {p99:.2f} ms, max {ordered[-1] * 1000:.2f} ms "
-          f"({len(ordered)} requests)")
+          f"({len(ordered)} requests); server CPU {cpu / len(ordered) * 1e6:.1f} us/request")
     return rate, p99
 
 
-def anchored(cvmfsd_socket: str, seconds: float, tmp: str) -> None:
+def anchored(cvmfsd_socket: str, cvmfsd_pid: int, seconds: float, tmp: str) -> None:
     """cvmfsd's throughput and p99, and the anchor's, measured alternately, as ratios."""
     anchor_socket = str(Path(tmp) / "anchor.sock")
     anchor = subprocess.Popen([sys.executable, "-c", ANCHOR, anchor_socket],
@@ -131,10 +142,10 @@ def anchored(cvmfsd_socket: str, seconds: float, tmp: str) -> None:
         assert anchor.stdout is not None
         if anchor.stdout.readline() != "ready\n":
             raise SystemExit("the anchor server did not start")
-        ours = throughput(cvmfsd_socket, seconds, "cvmfsd")
-        base = throughput(anchor_socket, seconds, "anchor")
-        ours2 = throughput(cvmfsd_socket, seconds, "cvmfsd")
-        base2 = throughput(anchor_socket, seconds, "anchor")
+        ours = throughput(cvmfsd_socket, seconds, "cvmfsd", cvmfsd_pid)
+        base = throughput(anchor_socket, seconds, "anchor", anchor.pid)
+        ours2 = throughput(cvmfsd_socket, seconds, "cvmfsd", cvmfsd_pid)
+        base2 = throughput(anchor_socket, seconds, "anchor", anchor.pid)
     finally:
         anchor.terminate()
         anchor.wait(timeout=30)
@@ -180,7 +191,7 @@ def main() -> int:
                 if time.monotonic() > deadline or daemon.poll() is not None:
                     raise SystemExit("cvmfsd did not open its control socket")
                 time.sleep(0.05)
-            anchored(str(socket_path), args.seconds, tmp)
+            anchored(str(socket_path), daemon.pid, args.seconds, tmp)
             startup(str(socket_path), args.runs)
         finally:
             daemon.terminate()
