@@ -202,11 +202,12 @@ async def _converse(conn: socket.socket, protocol_conn: protocol.ServerConnectio
       client gets ``SEND_TIMEOUT`` from then on to read it.
 
     The scope's expiry ends the connection, as any of the deadlines should.
-    The read waits for readability before ``recvmsg`` (the next request is
-    rarely there already, and a failed try costs a system call and an
-    exception), and a response that fits is written at once.  A client
-    that pipelines never waits, so then the loop checkpoints once per
-    request: it cannot keep the others from being served.
+    A response that fits is written at once, then the loop checkpoints
+    once: the other connections run, so a pipelining client cannot keep
+    them waiting, and by the time this one is back its client has most
+    often sent the next request, which ``recvmsg`` then reads without a
+    wait (a wait costs two ``epoll_ctl`` calls and a trip through the
+    scheduler).
     """
     with trio.CancelScope(deadline=trio.current_time() + IDLE_TIMEOUT) as scope:
         while True:
@@ -229,10 +230,7 @@ async def _converse(conn: socket.socket, protocol_conn: protocol.ServerConnectio
             idle = trio.current_time() + IDLE_TIMEOUT
             if not idle - IDLE_TIMEOUT * IDLE_SLACK <= scope.deadline <= idle:
                 scope.deadline = idle
-            # Let the other connections run; by the time this one is back, its
-            # client has most often sent the next request, which is then read
-            # without a wait.
-            await trio.lowlevel.checkpoint()
+            await trio.lowlevel.checkpoint()  # see the theory of operation
 
 
 _ANCILLARY_SPACE = socket.CMSG_SPACE(MAX_FDS * 4)
