@@ -5,7 +5,9 @@ place: ``python3 cvmfsd.pyz run ...`` is ``cvmfsd run ...``, ``python3 cvmfsd.py
 cvmfsctl get KEY`` is ``cvmfsctl get KEY``, and ``python3 cvmfsd.pyz -m MODULE``
 runs one of cvmfsd's modules (how cvmfsd starts its own helpers from the bundle,
 see :mod:`cvmfsd._selfexec`).  Nothing is extracted: modules are imported from
-the zip by ``zipimport``, so a read-only location and a read-only home are fine.
+the zip, so a read-only location and a read-only home are fine; for each
+interpreter given with ``--python``, from bytecode compiled at build time (see
+the finder in :data:`BOOT`), for any other from source by ``zipimport``.
 
 Inside: the cvmfsd package (not :mod:`cvmfsd.sim`, nor this builder) and the
 runtime dependencies as pinned pure-Python wheels from PyPI (:data:`PINS`,
@@ -13,12 +15,14 @@ checked against their sha256), fetched with ``pip download --only-binary :all:
 --no-deps``.  python-prctl (compiled) is replaced by :mod:`cvmfsd._prctl`'s
 ctypes path; pyfuse3 is the simulation's only.
 
-Reproducible: the same checkout and wheels give the same bytes (entries sorted,
-timestamps fixed at 1980-01-01, fixed modes, fixed compression level).
+Reproducible: the same checkout, wheels and interpreters give the same bytes
+(entries sorted, timestamps fixed at 1980-01-01, fixed modes, fixed compression
+level, bytecode compiled with PYTHONHASHSEED=0 in one process per interpreter).
 
 Usage::
 
     python -m cvmfsd.bundle build [-o dist/cvmfsd.pyz] [--wheels dist/wheels]
+                                  [--python PATH ...]
 """
 
 from __future__ import annotations
