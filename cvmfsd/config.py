@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import socket
 import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -200,6 +201,35 @@ def prepare_socket_dir(path: Path) -> None:
             f"control socket directory {directory} must be a directory owned by uid "
             f"{os.getuid()} with mode 0700 (found uid {st.st_uid}, mode "
             f"{stat.S_IMODE(st.st_mode):04o})", hint="remove it, or pass another --socket")
+
+
+def bind_socket(path: Path) -> socket.socket:
+    """The control socket, bound at ``path`` (mode 0600) and listening; non-blocking.
+
+    ``cvmfsd run`` binds it before cvmfsexec starts: a payload that asks
+    something at once is queued until the server answers, never refused.
+
+    Raises:
+        ConfigError: the directory is not ours and private, or the bind failed.
+    """
+    prepare_socket_dir(path)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.setblocking(False)
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()  # a stale socket of ours, in our private directory
+        old_umask = os.umask(0o177)
+        try:
+            listener.bind(str(path))
+        finally:
+            os.umask(old_umask)
+        path.chmod(0o600)
+        listener.listen(128)
+    except OSError as exc:
+        listener.close()
+        raise ConfigError(f"cannot listen on the control socket {path}: "
+                          f"{exc.strerror or exc}", hint="pass another --socket") from None
+    return listener
 
 
 def split_repos(text: str) -> tuple[str, ...]:
