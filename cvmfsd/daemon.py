@@ -118,8 +118,21 @@ class Supervisor:
             on_killed=lambda ended: log.warning(
                 "process killed by a signal", pid=ended.pid, comm=ended.comm,
                 signal=ended.ending.signal, core=ended.ending.core),
-            expected=lambda: self.state.phase in ("stopping", "done"))
+            expected=lambda: self.state.phase in ("stopping", "done"),
+            on_appeared=self._tell_janitor)
         self.metrics.killed = lambda: self.procevents.killed
+        self._janitor_told = prepared.janitor is not None  # False once it cannot be told
+
+    def _tell_janitor(self, processes: list[tuple[int, int]]) -> None:
+        """The janitor kills these if cvmfsd dies: the payload's, even out of its session."""
+        janitor = self.prepared.janitor
+        if janitor is None or not self._janitor_told:
+            return
+        try:
+            janitor.tell_processes(processes)
+        except CvmfsdError as exc:
+            self._janitor_told = False
+            log.warning("the janitor cannot be told the payload's processes", error=str(exc))
 
     def _keeper(self, mountinfo: Callable[[], Path | None],
                 probe_path: Callable[[str], Path | None]) -> RepoKeeper:
@@ -294,6 +307,8 @@ class Supervisor:
             async with trio.open_nursery() as nursery:
                 # First: from here on SIGTERM, SIGINT and SIGHUP stop the run in order.
                 await nursery.start(self._receive_signals)
+                # Adopted orphans are reaped, and the janitor told the tree, from now on.
+                await nursery.start(self.procevents.keep)
                 path = await nursery.start(control.serve_control,
                                            self.prepared.socket_path, self.backend())
                 self.state.socket = str(path)

@@ -3,8 +3,9 @@
 cvmfsd starts it once per run with :func:`spawn_janitor`, as ``python -m
 cvmfsd.janitor --parent PID [--dist DIR] [--config-repo NAME] [--log FILE]
 [--lock-fd N] [--payload-tmp DIR]``, and keeps the returned :class:`Janitor` to
-tell it namespace PID 1 (mode 3) and, on a clean exit, that there is nothing to
-do.  Without ``--dist`` (the host's /cvmfs, or none) it guards the payload alone.
+tell it namespace PID 1 (mode 3), the processes of its tree, and, on a clean
+exit, that there is nothing to do.  Without ``--dist`` (the host's /cvmfs, or
+none) it guards the payload alone.
 
 Theory of operation:
 
@@ -29,13 +30,31 @@ Theory of operation:
   mounts alongside it.  The janitor makes the descriptor close-on-exec at once
   (an ``umount`` stuck in FUSE must not keep the lock) and closes it once its
   clean-up is finished.
+* **Knowing the payload.**  In mode 3, namespace PID 1 takes everything in the
+  namespace with it.  Elsewhere (modes 1 and 2, the host's /cvmfs, none) the
+  payload is known two ways.  By a marker: cvmfsd gives the payload, and no
+  one else, ``TMPDIR=<--payload-tmp>``, which its children inherit
+  (:func:`find_payload`).  And by what cvmfsd sees: cvmfsd tells the janitor
+  the processes of its tree (``tree PID START ...`` lines, batched, see
+  :mod:`cvmfsd.procevents`), and at clean-up those still alive and all their
+  descendants belong (:func:`find_tree`); so does a process that left the
+  payload's session and changed its TMPDIR.  With the netlink source every
+  fork in the tree is told within ``TELL_INTERVAL``; with the pidfd source
+  (EL9's kernel for an unprivileged pilot) cvmfsd looks at its tree on each
+  SIGCHLD and every ``LOOK_INTERVAL`` (1 s).  What escapes: a process that
+  changed its TMPDIR, left the payload's session, was not yet told of when
+  cvmfsd died, and whose told ancestors had all ended by then (its parent
+  gone, it became cvmfsd's orphan, then init's).  With pidfd that is a
+  process forked less than ``LOOK_INTERVAL`` before the kill; with netlink,
+  less than ``TELL_INTERVAL`` (or, in a fork storm, more than ``TELL_MAX``
+  per ``TELL_INTERVAL`` behind).
 * **Cleaning.**  (1) SIGKILL namespace PID 1 (mode 3; it ignores the catchable
   signals), which makes the kernel kill every process of its pid namespace, and
   so every cvmfs2 there and their mounts.  (2) SIGKILL the payload, all of
-  it at once (:func:`find_payload`; no SIGTERM and grace): it has lost its
-  supervisor and, in modes 1 and 2, is about to lose /cvmfs; in mode 3 the
-  kernel has just killed it as abruptly; and while it runs, its open files
-  keep the mounts busy and the lock taken.  (3) Unmount every mount below the
+  it at once (:func:`end_payload`: stopped first, then killed; no SIGTERM and
+  grace): it has lost its supervisor and, in modes 1 and 2, is about to lose
+  /cvmfs; in mode 3 the kernel has just killed it as abruptly; and while it
+  runs, its open files keep the mounts busy and the lock taken.  (3) Unmount every mount below the
   distribution's ``dist/cvmfs`` in the janitor's mount namespace (modes 1 and 2),
   newest first and the configuration repository last, with ``umount`` as root
   and ``fusermount -u`` otherwise.  (4) End the cvmfs2 processes of this
@@ -53,8 +72,9 @@ Theory of operation:
 * **Never a stranger.**  A process is named by its pid *and* its start time
   (field 22 of ``/proc/<pid>/stat``).  Before each signal the janitor opens a
   pidfd, checks the start time and what the process is (namespace PID 1, a
-  cvmfs2 naming this distribution's mount directory, or a process found to
-  carry the payload's TMPDIR, which no other process has), then signals
+  cvmfs2 naming this distribution's mount directory, a process found to
+  carry the payload's TMPDIR, which no other process has, or one cvmfsd told
+  of, or a descendant of one, never the janitor), then signals
   through the pidfd, so a reused pid cannot be hit.  Mounts outside
   ``dist/cvmfs`` are never touched; no process group is signalled by number.
 * **Light.**  It starts on every run, so it imports only os, select, signal,
@@ -96,6 +116,8 @@ BUSY_RETRIES, BUSY_PAUSE = 10, 0.02  # a busy mount is tried again for up to ~0.
 EXIT_GRACE = 1.0  # for a cvmfs2 to exit by itself once its mount is gone
 TERM_GRACE = 1.0  # between SIGTERM and SIGKILL
 PAYLOAD_WAIT = 1.0  # for the SIGKILLed payload to be gone (one stuck in FUSE may not be)
+TREE_PRUNE_AT = 4096  # processes of cvmfsd's tree held before the ended ones are dropped
+TREE_LINE = 256  # processes per ``tree`` line cvmfsd writes
 #: How cvmfsd names the payload's TMPDIR (tempfile.mkdtemp's prefix).
 PAYLOAD_TMP_PREFIX = "cvmfsd-payload-"
 _POLL = 0.005
@@ -208,6 +230,20 @@ def cvmfs2_mountpoint(argv: Sequence[str], dirs: Sequence[str],
     else:
         return None
     return mountpoint
+
+
+def _is_cvmfs2(argv: Sequence[str], dirs: Sequence[str], exe: str | None) -> bool:
+    """Whether a command line is a cvmfs2 of the distribution whose ``dist/cvmfs`` is
+    in ``dirs``: the one serving a mount (:func:`cvmfs2_mountpoint`) or a helper it
+    started (``cvmfs2 __cachemgr__ ...``), by the same tests of the executable."""
+    if cvmfs2_mountpoint(argv, dirs, exe or "?") is not None:
+        return True
+    if len(argv) > 1 and os.path.basename(argv[0]) == "cvmfs2" and exe is not None:
+        binaries = {os.path.realpath(os.path.join(os.path.dirname(d), "usr", "bin", "cvmfs2"))
+                    for d in dirs}
+        return os.path.realpath(exe) in binaries
+    return (list(argv[1:3]) == ["-m", _SIM_CVMFS2]
+            and os.path.basename(exe or "?").startswith("python"))
 
 
 def _exe(pid: int, proc_root: str) -> str | None:
@@ -408,30 +444,88 @@ def find_payload(tmp: str, proc_root: str = "/proc", uid: int | None = None) -> 
             if marked or sid in leaders]
 
 
-def end_payload(tmp: str, *, timeout: float = PAYLOAD_WAIT, proc_root: str = "/proc",
-                log: Callable[[str], None] = lambda _: None) -> list[Ident]:
-    """SIGKILL the payload (:func:`find_payload`) and wait up to ``timeout`` s for it to go.
+def _children(pid: int, proc_root: str) -> list[int]:
+    """The children of ``pid`` (of all its threads)."""
+    try:
+        tasks = [e.name for e in os.scandir(f"{proc_root}/{pid}/task")]
+    except OSError:
+        return []
+    return [int(c) for t in tasks
+            for c in (_read(f"{proc_root}/{pid}/task/{t}/children") or b"").split()]
 
-    Each process is signalled through a pidfd once its start time is checked
-    again (it belonged when found: whatever it does since, it stays the
-    payload's); what it forked meanwhile is found on the next look, until one
-    finds nothing new.
+
+def find_tree(tree: Iterable[Ident], dirs: Sequence[str] = (), proc_root: str = "/proc",
+              uid: int | None = None) -> list[Ident]:
+    """The processes cvmfsd told of (:class:`_Commands` ``tree``) still alive, and their
+    descendants now; never the janitor, nor a cvmfs2 of the distribution below
+    ``dirs`` (a mount's is ended after its unmount, step (4); a cache manager
+    leaves with its cvmfs2), nor another uid's process."""
+    uid = os.getuid() if uid is None else uid
+    me = os.getpid()
+    found: dict[int, int] = {}
+    queue = list(tree)  # (pid, start), or (pid, -1) for a child found now
+    while queue:
+        pid, start = queue.pop()
+        now = process_start(pid, proc_root)
+        if pid in found or pid == me or now is None or start not in (now, -1):
+            continue
+        if _real_uid(_status(pid, proc_root)) != uid or (
+                dirs and _is_cvmfs2(_cmdline(pid, proc_root), dirs, _exe(pid, proc_root))):
+            continue
+        found[pid] = now
+        queue += [(child, -1) for child in _children(pid, proc_root)]
+    return list(found.items())
+
+
+def end_payload(tmp: str | None, *, tree: Iterable[Ident] = (), dirs: Sequence[str] = (),
+                timeout: float = PAYLOAD_WAIT, proc_root: str = "/proc",
+                log: Callable[[str], None] = lambda _: None) -> list[Ident]:
+    """SIGKILL the payload and wait up to ``timeout`` s for it to go.
+
+    The payload is what carries its TMPDIR (:func:`find_payload`), and what
+    cvmfsd told of and its descendants (:func:`find_tree`), which also reaches
+    a process that left the payload's session and changed its TMPDIR.  First
+    each is stopped (SIGSTOP) and the tree looked at again, until a look finds
+    nothing new: a stopped process forks no more, so its children are all
+    found before the SIGKILLs, which would make them orphans of another
+    parent.  Each process is signalled through a pidfd once its start time is
+    checked again (it belonged when found: whatever it does since, it stays
+    the payload's); what it forked meanwhile is found on the next look.
 
     Returns:
         The processes still alive (stuck in a hung FUSE mount, say).
     """
+    known = list(tree)
+
+    def find() -> list[Ident]:
+        return list(dict.fromkeys([*(find_payload(tmp, proc_root) if tmp else []),
+                                   *find_tree(known, dirs, proc_root)]))
+
     deadline = time.monotonic() + timeout
-    signalled: list[Ident] = []
-    while True:
-        new = [i for i in find_payload(tmp, proc_root) if i not in signalled]
+    stopped: list[Ident] = []
+    while time.monotonic() < deadline:
+        new = [i for i in find() if i not in stopped]
+        if not new:
+            break
         for ident in new:
+            if signal_process(ident, signal.SIGSTOP, lambda _: True, proc_root):
+                stopped.append(ident)
+        known += new
+    signalled: list[Ident] = []
+    pending = stopped
+    while True:
+        for ident in pending:
             if signal_process(ident, signal.SIGKILL, lambda _: True, proc_root):
                 signalled.append(ident)
         alive = wait_gone(signalled, max(0.0, deadline - time.monotonic()), proc_root)
-        if not new or time.monotonic() >= deadline:
+        pending = [i for i in find() if i not in signalled]
+        if not pending or time.monotonic() >= deadline:
             break
-    if signalled:
-        log(f"killed the payload: SIGKILL to pids {sorted(pid for pid, _ in signalled)}")
+    # A stopped process may have died before its SIGKILL: the kernel sends SIGHUP to a
+    # process group with a stopped member once it is orphaned (its parent killed first).
+    ended = {pid for pid, _ in (*stopped, *signalled)}
+    if ended:
+        log(f"killed the payload: SIGSTOP, SIGKILL to pids {sorted(ended)}")
     if alive:
         log(f"payload processes still alive after SIGKILL: {[pid for pid, _ in alive]}")
     return alive
@@ -577,9 +671,12 @@ def _kill_namespace_init(ident: Ident, log: Callable[[str], None]) -> None:
 
 def clean_up(root: str | None, *, config_repo: str | None = None,
              namespace_init: Ident | None = None, payload_tmp: str | None = None,
-             log: Callable[[str], None] = lambda _: None, out_fd: int | None = None) -> bool:
+             tree: Iterable[Ident] = (), log: Callable[[str], None] = lambda _: None,
+             out_fd: int | None = None) -> bool:
     """End the payload and CVMFS of the distribution at ``root`` (steps (1) to (6) of
     the module docstring, but the lock); without ``root``, the payload alone.
+
+    ``tree``: the processes of cvmfsd's tree that cvmfsd told of (pid, start time).
 
     Returns:
         Whether nothing is left: no payload process or TMPDIR, no mount below
@@ -588,8 +685,9 @@ def clean_up(root: str | None, *, config_repo: str | None = None,
     if namespace_init is not None:
         _kill_namespace_init(namespace_init, log)
     # Before the unmounts: the payload's open files and cwd keep the mounts busy.
-    payload_left = end_payload(payload_tmp, log=log) if payload_tmp else []
     dirs = () if root is None else mount_dirs(root)
+    payload_left = (end_payload(payload_tmp, tree=tree, dirs=dirs, log=log)
+                    if payload_tmp or tree else [])
     stuck = []
     for point in dist_mounts(read_mountinfo(), dirs, config_repo) if dirs else ():
         if unmount_busy(point, out_fd=out_fd):
@@ -624,11 +722,19 @@ def clean_up(root: str | None, *, config_repo: str | None = None,
 
 
 class _Commands:
-    """What cvmfsd said so far: namespace PID 1, and whether it is done."""
+    """What cvmfsd said so far: namespace PID 1, its tree, and whether it is done.
 
-    def __init__(self, log: Callable[[str], None]) -> None:
+    ``tree`` holds the processes cvmfsd told of (pid -> start time); those that
+    ended are dropped whenever it has doubled since the last time, so that a
+    fork storm costs the janitor little memory and amortised constant work.
+    """
+
+    def __init__(self, log: Callable[[str], None], proc_root: str = "/proc") -> None:
         self.log = log
+        self.proc_root = proc_root
         self.namespace_init: Ident | None = None
+        self.tree: dict[int, int] = {}
+        self._prune_at = TREE_PRUNE_AT
         self.done = False
         self.glidein_config: str | None = None
         self.socket: str | None = None
@@ -646,6 +752,14 @@ class _Commands:
                 self.socket = rest
             elif words == ["done"]:
                 self.done = True
+            elif (words[:1] == ["tree"] and len(words) % 2 == 1
+                  and all(w.isdigit() for w in words[1:])):
+                numbers = [int(w) for w in words[1:]]
+                self.tree.update(zip(numbers[::2], numbers[1::2]))
+                if len(self.tree) >= self._prune_at:
+                    self.tree = {pid: start for pid, start in self.tree.items()
+                                 if process_start(pid, self.proc_root) == start}
+                    self._prune_at = max(TREE_PRUNE_AT, 2 * len(self.tree))
             elif words == ["ns-clear"]:
                 self.namespace_init = None
             elif len(words) == 3 and words[0] == "ns" and all(w.isdigit() for w in words[1:]):
@@ -798,7 +912,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     log(f"cvmfsd (pid {parent}) {why}: cleaning up {dist or 'after the payload'}")
     remove_socket(commands.socket, log)  # first: a client must not wait on a dead server
     clean = clean_up(dist, config_repo=opts.get("config-repo"), payload_tmp=payload_tmp,
-                     namespace_init=commands.namespace_init, log=log, out_fd=log.open())
+                     namespace_init=commands.namespace_init, tree=commands.tree.items(),
+                     log=log, out_fd=log.open())
     log(f"clean-up {'complete' if clean else 'INCOMPLETE'} after "
         f"{time.monotonic() - started:.3f} s")
     report_death(parent, why, clean, commands, log)
@@ -864,6 +979,20 @@ class Janitor:
             if "\n" in text:
                 raise ValueError(f"{word} path {text!r} spans lines")
             self._send(f"{word} {text}")
+
+    def tell_processes(self, processes: Sequence[Ident]) -> None:
+        """Have the janitor SIGKILL these processes of cvmfsd's tree if cvmfsd dies.
+
+        Each is named by its pid and start time, and killed only if it is still
+        that process; what it forked by then is found from it.  A few lines of
+        ``TREE_LINE`` processes at most: the caller batches.
+
+        Raises:
+            JanitorError: the janitor is gone or closed.
+        """
+        for at in range(0, len(processes), TREE_LINE):
+            self._send(" ".join(["tree", *(f"{pid} {start}"
+                                           for pid, start in processes[at:at + TREE_LINE])]))
 
     def clear_namespace_init(self) -> None:
         """Forget namespace PID 1 (the namespace has ended).

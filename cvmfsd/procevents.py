@@ -610,6 +610,9 @@ class ProcessEvents:
         self.watch(pid)
         self._ns_init = pid
         self._in_ns = set(launch.descendants(pid, self._proc_root))
+        # Its parent (unshare) is deeper than a child now: if cvmfsexec is killed,
+        # it is an orphan of ours, known as one (without fork events, only so).
+        self._look()
 
     def watch(self, pid: int) -> None:
         """Make sure the end of ``pid``, a process of the tree, is seen."""
