@@ -116,7 +116,8 @@ SUBSCRIBE_DEADLINE = 10.0  # policy: the subscribing child's start, pyroute2's i
 # if namespace PID 1 is still alive by then.
 HOLD = 0.25
 # Without fork events (pidfd, or netlink not yet subscribed), the tree is looked at
-# on each SIGCHLD and this often (seconds): ~0.3 ms for a tree of 10 processes.
+# on each SIGCHLD and this often (seconds): a look costs ~0.25 ms for a tree of
+# 10 processes, ~4.5 ms for 200 (0.45 % of a core at this interval).
 LOOK_INTERVAL = 1.0
 # The processes of the tree are told to ``on_appeared`` at most this often
 # (seconds), at most this many at a time: a fork storm must not flood the janitor.
@@ -487,14 +488,25 @@ class Stat:
     start: int
 
 
-def read_stat(pid: int, proc_root: Path = Path("/proc")) -> Stat | None:
-    """``pid``'s state, parent, process group and start time; None if it is gone."""
+def _read(path: str) -> bytes | None:
+    # Plain os calls: a look at a tree of 200 processes costs a third of what pathlib did.
     try:
-        raw = (proc_root / str(pid) / "stat").read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
+    try:
+        return os.read(fd, 65536)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def read_stat(pid: int, proc_root: Path = Path("/proc")) -> Stat | None:
+    """``pid``'s state, parent, process group and start time; None if it is gone."""
+    raw = _read(f"{proc_root}/{pid}/stat")
     # comm, in parentheses, may hold anything: the fields follow the last ')'.
-    fields = raw.rpartition(b")")[2].split()
+    fields = raw.rpartition(b")")[2].split() if raw else []
     if len(fields) < 20:
         return None
     return Stat(fields[0].decode(), int(fields[1]), int(fields[2]), int(fields[19]))
@@ -502,17 +514,12 @@ def read_stat(pid: int, proc_root: Path = Path("/proc")) -> Stat | None:
 
 def children(pid: int, proc_root: Path = Path("/proc")) -> set[int]:
     """The children of ``pid`` (of all its threads), zombies included."""
-    found: set[int] = set()
     try:
-        tasks = list((proc_root / str(pid) / "task").iterdir())
+        tasks = os.listdir(f"{proc_root}/{pid}/task")  # noqa: PTH208 - see _read
     except OSError:
-        return found
-    for task in tasks:
-        try:
-            found.update(int(c) for c in (task / "children").read_text().split())
-        except OSError:
-            continue
-    return found
+        return set()
+    return {int(child) for task in tasks
+            for child in (_read(f"{proc_root}/{pid}/task/{task}/children") or b"").split()}
 
 
 def look_at_tree(root: int, proc_root: Path = Path("/proc"),
