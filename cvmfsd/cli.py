@@ -151,15 +151,18 @@ def _run_checked(args: argparse.Namespace, checks: Checks) -> int:
         metrics_address=args.metrics_address, metrics_interval=args.metrics_interval,
         metrics_textfile=args.metrics_textfile, pushgateway=args.pushgateway,
     )
-    # Decide and, in mode 3, start cvmfsexec before importing trio and
-    # structlog: the mounts proceed while they load (start-up is on the
+    # Decide and, in mode 3, start cvmfsexec and wait for the shim's check of the
+    # mounts before importing trio and structlog: the payload starts without
+    # waiting for them, and they take no CPU from the mounts (start-up is on the
     # critical path of every pilot).
-    from cvmfsd.prepare import prepare
+    from cvmfsd.prepare import prepare, wait_for_shim
     from cvmfsd.timeline import mark
 
     mark("prepare imported")
     prepared = prepare(config, checks=checks)
     try:
+        wait_for_shim(prepared)
+        mark("shim spoke")
         from cvmfsd import daemon
         from cvmfsd.log import configure_logging
 

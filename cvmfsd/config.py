@@ -232,6 +232,38 @@ def bind_socket(path: Path) -> socket.socket:
     return listener
 
 
+def bind_tcp(host: str, port: int, *, backlog: int = 0xFFFF) -> list[socket.socket]:
+    """Listening sockets on every address ``host`` resolves to, as trio's
+    ``open_tcp_listeners`` makes them (SO_REUSEADDR; IPv6 sockets v6-only; with
+    port 0 each gets a free port of its own, the first one's is reported; the
+    longest accept queue the kernel allows, net.core.somaxconn).
+
+    ``cvmfsd run`` binds /metrics before cvmfsexec starts: its address is in
+    glidein_config with the rest, and a taken port is known before anything runs.
+
+    Raises:
+        OSError: the host does not resolve, or no address could be bound.
+    """
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _name, address in socket.getaddrinfo(
+                host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(backlog)
+    except (OSError, UnicodeError) as exc:
+        for sock in sockets:
+            sock.close()
+        if isinstance(exc, OSError):
+            raise
+        raise OSError(f"{host!r} is not a host name: {exc}") from None
+    return sockets
+
+
 def split_repos(text: str) -> tuple[str, ...]:
     """Repositories from a comma- or colon-separated list (GWMS uses colons)."""
     return tuple(dict.fromkeys(r.strip() for r in re.split(r"[,:\s]+", text) if r.strip()))

@@ -103,13 +103,16 @@ class Backend:
 
 async def serve_control(path: Path, backend: Backend, *, max_connections: int | None = None,
                         listener: socket.socket | None = None,
+                        accepting: trio.Event | None = None,
                         task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED,
                         ) -> NoReturn:
     """Listen on ``path`` until cancelled; ``task_status.started(path)`` once bound.
 
     ``listener``: the socket already bound there (:func:`cvmfsd.config.bind_socket`,
-    which binds one by default).  At most ``max_connections`` (default: the
-    control share of the descriptor budget, :mod:`cvmfsd.budget`) are open at once.
+    which binds one by default).  ``accepting``: connections wait in the backlog
+    until it is set (the supervisor's view is not yet what the payload already
+    knows).  At most ``max_connections`` (default: the control share of the
+    descriptor budget, :mod:`cvmfsd.budget`) are open at once.
     """
     # Local, tiny file-system calls on our own private directory: not worth a thread.
     listener = listener or bind_socket(path)
@@ -118,6 +121,8 @@ async def serve_control(path: Path, backend: Backend, *, max_connections: int | 
             max_connections = budget.connection_caps(budget.soft_nofile())[1]
         log.info("control socket ready", path=str(path), max_connections=max_connections)
         task_status.started(path)
+        if accepting is not None:
+            await accepting.wait()
         await budget.serve_pool(partial(_accept, listener),
                                 partial(_serve_connection, backend=backend),
                                 budget.Pool("control", max_connections))

@@ -18,6 +18,7 @@ import os
 import shutil
 import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
@@ -25,7 +26,7 @@ from pathlib import Path
 import structlog
 import trio
 
-from cvmfsd import budget, control, glidein, launch, mode, mountinfo, probe, protocol, session, talk
+from cvmfsd import budget, control, glidein, launch, mode, mountinfo, protocol, session, talk
 from cvmfsd.collect import Collection
 from cvmfsd.config import (
     EXPORT_MAX_TOTAL,
@@ -43,7 +44,7 @@ from cvmfsd.keeper import RepoKeeper
 from cvmfsd.launch import LaunchError
 from cvmfsd.loader import LoaderCode
 from cvmfsd.metrics import Metrics, pilot_identity
-from cvmfsd.prepare import Prepared, cvmfsctl_path, prepare
+from cvmfsd.prepare import Prepared, mounting_updates, prepare, ready_updates
 from cvmfsd.procevents import ProcessEvents
 from cvmfsd.shim import exit_status
 from cvmfsd.state import DaemonState, LiveConfig, RepoState
@@ -55,17 +56,6 @@ if sys.version_info < (3, 11):
 log = structlog.get_logger("cvmfsd.daemon")
 
 
-def progress(index: int, total: int, repo: str, *, as_json: bool = False) -> None:
-    """A progress line for a pilot's log (stderr; stdout is the payload's).
-
-    With ``--log-format json`` it is a log event like every other line.
-    """
-    if as_json:
-        log.info("mounting", index=index, total=total, repo=repo)
-    else:
-        print(f"cvmfsd: mounting {index}/{total}: {repo}", file=sys.stderr, flush=True)
-
-
 def attempt_result(exc: LaunchError) -> str:
     """``cvmfs_mount_attempts_total``'s result label for a failed mount."""
     if exc.code is not None:
@@ -74,17 +64,6 @@ def attempt_result(exc: LaunchError) -> str:
         except ValueError:
             return f"exit_{exc.code}"
     return "timeout" if "timed out" in str(exc) or "within" in str(exc) else "failed"
-
-
-def userns_status(facts: probe.HostFacts) -> str:
-    """HAS_UNPRIVILEGED_USER_NAMESPACES as GlideinWMS spells it."""
-    if facts.userns.value:
-        return "enabled"
-    if facts.max_user_namespaces.value == 0:
-        return "unavailable"
-    if facts.userns.value is False:
-        return "disabled"
-    return "error"
 
 
 class Supervisor:
@@ -106,12 +85,27 @@ class Supervisor:
         self._remount_hook: Callable[[str], Awaitable[str | None]] | None = None
         self.pilot = pilot_identity(prepared.values)
         self.metrics = Metrics(self.state, pilot=self.pilot)
-        self._mount_started: dict[str, float] = {}  # trio time each repository's mount began
+        # when each repository's mount began (time.monotonic(): it may have begun
+        # before the event loop, see cvmfsd.launch), and the progress lines shown
+        self._mount_started: dict[str, float] = {}
+        self._shown = prepared.spawned.shown if prepared.spawned else set()
         self.collection: Collection | None = None
         self._stop_target: Callable[[session.Stop], Awaitable[None]] | None = None
         self._settled = trio.Event()  # mounted (or running without cvmfsexec)
+        # The control channel answers once this is set: at once, except when the
+        # payload ran before the event loop (mode 3, see cvmfsd.launch): then once
+        # the session has taken in what the payload already knows.
+        self._accepting = trio.Event()
+        spawned = prepared.spawned
+        if spawned is None or spawned.verified is None:
+            self._accepting.set()
         self._early_stop: session.Stop | None = None
-        self._early_signal = 0  # the signal behind _early_stop
+        self._early_signal = prepared.early_signal  # the signal behind _early_stop
+        if prepared.early_signal:  # received while cvmfsd started: stop as soon as it can
+            name = signal.Signals(prepared.early_signal).name
+            log.info("signal received", signal=name)
+            self._early_stop = session.Stop(f"received {name}")
+            self.state.phase = "stopping"
         self._textfile: Textfile | None = None
         # A process killed while cvmfsd ends its tree is cvmfsd's doing, not a hard kill.
         self.procevents = ProcessEvents(
@@ -152,12 +146,14 @@ class Supervisor:
         return self.keeper
 
     # --- mount progress, for the people watching and for the metrics ----------------
-    def _progress(self, index: int, total: int, repo: str) -> None:
-        self._mount_started[repo] = trio.current_time()
-        progress(index, total, repo, as_json=self.config.log_format == "json")
+    def _progress(self, index: int, total: int, repo: str, at: float | None = None) -> None:
+        self._mount_started[repo] = time.monotonic() if at is None else at
+        if (index, repo) not in self._shown:  # cvmfsd.launch.wait_for_shim may have shown it
+            self._shown.add((index, repo))
+            launch.progress(index, total, repo, as_json=self.config.log_format == "json")
 
     def _mounted(self, repos: Sequence[str]) -> None:
-        now = trio.current_time()
+        now = time.monotonic()
         for repo in repos:
             started = self._mount_started.pop(repo, None)
             if repo in self.state.repos and started is not None:
@@ -309,8 +305,9 @@ class Supervisor:
                 await nursery.start(self._receive_signals)
                 # Adopted orphans are reaped, and the janitor told the tree, from now on.
                 await nursery.start(self.procevents.keep)
-                path = await nursery.start(control.serve_control,
-                                           self.prepared.socket_path, self.backend())
+                path = await nursery.start(partial(
+                    control.serve_control, self.prepared.socket_path, self.backend(),
+                    listener=self.prepared.listener, accepting=self._accepting))
                 self.state.socket = str(path)
                 nursery.start_soon(self._watch_processes)
                 pushgateway = await self._start_metrics(nursery)
@@ -357,7 +354,11 @@ class Supervisor:
             # deny the pilot CVMFS: say so, and serve the rest (cvmfsctl metrics,
             # the textfile, the Pushgateway).
             try:
-                host, port = await nursery.start(serve_metrics, *address, metrics.render)
+                if self.prepared.metrics_error is not None:
+                    raise self.prepared.metrics_error
+                host, port = await nursery.start(partial(
+                    serve_metrics, *address, metrics.render,
+                    sockets=self.prepared.metrics_sockets))
             except OSError as exc:
                 log.warning("cannot serve /metrics; going on without it",
                             address=config.metrics_address, error=exc.strerror or str(exc),
@@ -436,25 +437,27 @@ class Supervisor:
                         "the payload can read them with cvmfsctl get", keys=oversized,
                         limits=f"{EXPORT_MAX_VARIABLE} bytes each, {EXPORT_MAX_TOTAL} in all")
 
-    async def _run(self) -> int:
+    async def _report_start(self) -> None:
+        """What was decided and found before the event loop, in the log and glidein_config."""
         prepared = self.prepared
         self._report_glidein_config()
         self._report_leftovers()
-        decision = prepared.decision
-        for line in decision.explain().splitlines():
+        for line in prepared.decision.explain().splitlines():
             log.info("mode decision", detail=line)
         if prepared.unpacked is not None:
             unpacked = prepared.unpacked
             log.info("cvmfsexec build", file=str(unpacked.file), dist=str(unpacked.dist.root),
                      reused=unpacked.reused, why=unpacked.why)
+        for updates in prepared.recorded:  # written while cvmfsd started (mode 3)
+            log.info("glidein_config update", before_supervisor=True, **updates)
+        if not prepared.recorded:
+            await self.record(**mounting_updates(prepared))
+
+    async def _run(self) -> int:
+        prepared = self.prepared
+        decision = prepared.decision
         self.state.phase = "mounting"
-        await self.record(HAS_UNPRIVILEGED_USER_NAMESPACES=userns_status(prepared.facts),
-                          CVMFSD_PID=str(os.getpid()), CVMFSD_STATUS="mounting",
-                          CVMFSD_SOCKET=str(prepared.socket_path),
-                          CVMFSD_METRICS_ADDRESS=self.state.metrics_address or "",
-                          # for the job-wrapper fragment: what to run, what a failure means
-                          CVMFSCTL=cvmfsctl_path(prepared.payload_tmp) or "",
-                          CVMFSD_POLICY=decision.policy.policy.value)
+        await self._report_start()
         chosen = decision.mode
         if chosen in (mode.Mode.MODE3, mode.Mode.MODE2, mode.Mode.MODE1):
             try:
@@ -540,7 +543,7 @@ class Supervisor:
             try:
                 await session.mount_on_host(
                     dist, [repo], repo_timeout=self.config.mount_timeout, with_config_repo=False,
-                    on_progress=partial(progress, as_json=self.config.log_format == "json"))
+                    on_progress=partial(launch.progress, as_json=self.config.log_format == "json"))
             except LaunchError as exc:
                 return str(exc)
             return None
@@ -574,12 +577,7 @@ class Supervisor:
             self.state.phase = "stopping"
 
     def _jobs_enter(self) -> bool:
-        """Mode 3: whether the glidein's jobs will see /cvmfs (GWMS_IS_CVMFS).
-
-        /cvmfs exists only inside the namespace.  In a GlideinWMS glidein the
-        jobs start under condor_startd, outside it, and reach it only through
-        the job-wrapper fragment; elsewhere cvmfsd's payload is what uses CVMFS.
-        """
+        """Mode 3: whether the glidein's jobs will see /cvmfs (see :func:`ready_updates`)."""
         listed = glidein.job_wrapper_listed(self.prepared.values)
         if listed is False:
             log.warning("jobs will not see /cvmfs: the job-wrapper fragment is not in "
@@ -588,6 +586,19 @@ class Supervisor:
                         hint=f"list {glidein.JOB_WRAPPER} as a wrapper file fetched before "
                         "cvmfsd_setup.sh runs")
         return listed is not False
+
+    async def _announce_ready(self, info: session.ReadyInfo) -> None:
+        """Mode 3 is verified: glidein_config (unless written already), and the log."""
+        self._jobs_enter()  # says so if they will not
+        if not any(u.get("CVMFSD_STATUS") == "ready" for u in self.prepared.recorded):
+            await self.record(**ready_updates(self.prepared.values))
+        revisions = {repo: check.get("revision") for repo, check in info.repos.items()}
+        if self.config.log_format == "json":
+            log.info("ready", revisions=revisions)
+        else:
+            print("cvmfsd: ready: " + ", ".join(
+                f"{repo} r{revision}" for repo, revision in revisions.items()),
+                file=sys.stderr, flush=True)
 
     def _on_ns_init(self, pid: int) -> None:
         """Namespace PID 1 exists: watch it, and have the janitor guard it."""
@@ -616,15 +627,8 @@ class Supervisor:
             self._mounted(list(info.repos))
             keeper.refresh()
             self._settle()
-            await self.record(GWMS_IS_CVMFS="yes" if self._jobs_enter() else "no",
-                              GWMS_CVMFSEXEC_MODE="3", CVMFS_MOUNT_DIR="", CVMFSD_STATUS="ready")
-            revisions = {repo: check.get("revision") for repo, check in info.repos.items()}
-            if self.config.log_format == "json":
-                log.info("ready", revisions=revisions)
-            else:
-                print("cvmfsd: ready: " + ", ".join(
-                    f"{repo} r{revision}" for repo, revision in revisions.items()),
-                    file=sys.stderr, flush=True)
+            self._accepting.set()
+            await self._announce_ready(info)
 
         runner = session.Mode3Session(plan, grace=self.config.grace,
                                       mount_timeout=self.config.mount_timeout,
@@ -665,6 +669,7 @@ class Supervisor:
                 failure = exc  # re-raised below, outside the nursery's exception group
             finally:
                 self._stop_target = None
+                self._accepting.set()  # whatever became of the session
             nursery.cancel_scope.cancel()
         self._provided, self._exec = None, None
         if failure is not None:

@@ -11,7 +11,8 @@ limit; a bad request gets a 4xx and the connection is closed.
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable
+import socket
+from collections.abc import Awaitable, Callable, Sequence
 from typing import NoReturn
 
 import structlog
@@ -84,14 +85,20 @@ def respond(method: str, path: str, headers: dict[str, str],
 
 async def serve_metrics(host: str, port: int, render: Render, *,
                         max_connections: int | None = None,
+                        sockets: Sequence[socket.socket] = (),
                         task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
                         ) -> NoReturn:
     """Serve until cancelled; ``task_status`` gets the bound (host, port).
 
-    At most ``max_connections`` (default: the HTTP share of the descriptor
-    budget, :mod:`cvmfsd.budget`) are open at once, over all listeners.
+    ``sockets``: listening already (:func:`cvmfsd.config.bind_tcp`); by default
+    ``host`` and ``port`` are bound here.  At most ``max_connections`` (default:
+    the HTTP share of the descriptor budget, :mod:`cvmfsd.budget`) are open at
+    once, over all listeners.
     """
-    listeners = await trio.open_tcp_listeners(port, host=host)
+    if sockets:
+        listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in sockets]
+    else:
+        listeners = await trio.open_tcp_listeners(port, host=host)
     bound = listeners[0].socket.getsockname()
     if max_connections is None:
         max_connections = budget.connection_caps(budget.soft_nofile())[0]

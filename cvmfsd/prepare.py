@@ -10,16 +10,26 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import socket
 import sys
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cvmfsd import glidein, launch, mode, packed, probe
 from cvmfsd._selfexec import cvmfsctl_wrapper
-from cvmfsd.config import Config, default_socket_path, exported_variables, prepare_socket_dir
-from cvmfsd.errors import ConfigError
+from cvmfsd.config import (
+    Config,
+    bind_socket,
+    bind_tcp,
+    default_socket_path,
+    exported_variables,
+    parse_address,
+    prepare_socket_dir,
+)
+from cvmfsd.errors import ConfigError, CvmfsdError
 from cvmfsd.janitor import PAYLOAD_TMP_PREFIX, Janitor, spawn_janitor
 from cvmfsd.launch import Dist, LaunchError, LaunchPlan, Spawned
 from cvmfsd.leftovers import (
@@ -37,6 +47,27 @@ FORCED = {"host": mode.Mode.HOST, "3": mode.Mode.MODE3, "2": mode.Mode.MODE2,
 POLICY_VARIABLES = ("GLIDEIN_USE_CVMFSEXEC", "GLIDEIN_CVMFS", "GLIDEIN_USE_CVMFS",
                     "GLIDEIN_CVMFS_REQUIRE")
 CVMFSEXEC_MODES = (mode.Mode.MODE3, mode.Mode.MODE2, mode.Mode.MODE1)
+
+
+#: What stops a run in order; received before the supervisor runs, it is kept.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+class EarlySignals:
+    """Keeps the first stop signal until the supervisor takes the signals over.
+
+    Installed before anything is created that would need cleaning up (the
+    control socket, cvmfsexec): the supervisor then stops the run in order
+    instead of dying of a default disposition.
+    """
+
+    def __init__(self) -> None:
+        self.signum = 0
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, self._keep)
+
+    def _keep(self, signum: int, _frame: object) -> None:
+        self.signum = self.signum or signum
 
 
 @dataclass
@@ -70,6 +101,28 @@ class Prepared:
     leftovers: Leftovers | None = None
     cleaned: Report | None = None
     unpacked: packed.Unpacked | None = None
+    #: the control socket, bound and listening before anything starts (with ``start``)
+    listener: socket.socket | None = None
+    #: SIGTERM, SIGINT and SIGHUP received before the supervisor takes them over
+    signals: EarlySignals | None = None
+    #: the glidein_config updates written before the supervisor ran (mode 3)
+    recorded: list[dict[str, str]] = field(default_factory=list)
+    #: /metrics, listening before anything starts (with ``start``), or why not
+    metrics_sockets: list[socket.socket] = field(default_factory=list)
+    metrics_error: OSError | None = None
+
+    @property
+    def metrics_address(self) -> str:
+        """Where /metrics is served (``HOST:PORT``, ``[V6]:PORT``), or ""."""
+        if not self.metrics_sockets:
+            return ""
+        host, port = self.metrics_sockets[0].getsockname()[:2]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    @property
+    def early_signal(self) -> int:
+        """The first stop signal received before the supervisor ran (0: none)."""
+        return self.signals.signum if self.signals is not None else 0
 
     def payload_env(self, extra: Mapping[str, str]) -> dict[str, str]:
         """The payload's environment: ours, the exported glidein values, ``extra``."""
@@ -82,6 +135,50 @@ class Prepared:
             env["CVMFSCTL"] = ctl
         env.update(extra)
         return env
+
+
+def userns_status(facts: probe.HostFacts) -> str:
+    """HAS_UNPRIVILEGED_USER_NAMESPACES as GlideinWMS spells it."""
+    if facts.userns.value:
+        return "enabled"
+    if facts.max_user_namespaces.value == 0:
+        return "unavailable"
+    if facts.userns.value is False:
+        return "disabled"
+    return "error"
+
+
+def mounting_updates(prepared: Prepared) -> dict[str, str]:
+    """What glidein_config learns as the mounts begin (CVMFSD_METRICS_ADDRESS follows)."""
+    return {"HAS_UNPRIVILEGED_USER_NAMESPACES": userns_status(prepared.facts),
+            "CVMFSD_PID": str(os.getpid()), "CVMFSD_STATUS": "mounting",
+            "CVMFSD_SOCKET": str(prepared.socket_path),
+            "CVMFSD_METRICS_ADDRESS": prepared.metrics_address,
+            # for the job-wrapper fragment: what to run, what a failure means
+            "CVMFSCTL": cvmfsctl_path(prepared.payload_tmp) or "",
+            "CVMFSD_POLICY": prepared.decision.policy.policy.value}
+
+
+def ready_updates(values: Mapping[str, str]) -> dict[str, str]:
+    """What glidein_config learns once mode 3 is verified.
+
+    GWMS_IS_CVMFS: /cvmfs exists only inside the namespace.  In a GlideinWMS
+    glidein the jobs start under condor_startd, outside it, and reach it only
+    through the job-wrapper fragment; elsewhere cvmfsd's payload is what uses
+    CVMFS.  So "yes" unless glidein_config lists wrappers without it.
+    """
+    return {"GWMS_IS_CVMFS": "no" if glidein.job_wrapper_listed(values) is False else "yes",
+            "GWMS_CVMFSEXEC_MODE": "3", "CVMFS_MOUNT_DIR": "", "CVMFSD_STATUS": "ready"}
+
+
+def _record_early(prepared: Prepared, updates: dict[str, str]) -> None:
+    """Write ``updates`` to glidein_config before the supervisor runs; it logs them."""
+    if prepared.config.glidein_config is not None:
+        try:
+            glidein.update_glidein_config(prepared.config.glidein_config, updates)
+        except CvmfsdError:
+            return  # the supervisor writes them, and says what went wrong
+    prepared.recorded.append(updates)
 
 
 def cvmfsctl_path(directory: Path | None = None) -> str | None:
@@ -126,13 +223,8 @@ def prepare(config: Config, facts: probe.HostFacts | None = None, *,
         ConfigError: glidein_config or the policy attributes are unusable.
         HostUnsupported: a forced mode is impossible here.
     """
-    values: Mapping[str, str] = {}
-    problems: tuple[str, ...] = ()
-    if config.glidein_config is not None:
-        parsed = glidein.read_glidein_config(config.glidein_config)
-        values, problems = parsed.values, tuple(str(p) for p in parsed.problems)
-    env_policy = {k: config.environ[k] for k in POLICY_VARIABLES if k in config.environ}
-    policy = glidein.resolve_policy({**values, **env_policy})
+    signals = EarlySignals() if start else None
+    values, problems, policy = _read_policy(config)
     mark("configuration read")
     facts = facts or probe.probe_host(repos=config.repos, checks=checks)
     mark("probed")
@@ -140,12 +232,15 @@ def prepare(config: Config, facts: probe.HostFacts | None = None, *,
     payload_tmp = Path(tempfile.mkdtemp(prefix=PAYLOAD_TMP_PREFIX,
                                         dir=config.environ.get("TMPDIR") or None)).absolute()
     try:
-        socket_path, socket_dir = _socket_path(config)
+        socket_path, socket_dir, listener = _control_socket(config, listen=start)
     except ConfigError:
         shutil.rmtree(payload_tmp, ignore_errors=True)
         raise
     prepared = Prepared(config, values, problems, facts, decision, payload_tmp,
-                        socket_path=socket_path, socket_dir=socket_dir)
+                        socket_path=socket_path, socket_dir=socket_dir, listener=listener,
+                        signals=signals)
+    if start:
+        _bind_metrics(prepared)
     if decision.mode not in CVMFSEXEC_MODES:
         if start:  # the payload runs here: the janitor ends it if cvmfsd is killed
             prepared.janitor = _start_janitor(prepared)
@@ -188,19 +283,97 @@ def prepare(config: Config, facts: probe.HostFacts | None = None, *,
     return prepared
 
 
-def _socket_path(config: Config) -> tuple[Path, Path | None]:
-    """The control socket's path, and the private directory made for it (None for --socket).
+def wait_for_shim(prepared: Prepared) -> None:
+    """Mode 3: block until the shim has checked the mounts, showing the progress.
+
+    The shim starts the payload by itself once its check passes (see
+    :mod:`cvmfsd.launch`), so ``cvmfsd run`` imports the rest of itself only
+    after this: the imports no longer take CPU from cvmfs2 as it mounts.  A
+    stop signal (:class:`EarlySignals`) ends the wait; the supervisor then
+    stops the run in order.
+    """
+    spawned, plan = prepared.spawned, prepared.plan
+    if spawned is None or plan is None or prepared.early_signal:
+        return
+    order = launch.mount_order(plan.dist, plan.repos)
+    as_json = prepared.config.log_format == "json"
+
+    def show(index: int) -> None:
+        spawned.shown.add((index, order[index - 1]))
+        launch.progress(index, len(order), order[index - 1], as_json=as_json)
+
+    def on_line(_stream: str, text: str) -> None:
+        event = launch.parse_mount_line(text, plan.dist)
+        index = launch.next_mount(order, event.repo) if event and event.ok else None
+        if index is not None:
+            show(index)
+
+    _record_early(prepared, mounting_updates(prepared))
+    show(1)
+    wake_read, wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    previous = signal.set_wakeup_fd(wake_write)
+    try:
+        launch.wait_for_shim(spawned, until=spawned.started + prepared.config.mount_timeout,
+                             wake_fd=wake_read, on_line=on_line)
+    finally:
+        signal.set_wakeup_fd(previous)
+        os.close(wake_read)
+        os.close(wake_write)
+    if spawned.checks_passed():
+        # The payload runs: the glidein may go on now (cvmfsd_setup.sh waits for this).
+        _record_early(prepared, ready_updates(prepared.values))
+
+
+def _read_policy(
+        config: Config) -> tuple[Mapping[str, str], tuple[str, ...], glidein.PolicyDecision]:
+    """glidein_config's values, its bad lines, and the GLIDEIN_CVMFS policy (the
+    environment's attributes win over glidein_config's)."""
+    values: Mapping[str, str] = {}
+    problems: tuple[str, ...] = ()
+    if config.glidein_config is not None:
+        parsed = glidein.read_glidein_config(config.glidein_config)
+        values, problems = parsed.values, tuple(str(p) for p in parsed.problems)
+    env_policy = {k: config.environ[k] for k in POLICY_VARIABLES if k in config.environ}
+    return values, problems, glidein.resolve_policy({**values, **env_policy})
+
+
+def _bind_metrics(prepared: Prepared) -> None:
+    """/metrics, bound before anything starts: its address goes to glidein_config
+    with the rest.  A port another process holds is a metrics problem, never a
+    reason to deny the pilot CVMFS: the supervisor says so and serves the rest."""
+    address = parse_address(prepared.config.metrics_address)
+    if address is not None:
+        try:
+            prepared.metrics_sockets = bind_tcp(*address)
+        except OSError as exc:
+            prepared.metrics_error = exc
+
+
+def _control_socket(config: Config, *,
+                    listen: bool) -> tuple[Path, Path | None, socket.socket | None]:
+    """The control socket's path, the private directory made for it (None for
+    --socket), and with ``listen`` the socket bound there.
 
     Everything that can be refused is refused here, before cvmfsexec starts.
 
     Raises:
-        ConfigError: --socket is unusable, or no private directory can be made.
+        ConfigError: --socket is unusable, no private directory can be made, or
+            the socket cannot be bound.
     """
     if config.socket is not None:
-        prepare_socket_dir(config.socket)
-        return config.socket, None
-    path = default_socket_path(config.environ)
-    return path, path.parent
+        path, directory = config.socket, None
+        prepare_socket_dir(path)
+    else:
+        path = default_socket_path(config.environ)
+        directory = path.parent
+    if not listen:
+        return path, directory, None
+    try:
+        return path, directory, bind_socket(path)
+    except ConfigError:
+        if directory is not None:
+            shutil.rmtree(directory, ignore_errors=True)
+        raise
 
 
 def _start_janitor(prepared: Prepared) -> Janitor:

@@ -15,13 +15,15 @@ running.
 from __future__ import annotations
 
 import array
+import contextlib
 import json
+import math
 import os
 import signal
 import socket
-import struct
 import subprocess
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Union
@@ -38,14 +40,16 @@ from cvmfsd.timeline import mark
 log = structlog.get_logger("cvmfsd.session")
 
 KILL_WAIT = 5.0  # seconds to wait for cvmfsexec after SIGKILL of namespace PID 1
+DRAIN_WAIT = 1.0  # after cvmfsexec's exit, for what it and the shim said before it
 REMOUNT_SLACK = 15.0  # beyond the mount timeout, for the shim's unmount and its check
-_CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+_CRED = launch.CRED
 
 
 @dataclass(frozen=True)
 class Line:
     stream: str
     text: str
+    at: float = field(default_factory=time.monotonic)  # when it was read
 
 
 @dataclass(frozen=True)
@@ -141,7 +145,8 @@ class Mode3Session:
         grace: seconds the payload gets between SIGTERM and SIGKILL.
         mount_timeout: seconds allowed from start until every repository is verified.
         on_ready: awaited once, when every repository is verified.
-        on_progress: called with (index, total, repo) as each mount starts.
+        on_progress: called with (index, total, repo, at) as each mount starts,
+            ``at`` the :func:`time.monotonic` moment it did.
         on_ns_init: called with namespace PID 1's pid once it is known.
         on_payload_exited: called when the shim reports the payload's end: the
             namespace ends next, and what it takes with it is expected.
@@ -149,7 +154,7 @@ class Mode3Session:
 
     def __init__(self, plan: LaunchPlan, *, grace: float, mount_timeout: float,
                  on_ready: ReadyCallback,
-                 on_progress: Callable[[int, int, str], None],
+                 on_progress: Callable[[int, int, str, float], None],
                  on_ns_init: Callable[[int], None] = lambda pid: None,
                  on_payload_exited: Callable[[], None] = lambda: None) -> None:
         self.plan = plan
@@ -171,26 +176,56 @@ class Mode3Session:
         self._stopping = False
         self._ended_namespace = False  # we killed it ourselves: its death is no fault
         self._ready = False
+        self._mount_deadline = math.inf  # set once cvmfsexec has started
+        self._pumps = 0  # open pumps of cvmfsexec's output and of the shim's channel
+        self._drained = trio.Event()
         self._send_lock = trio.Lock()
         self._pending: dict[int, trio.Event] = {}
         self._answers: dict[int, Mapping[str, object]] = {}
         self._request_ids = iter(range(1, 2**62))
 
     # --- plumbing -------------------------------------------------------------
-    async def _pump_lines(self, stream: trio.abc.ReceiveStream, name: str) -> None:
-        buffer = b""
-        async for chunk in stream:
-            buffer += chunk
+    async def _pump_lines(self, stream: trio.abc.ReceiveStream, name: str,
+                          buffer: bytes = b"") -> None:
+        """Lines of ``stream``, ``buffer`` (an unterminated line read earlier) first."""
+        async with self._pumping():
+            async for chunk in stream:
+                buffer += chunk
+                *lines, buffer = buffer.split(b"\n")
+                for line in lines:
+                    await self.send_event.send(Line(name, line.decode(errors="replace")))
+            if buffer:
+                await self.send_event.send(Line(name, buffer.decode(errors="replace")))
+
+    @contextlib.asynccontextmanager
+    async def _pumping(self) -> AsyncIterator[None]:
+        """Count a pump as open while it runs; the last one to end sets ``_drained``."""
+        self._pumps += 1
+        try:
+            yield
+        finally:
+            self._pumps -= 1
+            if not self._pumps:
+                self._drained.set()
+
+    async def _pump_channel(self, sock: trio.socket.SocketType, buffer: bytes = b"",
+                            pid: int | None = None) -> None:
+        """The shim's messages; ``buffer`` (read earlier, from shim ``pid``) first."""
+        async with self._pumping():
+            await self._pump_channel_messages(sock, buffer, pid)
+
+    async def _pump_channel_messages(self, sock: trio.socket.SocketType, buffer: bytes,
+                                     pid: int | None) -> None:
+        while True:
             *lines, buffer = buffer.split(b"\n")
             for line in lines:
-                await self.send_event.send(Line(name, line.decode(errors="replace")))
-        if buffer:
-            await self.send_event.send(Line(name, buffer.decode(errors="replace")))
-
-    async def _pump_channel(self, sock: trio.socket.SocketType) -> None:
-        buffer = b""
-        pid = None
-        while True:
+                try:
+                    body = json.loads(line)
+                except ValueError:
+                    log.warning("unreadable message from the shim", line=line[:200])
+                    continue
+                if isinstance(body, dict):
+                    await self.send_event.send(Message(body, pid))
             try:
                 data, ancdata, _flags, _addr = await sock.recvmsg(
                     65536, socket.CMSG_SPACE(_CRED.size))
@@ -205,18 +240,24 @@ class Mode3Session:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
                     pid = _CRED.unpack(payload[: _CRED.size])[0]
             buffer += data
-            *lines, buffer = buffer.split(b"\n")
-            for line in lines:
-                try:
-                    body = json.loads(line)
-                except ValueError:
-                    log.warning("unreadable message from the shim", line=line[:200])
-                    continue
-                if isinstance(body, dict):
-                    await self.send_event.send(Message(body, pid))
+
+    async def _send_start_rest(self, rest: bytes) -> None:
+        """The part of the queued ``start`` the socket buffer did not take (a large environment)."""
+        if self._channel is None:
+            raise RuntimeError("the shim channel is not open")  # a bug, not a user error
+        with contextlib.suppress(OSError):  # the shim is gone: its exit follows
+            async with self._send_lock:
+                while rest:
+                    rest = rest[await self._channel.send(rest):]
 
     async def _wait_exit(self, process: _Child) -> None:
         status = await process.wait()
+        # What cvmfsexec and the shim said before it ended comes first: with the
+        # payload's start queued, a short payload may be over (verified, run,
+        # exited) before this session even began.  Every holder of the pipes and
+        # of the channel has ended with the namespace; the bound is for safety.
+        with trio.move_on_after(DRAIN_WAIT):
+            await self._drained.wait()
         await self.send_event.send(Exited(status))
 
     async def _send(self, fds: Sequence[int] = (), **body: object) -> None:
@@ -306,15 +347,24 @@ class Mode3Session:
         self._channel = trio.socket.from_stdlib_socket(spawned.channel)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._record_ns_init)
+            if spawned.start_rest:
+                nursery.start_soon(self._send_start_rest, spawned.start_rest)
             for name, pipe in (("stdout", spawned.process.stdout),
                                ("stderr", spawned.process.stderr)):
                 if pipe is not None:
                     stream = trio.lowlevel.FdStream(os.dup(pipe.fileno()))
                     pipe.close()
-                    nursery.start_soon(self._pump_lines, stream, name)
-            nursery.start_soon(self._pump_channel, self._channel)
+                    nursery.start_soon(self._pump_lines, stream, name,
+                                       spawned.early_partial.get(name, b""))
+            nursery.start_soon(self._pump_channel, self._channel, spawned.early_channel,
+                               spawned.early_pid)
             nursery.start_soon(self._wait_exit, self.process)
-            self.on_progress(1, len(self.order), self.order[0])
+            self.on_progress(1, len(self.order), self.order[0], spawned.started)
+            for at, name, text in spawned.early_lines:  # read before the session began
+                self._on_line(Line(name, text, at))
+            # The mount timeout counts from cvmfsexec's start, not from this session's.
+            self._mount_deadline = trio.current_time() + self.mount_timeout - (
+                time.monotonic() - spawned.started)
             # A LaunchError leaves the nursery by itself, not wrapped in an
             # exception group, so that callers can apply the policy to it.
             failure: LaunchError | None = None
@@ -333,7 +383,7 @@ class Mode3Session:
 
     async def _run(self, nursery: trio.Nursery) -> Outcome:
         ready = False
-        mount_deadline = trio.current_time() + self.mount_timeout
+        mount_deadline = self._mount_deadline
         kill_deadline: float | None = None
         while True:
             deadline = kill_deadline if kill_deadline is not None else (
@@ -368,10 +418,9 @@ class Mode3Session:
             log.debug("cvmfsexec", stream=line.stream, line=line.text)
         elif parsed.ok:
             log.info("mounted", repo=parsed.repo)
-            if parsed.repo in self.order and not self._ready:
-                index = self.order.index(parsed.repo) + 1
-                if index < len(self.order):
-                    self.on_progress(index + 1, len(self.order), self.order[index])
+            index = launch.next_mount(self.order, parsed.repo)
+            if index is not None and not self._ready:
+                self.on_progress(index, len(self.order), self.order[index - 1], line.at)
         else:
             self._failed_repo = parsed.repo
 
@@ -395,10 +444,8 @@ class Mode3Session:
                 return False
             log.info("repositories verified", shim_pid=self.shim_pid,
                      ns_init_pid=self.ns_init_pid, repos=checks)
-            # The payload goes first: reporting readiness (a glidein_config
-            # rewrite under its lock) is not on the payload's critical path.
-            await self._send(event="start", env=dict(self.plan.env))
-            mark("payload start sent")
+            # The payload went first: its start was queued before the mounts
+            # (launch.spawn), and the shim took it as its check passed.
             self._ready = True
             await self.on_ready(ReadyInfo(checks, self.shim_pid, self.ns_init_pid))
             return True

@@ -15,7 +15,9 @@ PAYLOAD``.  Inside the namespace the shim
 2. tells the supervisor the result over the socket it inherited (the
    supervisor learns the shim's host pid from the kernel, through
    SCM_CREDENTIALS, and from it namespace PID 1: the shim's parent);
-3. waits for the supervisor's go, which carries the payload's environment;
+3. takes the supervisor's go, which carries the payload's environment (the
+   supervisor queues it before the mounts begin, so it is there at once; after
+   a failed check the shim passes over it and waits for the ``abort``);
 4. serves the supervisor's ``exec`` requests: a command from outside run in
    here, with the caller's own stdin/stdout/stderr passed over the socket;
 5. runs the payload with the pilot's own stdout/stderr, HUP/INT/QUIT/TERM back
@@ -30,7 +32,6 @@ Messages are JSON objects, one per line (see :mod:`cvmfsd.launch`).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -243,30 +244,78 @@ def run_payload(argv: Sequence[str], env: dict[str, str], stdio: Sequence[int],
     return exit_status(payload.wait())
 
 
+USAGE = ("usage: python -m cvmfsd.shim --channel-fd FD --stdio-fds IN,OUT,ERR "
+         "[--repos A,B] [--allow-nesting] -- PAYLOAD...")
+
+
+class Args:
+    """The shim's command line, as :meth:`cvmfsd.launch.LaunchPlan.argv` writes it."""
+
+    def __init__(self, argv: Sequence[str]) -> None:
+        """Parse ``argv``; raise ValueError saying what is wrong.
+
+        Parsed by hand: argparse costs some 5 ms of every start, and the shim
+        starts on the payload's critical path.
+        """
+        self.channel_fd = -1
+        self.stdio_fds: list[int] = []
+        self.repos: list[str] = []
+        self.allow_nesting = False
+        args = list(argv)
+        while args and args[0] != "--":
+            option = args.pop(0)
+            if option == "--allow-nesting":
+                self.allow_nesting = True
+                continue
+            if option not in ("--channel-fd", "--stdio-fds", "--repos"):
+                raise ValueError(f"unknown option {option!r}")
+            if not args:
+                raise ValueError(f"{option} needs a value")
+            value = args.pop(0)
+            if option == "--repos":
+                self.repos = [r for r in value.split(",") if r]
+                continue
+            try:
+                numbers = [int(fd) for fd in value.split(",")]
+            except ValueError:
+                raise ValueError(f"{option} {value!r}: expected file descriptor numbers") from None
+            if option == "--channel-fd" and len(numbers) == 1:
+                self.channel_fd = numbers[0]
+            elif option == "--stdio-fds" and len(numbers) == 3:
+                self.stdio_fds = numbers
+            else:
+                raise ValueError(f"{option} {value!r}: expected "
+                                 f"{'one number' if option == '--channel-fd' else 'three numbers'}")
+        if self.channel_fd < 0 or not self.stdio_fds:
+            raise ValueError("--channel-fd and --stdio-fds are required")
+        self.payload = args[1:]
+        if not self.payload:
+            raise ValueError("no payload after --")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m cvmfsd.shim``."""
-    parser = argparse.ArgumentParser(prog="cvmfsd-shim")
-    parser.add_argument("--channel-fd", type=int, required=True)
-    parser.add_argument("--stdio-fds", required=True, help="stdin,stdout,stderr for the payload")
-    parser.add_argument("--repos", default="", help="comma-separated repositories to verify")
-    parser.add_argument("--allow-nesting", action="store_true",
-                        help="give the payload cvmfsexec's $CVMFSMOUNT interface")
-    parser.add_argument("payload", nargs="+")
-    args = parser.parse_args(argv)
+    try:
+        args = Args(sys.argv[1:] if argv is None else argv)
+    except ValueError as exc:
+        print(f"cvmfsd shim: {exc}\n{USAGE}", file=sys.stderr)
+        return 2
     mark("shim started")
     if not args.allow_nesting:  # first: before any thread, before the payload
         for problem in keep_from_payload(Nesting(dict(os.environ)).fd):
             print(f"cvmfsd shim: {problem}; the payload may reach cvmfsexec's mount requests",
                   file=sys.stderr)
-    stdio = [int(fd) for fd in args.stdio_fds.split(",")]
+    stdio = args.stdio_fds
     channel = Channel(args.channel_fd)
 
     mounts = _fuse_mounts()
-    repos = [r for r in args.repos.split(",") if r]
-    checks = {repo: verify_repo(repo, f"/cvmfs/{repo}", mounts) for repo in repos}
+    checks = {repo: verify_repo(repo, f"/cvmfs/{repo}", mounts) for repo in args.repos}
     channel.send(event="verified", ns_pid=os.getpid(), repos=checks)
     mark("shim verified")
     go, _ = channel.receive()
+    verified = all(check.get("ok") for check in checks.values())
+    while go.get("event") == "start" and not verified:  # queued before the check: not ours
+        go, _ = channel.receive()
     mark("shim told to start")
     if go.get("event") != "start":
         print(f"cvmfsd shim: not starting the payload: {go.get('reason', go)}", file=sys.stderr)

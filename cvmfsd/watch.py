@@ -371,6 +371,10 @@ class MountWatcher:
             return
         try:
             self._table = _Table(path)
+        except FileNotFoundError:
+            # /proc/<pid>/mountinfo of a process that has ended: the namespace
+            # is over (a short payload may end before the supervisor has looked).
+            log.info("the mount table is gone with its process", path=str(path))
         except OSError as exc:
             log.warning("cannot open the mount table", path=str(path), error=str(exc))
 

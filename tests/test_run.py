@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -240,3 +241,73 @@ def test_sigterm_while_starting_stops_in_order(dist: Path, short_tmp: Path, mode
         assert not processes_with_argv(["sleep", "6019"])
     finally:
         reap(process)
+
+
+def _timeline_has(path: Path, pid: int, phase: str) -> bool:
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return False
+    return any(line.split(" ", 2)[1:] == [str(pid), phase] for line in lines)
+
+
+def _state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def test_payload_starts_without_waiting_for_the_supervisor(dist: Path, short_tmp: Path) -> None:
+    """mode 3: the payload's go is queued before the mounts (cvmfsd.launch), so the payload
+    starts as the shim's check passes, even with cvmfsd stopped from cvmfsexec's start on;
+    cvmfsd, continued, supervises the rest of the run as always."""
+    timeline, marker = short_tmp / "timeline", short_tmp / "payload-ran"
+    process = subprocess.Popen(
+        [*CVMFSD, "run", "--dist", str(dist), "--repos", REPO_A, "--",
+         "sh", "-c", f"cat /cvmfs/{REPO_A}/hello.txt > {marker}"],
+        env={**os.environ, "CVMFSD_TIMELINE": str(timeline)}, stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: _timeline_has(timeline, process.pid, "cvmfsexec spawned"), timeout=30,
+                 interval=0.001)
+        process.send_signal(signal.SIGSTOP)
+        wait_for(marker.exists, timeout=30)
+        assert _state(process.pid) == "T"  # the payload ran while cvmfsd was stopped
+        assert not _timeline_has(timeline, process.pid, "daemon imported")
+        process.send_signal(signal.SIGCONT)
+        _, err = process.communicate(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signal.SIGCONT)
+        reap(process)
+    assert process.returncode == 0, err
+    assert marker.read_text() == "hello from repo.a\n"
+    assert not mounts_under(dist)
+
+
+def test_a_failed_check_never_starts_the_payload(dist: Path, stratum_dir: Path,
+                                                 short_tmp: Path) -> None:
+    """mode 3: the go queued before the mounts is passed over when the shim's check fails
+    (cvmfs2 crashed at once: ENOTCONN); under `required` nothing runs, cvmfsd exits 69."""
+    marker = short_tmp / "payload-ran"
+    stratum.set_faults(stratum_dir, REPO_B, crash_after=0)
+    result = subprocess.run(
+        [*CVMFSD, "run", "--dist", str(dist), "--repos", f"{REPO_A},{REPO_B}", "--",
+         "touch", str(marker)],
+        env={**os.environ, "GLIDEIN_CVMFS": "required"}, capture_output=True, text=True,
+        timeout=90, stdin=subprocess.DEVNULL, check=False)
+    assert result.returncode == 69, result.stderr
+    assert "repository failed verification" in result.stderr
+    assert not marker.exists()
+    assert not mounts_under(dist)
+
+
+def test_a_large_environment_reaches_the_payload(dist: Path) -> None:
+    """The queued go carries the payload's environment; what the socket buffer does not
+    take at once (here 3 x 100 KiB, beyond a unix socket's default buffer) follows."""
+    big = {f"CVMFSD_TEST_BIG_{i}": str(i) * 100_000 for i in range(3)}
+    result = subprocess.run(
+        [*CVMFSD, "run", "--dist", str(dist), "--repos", REPO_A, "--", "sh", "-c",
+         'printf "%s %s\\n" "${#CVMFSD_TEST_BIG_2}" "$(cat /cvmfs/repo.a/hello.txt)"'],
+        env={**os.environ, **big}, capture_output=True, text=True, timeout=90,
+        stdin=subprocess.DEVNULL, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "100000 hello from repo.a\n"
