@@ -335,15 +335,11 @@ class Supervisor:
                 shutil.rmtree(self.prepared.socket_dir, ignore_errors=True)
 
     def _arm_janitor_report(self) -> None:
-        """If cvmfsd dies, the janitor marks glidein_config failed and removes the socket."""
-        janitor = self.prepared.janitor
-        if janitor is None:
-            return
-        try:
-            janitor.set_reporting(glidein_config=self.config.glidein_config,
-                                  socket=self.prepared.socket_path)
-        except (ValueError, CvmfsdError) as exc:
-            log.warning("the janitor cannot report cvmfsd's death", error=str(exc))
+        """If cvmfsd dies, the janitor marks glidein_config failed and removes the socket
+        (armed by :func:`cvmfsd.prepare.prepare` as it started the janitor)."""
+        if self.prepared.janitor_problem is not None:
+            log.warning("the janitor cannot report cvmfsd's death",
+                        error=self.prepared.janitor_problem)
 
     async def _start_metrics(self, nursery: trio.Nursery) -> Pushgateway | None:
         """Serve /metrics (if asked) and start the collection loop and its exporters."""

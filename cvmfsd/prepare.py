@@ -107,6 +107,8 @@ class Prepared:
     signals: EarlySignals | None = None
     #: the glidein_config updates written before the supervisor ran (mode 3)
     recorded: list[dict[str, str]] = field(default_factory=list)
+    #: why the janitor cannot report cvmfsd's death, if it cannot
+    janitor_problem: str | None = None
     #: /metrics, listening before anything starts (with ``start``), or why not
     metrics_sockets: list[socket.socket] = field(default_factory=list)
     metrics_error: OSError | None = None
@@ -377,8 +379,20 @@ def _control_socket(config: Config, *,
 
 
 def _start_janitor(prepared: Prepared) -> Janitor:
-    """The janitor: of the distribution only if we hold it, of the payload in any case."""
+    """The janitor: of the distribution only if we hold it, of the payload in any case.
+
+    It is told at once to mark glidein_config failed and remove the control
+    socket if cvmfsd dies: glidein_config may say ``ready`` before the event
+    loop runs (mode 3), and a SIGKILL from then on must be reported.
+    """
     lock = prepared.dist_lock
     dist = prepared.dist if lock is not None else None
-    return spawn_janitor(None if dist is None else dist.root, payload_tmp=prepared.payload_tmp,
-                         lock_fd=None if lock is None else lock.fd)
+    janitor = spawn_janitor(None if dist is None else dist.root,
+                            payload_tmp=prepared.payload_tmp,
+                            lock_fd=None if lock is None else lock.fd)
+    try:
+        janitor.set_reporting(glidein_config=prepared.config.glidein_config,
+                              socket=prepared.socket_path)
+    except (ValueError, CvmfsdError) as exc:
+        prepared.janitor_problem = str(exc)  # the supervisor says so
+    return janitor
