@@ -117,7 +117,9 @@ EXIT_GRACE = 1.0  # for a cvmfs2 to exit by itself once its mount is gone
 TERM_GRACE = 1.0  # between SIGTERM and SIGKILL
 PAYLOAD_WAIT = 1.0  # for the SIGKILLed payload to be gone (one stuck in FUSE may not be)
 TREE_PRUNE_AT = 4096  # processes of cvmfsd's tree held before the ended ones are dropped
-TREE_LINE = 256  # processes per ``tree`` line cvmfsd writes
+TREE_LINE = 128  # processes per ``tree`` line: at most ~30 bytes each, in one page
+PIPE_PAGE = select.PIPE_BUF  # a ``tree`` line, padded: written whole, in one pipe page
+F_GETPIPE_SZ = 1032  # fcntl.F_GETPIPE_SZ (Python >= 3.10; linux/fcntl.h)
 #: How cvmfsd names the payload's TMPDIR (tempfile.mkdtemp's prefix).
 PAYLOAD_TMP_PREFIX = "cvmfsd-payload-"
 _POLL = 0.005
@@ -935,6 +937,13 @@ class Janitor:
     def __init__(self, process: subprocess.Popen[bytes], pipe: int) -> None:
         self.process = process
         self._pipe: int | None = pipe
+        # The same pipe through an open file description of its own, non-blocking,
+        # for the ``tree`` lines only (:meth:`tell_processes`).
+        try:
+            self._tree_pipe: int | None = os.open(
+                f"/proc/self/fd/{pipe}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            self._tree_pipe = None
 
     @property
     def pid(self) -> int:
@@ -980,19 +989,55 @@ class Janitor:
                 raise ValueError(f"{word} path {text!r} spans lines")
             self._send(f"{word} {text}")
 
-    def tell_processes(self, processes: Sequence[Ident]) -> None:
+    def tell_processes(self, processes: Sequence[Ident]) -> int:
         """Have the janitor SIGKILL these processes of cvmfsd's tree if cvmfsd dies.
 
         Each is named by its pid and start time, and killed only if it is still
-        that process; what it forked by then is found from it.  A few lines of
-        ``TREE_LINE`` processes at most: the caller batches.
+        that process; what it forked by then is found from it.  The caller
+        batches.  This never blocks, and leaves room in the pipe for ``done``:
+        each line is one page (``PIPE_BUF``: written whole or not at all, and it
+        takes exactly one of the pipe's pages), written through a non-blocking
+        open file description of the pipe of its own, and only while at most
+        half the pipe is taken; a line that does not go is dropped (the janitor
+        is not reading, or cannot keep up).
+
+        Returns:
+            How many processes were sent.
 
         Raises:
             JanitorError: the janitor is gone or closed.
         """
+        sent = 0
         for at in range(0, len(processes), TREE_LINE):
-            self._send(" ".join(["tree", *(f"{pid} {start}"
-                                           for pid, start in processes[at:at + TREE_LINE])]))
+            batch = processes[at:at + TREE_LINE]
+            line = " ".join(["tree", *(f"{pid} {start}" for pid, start in batch)])
+            if not self._send_page(line):
+                break
+            sent += len(batch)
+        return sent
+
+    def _send_page(self, line: str) -> bool:
+        import fcntl
+        import termios
+
+        if self._pipe is None:
+            raise JanitorError("the janitor was already closed")
+        if self._tree_pipe is None:
+            return False
+        page = line.encode().ljust(PIPE_PAGE - 1) + b"\n"
+        held = bytearray(4)
+        fcntl.ioctl(self._tree_pipe, termios.FIONREAD, held)
+        size = fcntl.fcntl(self._tree_pipe, F_GETPIPE_SZ)
+        if int.from_bytes(held, sys.byteorder) + len(page) > size // 2:
+            return False
+        try:
+            os.write(self._tree_pipe, page)
+        except BlockingIOError:
+            return False
+        except BrokenPipeError:
+            raise JanitorError(f"the janitor (pid {self.pid}) is gone",
+                               hint="CVMFS will not be cleaned up if cvmfsd is killed") from None
+        return True
 
     def clear_namespace_init(self) -> None:
         """Forget namespace PID 1 (the namespace has ended).
@@ -1025,6 +1070,9 @@ class Janitor:
             finally:
                 os.close(self._pipe)
                 self._pipe = None
+                if self._tree_pipe is not None:
+                    os.close(self._tree_pipe)
+                    self._tree_pipe = None
         import subprocess
 
         try:

@@ -8,6 +8,7 @@ helper, and as a last resort the janitor and namespace PID 1 it reported), by pi
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import re
@@ -459,6 +460,23 @@ def test_end_payload_kills_what_cvmfsd_told_and_its_descendants(tmp_path: Path) 
     finally:
         for process in (escaped, stranger):
             reap(process)
+
+
+def test_telling_processes_never_blocks_cvmfsd(dist: Path) -> None:
+    """A janitor that does not read: tree lines stop short of filling the pipe, so
+    cvmfsd never blocks on them and there is still room for ``done``."""
+    handle = spawn_janitor(dist)
+    try:
+        os.kill(handle.pid, signal.SIGSTOP)
+        told = [handle.tell_processes([(4000000 + i, i) for i in range(janitor.TREE_LINE)])
+                for _ in range(100)]
+        assert told[0] == janitor.TREE_LINE and told[-1] == 0
+        os.kill(handle.pid, signal.SIGCONT)
+        assert handle.close() == 0  # done got through; nothing was cleaned
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(handle.pid, signal.SIGCONT)
+        handle.close(timeout=5)
 
 
 def test_payload_tmp_is_removed_only_if_cvmfsd_named_it(tmp_path: Path) -> None:
