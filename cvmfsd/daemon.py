@@ -114,6 +114,8 @@ class Supervisor:
                 signal=ended.ending.signal, core=ended.ending.core),
             expected=lambda: self.state.phase in ("stopping", "done"),
             on_appeared=self._tell_janitor)
+        if prepared.spawned is not None:  # orphans adopted before the event loop
+            self.procevents.adopted(prepared.spawned.adopted)
         self.metrics.killed = lambda: self.procevents.killed
         self._janitor_told = prepared.janitor is not None  # False once it cannot be told
 

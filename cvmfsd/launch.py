@@ -332,6 +332,10 @@ class Spawned:
     verified: Mapping[str, object] | None = None
     early_channel: bytes = b""
     early_pid: int | None = None
+    #: cvmfsexec ended while :func:`wait_for_shim` waited (before the shim spoke)
+    exited_early: bool = False
+    #: the orphans cvmfsd adopted before its event loop: (pid, start time)
+    adopted: list[tuple[int, int]] = field(default_factory=list)
 
     def checks_passed(self) -> bool:
         """Whether the shim's check of every repository passed (as it judged it)."""
@@ -365,18 +369,37 @@ def next_mount(order: Sequence[str], mounted: str) -> int | None:
 
 def wait_for_shim(spawned: Spawned, *, until: float, wake_fd: int | None = None,
                   on_line: Callable[[str, str], None] = lambda stream, text: None) -> None:
-    """Block until the shim has something to say, cvmfsexec's output ends, or ``until``.
+    """Block until the shim has something to say, cvmfsexec ends, or ``until``.
 
     cvmfsexec's output is read meanwhile (a full pipe would stall it) and kept
     in ``spawned`` for the session, each complete line also given to
-    ``on_line`` (progress).  Nothing is read from the shim's channel.  Readable
-    ``wake_fd`` (a :func:`signal.set_wakeup_fd` pipe) ends the wait too.
+    ``on_line`` (progress); the shim's first message is read into
+    ``spawned.verified``.  Readable ``wake_fd`` (a :func:`signal.set_wakeup_fd`
+    pipe) ends the wait too.  cvmfsexec's end sets ``spawned.exited_early``
+    (its output may stay open in the processes it leaves).
     """
     streams = {pipe.fileno(): name for name, pipe in
                (("stdout", spawned.process.stdout), ("stderr", spawned.process.stderr))
                if pipe is not None}
     channel = spawned.channel.fileno()
     stops = [channel] if wake_fd is None else [channel, wake_fd]
+    try:
+        exited: int | None = os.pidfd_open(spawned.process.pid)
+    except (AttributeError, OSError):  # Linux < 5.3: its output's end tells
+        exited = None
+    try:
+        _wait_for_shim(spawned, until, [*stops, *([exited] if exited is not None else [])],
+                       streams, on_line)
+    finally:
+        if exited is not None:
+            spawned.exited_early = bool(select.select([exited], [], [], 0)[0]) and (
+                spawned.verified is None)
+            os.close(exited)
+
+
+def _wait_for_shim(spawned: Spawned, until: float, stops: list[int], streams: dict[int, str],
+                   on_line: Callable[[str, str], None]) -> None:
+    channel = spawned.channel.fileno()
     while streams:
         left = until - time.monotonic()
         if left <= 0:
@@ -385,7 +408,7 @@ def wait_for_shim(spawned: Spawned, *, until: float, wake_fd: int | None = None,
         if channel in readable:
             _read_first_message(spawned, until)
             return
-        if wake_fd is not None and wake_fd in readable:
+        if any(fd in readable for fd in stops):
             return
         for fd in readable:
             name = streams[fd]

@@ -8,6 +8,7 @@ proceed while those load (start-up is on the critical path of every pilot).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -18,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cvmfsd import glidein, launch, mode, packed, probe
+from cvmfsd import _prctl, glidein, launch, mode, packed, probe
 from cvmfsd._selfexec import cvmfsctl_wrapper
 from cvmfsd.config import (
     Config,
@@ -30,7 +31,13 @@ from cvmfsd.config import (
     prepare_socket_dir,
 )
 from cvmfsd.errors import ConfigError, CvmfsdError
-from cvmfsd.janitor import PAYLOAD_TMP_PREFIX, Janitor, spawn_janitor
+from cvmfsd.janitor import (
+    PAYLOAD_TMP_PREFIX,
+    Janitor,
+    process_start,
+    signal_process,
+    spawn_janitor,
+)
 from cvmfsd.launch import Dist, LaunchError, LaunchPlan, Spawned
 from cvmfsd.leftovers import (
     DistLock,
@@ -68,6 +75,14 @@ class EarlySignals:
 
     def _keep(self, signum: int, _frame: object) -> None:
         self.signum = self.signum or signum
+
+
+def _begin_run() -> EarlySignals:
+    """From here on cvmfsd keeps stop signals, and an orphan of its tree is its to reap
+    (a child subreaper: the supervisor says so if the kernel refuses)."""
+    with contextlib.suppress(OSError):
+        _prctl.set_child_subreaper(1)
+    return EarlySignals()
 
 
 @dataclass
@@ -225,7 +240,7 @@ def prepare(config: Config, facts: probe.HostFacts | None = None, *,
         ConfigError: glidein_config or the policy attributes are unusable.
         HostUnsupported: a forced mode is impossible here.
     """
-    signals = EarlySignals() if start else None
+    signals = _begin_run() if start else None
     values, problems, policy = _read_policy(config)
     mark("configuration read")
     facts = facts or probe.probe_host(repos=config.repos, checks=checks)
@@ -321,9 +336,41 @@ def wait_for_shim(prepared: Prepared) -> None:
         signal.set_wakeup_fd(previous)
         os.close(wake_read)
         os.close(wake_write)
+    if spawned.exited_early:
+        _end_orphaned_namespace()
+    # cvmfsd is a child subreaper (from prepare on): a child it did not start
+    # itself is an orphan of cvmfsexec's, which the supervisor reaps.
+    own = {spawned.process.pid, *([prepared.janitor.pid] if prepared.janitor else [])}
+    spawned.adopted = [(pid, start) for pid in _children(os.getpid()) if pid not in own
+                       for start in [process_start(pid)] if start is not None]
     if spawned.checks_passed():
         # The payload runs: the glidein may go on now (cvmfsd_setup.sh waits for this).
         _record_early(prepared, ready_updates(prepared.values))
+
+
+def _children(pid: int) -> list[int]:
+    """``pid``'s children (``/proc/<pid>/task/*/children``)."""
+    found: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):  # noqa: PTH208 - plain os, as janitor
+            with contextlib.suppress(OSError), open(  # noqa: PTH123
+                    f"/proc/{pid}/task/{task}/children", encoding="ascii") as f:
+                found += [int(child) for child in f.read().split()]
+    return found
+
+
+def _end_orphaned_namespace() -> None:
+    """cvmfsexec ended before the shim spoke (killed mid-mount, say): SIGKILL the
+    namespace it leaves behind, before the shim can start the payload in it.
+
+    Its mount attempt has failed (the policy decides, and a kill is tried once
+    more under ``preferred``); a namespace left to go on would mount and run the
+    payload with nothing of cvmfsexec's to unmount after it.
+    """
+    for pid in launch.descendants(os.getpid()):
+        start = process_start(pid)
+        if start is not None and launch.is_namespace_init(pid):
+            signal_process((pid, start), signal.SIGKILL, launch.is_namespace_init)
 
 
 def _read_policy(

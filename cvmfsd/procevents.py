@@ -83,7 +83,7 @@ import struct
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, Union
@@ -620,6 +620,12 @@ class ProcessEvents:
         # Its parent (unshare) is deeper than a child now: if cvmfsexec is killed,
         # it is an orphan of ours, known as one (without fork events, only so).
         self._look()
+
+    def adopted(self, idents: Iterable[tuple[int, int]]) -> None:
+        """These children of ours (pid, start time) were adopted before the event loop
+        ran (:func:`cvmfsd.prepare.wait_for_shim`): known orphans, reaped once ended."""
+        for pid, start in idents:
+            self._deep[pid] = start
 
     def watch(self, pid: int) -> None:
         """Make sure the end of ``pid``, a process of the tree, is seen."""

@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 
 from cvmfsd import janitor, launch, procevents
-from tests.conftest import REPO_A, cvmfs2_pids, mounts_under, reap, wait_for
-from tests.test_faults import MARKER, cmdline, zombies_of
+from cvmfsd.sim import stratum
+from tests.conftest import REPO_A, REPO_B, cvmfs2_pids, mounts_under, reap, wait_for
+from tests.test_faults import MARKER, cmdline, first, zombies_of
 from tests.test_procevents import connector_allowed
 
 SOURCES = ["pidfd", pytest.param("netlink", marks=pytest.mark.skipif(
@@ -94,6 +95,98 @@ def _leads(zombie: str) -> bool:
     """Whether the zombie named ``"PID (comm)"`` leads its own process group."""
     stat = procevents.read_stat(int(zombie.split(maxsplit=1)[0]))
     return stat is not None and stat.pgid == int(zombie.split(maxsplit=1)[0])
+
+
+def _kill_cvmfsexec_after_its_namespace(process: subprocess.Popen[str],
+                                        spare: list[int]) -> list[int]:
+    """Once namespace PID 1 exists below cvmfsexec, and cvmfsd had time to learn it
+    (its search backs off to 0.2 s), SIGKILL that cvmfsexec (none of ``spare``); its
+    pid and those of its descendants then (its subshells have its command line)."""
+    found: list[int] = []
+
+    def cvmfsexec_with_namespace() -> bool:
+        find = first(lambda pid, argv: pid not in spare and len(argv) > 1
+                     and argv[1].endswith("/cvmfsexec")
+                     and launch.parent_pid(pid) == process.pid)  # not one of its subshells
+        pid = find(process.pid)
+        found[:] = [pid] if pid and any(
+            launch.is_namespace_init(p) for p in launch.descendants(pid)) else []
+        return bool(found)
+
+    wait_for(cvmfsexec_with_namespace, timeout=30, interval=0.005)
+    time.sleep(0.4)  # repo.b takes 1 s: still mounting
+    below = launch.descendants(found[0])
+    os.kill(found[0], signal.SIGKILL)
+    return [found[0], *below]
+
+
+@pytest.mark.fuse
+@pytest.mark.parametrize("source", SOURCES)
+def test_a_mount_killed_twice_leaves_no_zombie(dist: Path, stratum_dir: Path, source: str,
+                                               cvmfsd_runs: list[subprocess.Popen[str]],
+                                               ) -> None:
+    """Under preferred, cvmfsexec SIGKILLed mid-mount (its unshare adopted by cvmfsd), and
+    its retry too: the payload runs without CVMFS, and below cvmfsd only its janitor and
+    the payload remain, no zombie (issue #14 item 3, its check)."""
+    stratum.set_faults(stratum_dir, REPO_B, mount_delay=1.0)
+    config = dist.parent / "glidein_config"
+    config.write_text("GLIDEIN_CVMFS preferred\n")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cvmfsd", "run", "--dist", str(dist), "--mode", "3",
+         "--glidein-config", str(config), "--grace", "1", "--repos", f"{REPO_A},{REPO_B}",
+         "--", "sleep", MARKER],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env=_env(source))
+    cvmfsd_runs.append(process)
+    # Killed while cvmfsd waits for the shim before its event loop (cvmfsd.prepare):
+    # the namespace it leaves is ended there, its unshare adopted and reaped.
+    wait_for(lambda: "CVMFSD_STATUS mounting" in config.read_text(), timeout=30)
+    _kill_cvmfsexec_after_its_namespace(
+        process, _kill_cvmfsexec_after_its_namespace(process, []))
+
+    def only_janitor_and_payload() -> bool:
+        alive = _alive_below(process.pid)
+        return (not zombies_of(process.pid) and len(alive) == 2
+                and f"sleep {MARKER}" in alive and any("cvmfsd.janitor" in a for a in alive))
+
+    try:
+        wait_for(only_janitor_and_payload, timeout=10)
+    except pytest.fail.Exception:
+        process.kill()
+        pytest.fail(f"zombies {zombies_of(process.pid)}, alive {_alive_below(process.pid)}; "
+                    f"cvmfsd said:\n{process.communicate()[1][-3000:]}")
+    process.send_signal(signal.SIGTERM)
+    _out, err = process.communicate(timeout=30)
+    assert "continuing without CVMFS" in err and f"source={source}" in err, err[-3000:]
+    assert not mounts_under(dist) and not cvmfs2_pids(dist)
+
+
+
+@pytest.mark.fuse
+def test_a_mount_killed_once_after_its_namespace_is_tried_once_more(
+        dist: Path, stratum_dir: Path, cvmfsd_runs: list[subprocess.Popen[str]]) -> None:
+    """cvmfsexec SIGKILLed mid-mount once its namespace exists, while cvmfsd waits for the
+    shim before its event loop: the namespace left behind is ended before it can run the
+    payload, the attempt is tried once more (issue #14 item 4), and the payload gets
+    CVMFS from the second one; no zombie."""
+    stratum.set_faults(stratum_dir, REPO_B, mount_delay=1.0)
+    config = dist.parent / "glidein_config"
+    config.write_text("GLIDEIN_CVMFS preferred\n")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cvmfsd", "run", "--dist", str(dist), "--mode", "3",
+         "--glidein-config", str(config), "--grace", "1", "--repos", f"{REPO_A},{REPO_B}",
+         "--", "sh", "-c", f"cat /cvmfs/{REPO_B}/data.csv >/dev/null && exec sleep {MARKER}"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    cvmfsd_runs.append(process)
+    wait_for(lambda: "CVMFSD_STATUS mounting" in config.read_text(), timeout=30)
+    _kill_cvmfsexec_after_its_namespace(process, [])
+    wait_for(lambda: f"sleep {MARKER}" in _alive_below(process.pid)  # after its cat
+             and not zombies_of(process.pid), timeout=30)
+    process.send_signal(signal.SIGTERM)
+    _out, err = process.communicate(timeout=30)
+    assert err.count("trying once more") == 1, err[-3000:]
+    assert "continuing without CVMFS" not in err, err[-3000:]
+    assert not mounts_under(dist) and not cvmfs2_pids(dist)
 
 
 # --- item 6: the janitor knows the payload by what cvmfsd sees --------------------------
