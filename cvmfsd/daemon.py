@@ -114,8 +114,6 @@ class Supervisor:
                 signal=ended.ending.signal, core=ended.ending.core),
             expected=lambda: self.state.phase in ("stopping", "done"),
             on_appeared=self._tell_janitor)
-        if prepared.spawned is not None:  # orphans adopted before the event loop
-            self.procevents.adopted(prepared.spawned.adopted)
         self.metrics.killed = lambda: self.procevents.killed
         self._janitor_told = prepared.janitor is not None  # False once it cannot be told
 
@@ -305,7 +303,11 @@ class Supervisor:
             async with trio.open_nursery() as nursery:
                 # First: from here on SIGTERM, SIGINT and SIGHUP stop the run in order.
                 await nursery.start(self._receive_signals)
-                # Adopted orphans are reaped, and the janitor told the tree, from now on.
+                # Adopted orphans are reaped, and the janitor told the tree, from now on;
+                # those adopted before the event loop are known as such.
+                spawned, janitor = self.prepared.spawned, self.prepared.janitor
+                self.procevents.adopted_all_but(
+                    [p.pid for p in (spawned.process if spawned else None, janitor) if p])
                 await nursery.start(self.procevents.keep)
                 path = await nursery.start(partial(
                     control.serve_control, self.prepared.socket_path, self.backend(),

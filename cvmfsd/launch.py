@@ -334,8 +334,6 @@ class Spawned:
     early_pid: int | None = None
     #: cvmfsexec ended while :func:`wait_for_shim` waited (before the shim spoke)
     exited_early: bool = False
-    #: the orphans cvmfsd adopted before its event loop: (pid, start time)
-    adopted: list[tuple[int, int]] = field(default_factory=list)
 
     def checks_passed(self) -> bool:
         """Whether the shim's check of every repository passed (as it judged it)."""

@@ -338,25 +338,9 @@ def wait_for_shim(prepared: Prepared) -> None:
         os.close(wake_write)
     if spawned.exited_early:
         _end_orphaned_namespace()
-    # cvmfsd is a child subreaper (from prepare on): a child it did not start
-    # itself is an orphan of cvmfsexec's, which the supervisor reaps.
-    own = {spawned.process.pid, *([prepared.janitor.pid] if prepared.janitor else [])}
-    spawned.adopted = [(pid, start) for pid in _children(os.getpid()) if pid not in own
-                       for start in [process_start(pid)] if start is not None]
     if spawned.checks_passed():
         # The payload runs: the glidein may go on now (cvmfsd_setup.sh waits for this).
         _record_early(prepared, ready_updates(prepared.values))
-
-
-def _children(pid: int) -> list[int]:
-    """``pid``'s children (``/proc/<pid>/task/*/children``)."""
-    found: list[int] = []
-    with contextlib.suppress(OSError):
-        for task in os.listdir(f"/proc/{pid}/task"):  # noqa: PTH208 - plain os, as janitor
-            with contextlib.suppress(OSError), open(  # noqa: PTH123
-                    f"/proc/{pid}/task/{task}/children", encoding="ascii") as f:
-                found += [int(child) for child in f.read().split()]
-    return found
 
 
 def _end_orphaned_namespace() -> None:

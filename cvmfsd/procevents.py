@@ -621,11 +621,17 @@ class ProcessEvents:
         # it is an orphan of ours, known as one (without fork events, only so).
         self._look()
 
-    def adopted(self, idents: Iterable[tuple[int, int]]) -> None:
-        """These children of ours (pid, start time) were adopted before the event loop
-        ran (:func:`cvmfsd.prepare.wait_for_shim`): known orphans, reaped once ended."""
-        for pid, start in idents:
-            self._deep[pid] = start
+    def adopted_all_but(self, own: Iterable[int]) -> None:
+        """Every child of ours now but ``own`` was adopted: known orphans, reaped once ended.
+
+        For the start of the event loop, when cvmfsd has started nothing but its
+        janitor and cvmfsexec (:mod:`cvmfsd.prepare`), and may have adopted what a
+        cvmfsexec killed meanwhile left (its subshells, its unshare), unseen by any look.
+        """
+        for pid in children(os.getpid(), self._proc_root) - set(own):
+            stat = read_stat(pid, self._proc_root)
+            if stat is not None:
+                self._deep[pid] = stat.start
 
     def watch(self, pid: int) -> None:
         """Make sure the end of ``pid``, a process of the tree, is seen."""
