@@ -10,9 +10,10 @@ Runs alternate between the two so that machine noise hits both alike.
 Target (design.md): cvmfsd adds at most 150 ms.  For numbers that mean
 something, run it from a non-editable install (an editable one adds an import
 hook to the start-up of cvmfsd and of each helper it starts); the bytecode of
-every command is cached during the warm-up (PYTHONDONTWRITEBYTECODE is dropped).  With ``--bundle``, ``cvmfsd
-run`` from the one-file bundle joins the alternation (in place, and unpacked
-under ``$CVMFSD_CACHE``), with this interpreter and ``-I``; target (issue 13):
+every command is cached during the warm-up (PYTHONDONTWRITEBYTECODE is dropped).
+With ``--bundle``, ``cvmfsd run`` from the one-file bundle joins the alternation
+(in place, and unpacked under ``$CVMFSD_CACHE``), with this interpreter and
+``-I``; target (issue 13):
 within 30 ms of the installed package.
 
 With ``--timeline``, the trials of ``cvmfsd run`` also record where its time
