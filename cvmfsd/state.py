@@ -87,16 +87,17 @@ class LiveConfig:
 
     def __init__(self, path: Path | None, *, allow: tuple[str, ...] = ()) -> None:
         self.path = path
+        self._name = None if path is None else os.fspath(path)  # os.stat(str): no Path call
         self.allow = allow
         self._stamp: tuple[int, int, int] | None = None
         self._values: Mapping[str, str] = {}
 
     def values(self) -> Mapping[str, str]:
         """All current values (secrets included: callers filter with :meth:`visible`)."""
-        if self.path is None:
+        if self.path is None or self._name is None:
             return {}
         try:
-            st = self.path.stat()
+            st = os.stat(self._name)  # noqa: PTH116 - on every get: the Path method costs ~1 us
         except OSError:
             return self._values
         stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
