@@ -322,8 +322,6 @@ class Spawned:
     early_lines: list[tuple[float, str, str]] = field(default_factory=list)
     #: the unterminated ends of those streams, by stream name
     early_partial: dict[str, bytes] = field(default_factory=dict)
-    #: the streams :func:`wait_for_shim` saw end, by name
-    early_closed: set[str] = field(default_factory=set)
     #: the progress lines shown so far, as (index, repo)
     shown: set[tuple[int, str]] = field(default_factory=set)
     #: the shim's first message as :func:`wait_for_shim` read it (its check of
@@ -411,9 +409,8 @@ def _wait_for_shim(spawned: Spawned, until: float, stops: list[int], streams: di
         for fd in readable:
             name = streams[fd]
             chunk = os.read(fd, 65536)
-            if not chunk:
+            if not chunk:  # its end: the session's pump reads it again, at once
                 del streams[fd]
-                spawned.early_closed.add(name)
                 continue
             *lines, spawned.early_partial[name] = (
                 spawned.early_partial.get(name, b"") + chunk).split(b"\n")

@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -80,15 +80,36 @@ def test_the_payloads_orphans_are_reaped(source: str,
                 and any("cvmfsd.janitor" in a for a in alive))
 
     time.sleep(1.6)  # every orphan has ended
+    _settled_or_fail(process, settled, timeout=5)
+    process.send_signal(signal.SIGTERM)
+    _out, err = process.communicate(timeout=30)
+    assert f"source={source}" in err, err[-3000:]
+
+
+def _settled_or_fail(process: subprocess.Popen[str], settled: Callable[[], bool], *,
+                     timeout: float) -> None:
+    """Wait until ``settled()``; else fail with the zombies, what is alive, and cvmfsd's log."""
     try:
-        wait_for(settled, timeout=5)
+        wait_for(settled, timeout=timeout)
     except pytest.fail.Exception:
         process.kill()
         pytest.fail(f"zombies {zombies_of(process.pid)}, alive {_alive_below(process.pid)}; "
                     f"cvmfsd said:\n{process.communicate()[1][-3000:]}")
-    process.send_signal(signal.SIGTERM)
-    _out, err = process.communicate(timeout=30)
-    assert f"source={source}" in err, err[-3000:]
+
+
+def _start_preferred(dist: Path, stratum_dir: Path, *payload: str,
+                     env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """``cvmfsd run`` in mode 3 under preferred, repo.b's mount 1 s long (a window to kill
+    in); its glidein_config is ``dist.parent / "glidein_config"``."""
+    stratum.set_faults(stratum_dir, REPO_B, mount_delay=1.0)
+    config = dist.parent / "glidein_config"
+    config.write_text("GLIDEIN_CVMFS preferred\n")
+    return subprocess.Popen(
+        [sys.executable, "-m", "cvmfsd", "run", "--dist", str(dist), "--mode", "3",
+         "--glidein-config", str(config), "--grace", "1", "--repos", f"{REPO_A},{REPO_B}",
+         "--", *payload],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env=env)
 
 
 def _leads(zombie: str) -> bool:
@@ -128,16 +149,9 @@ def test_a_mount_killed_twice_leaves_no_zombie(dist: Path, stratum_dir: Path, so
     """Under preferred, cvmfsexec SIGKILLed mid-mount (its unshare adopted by cvmfsd), and
     its retry too: the payload runs without CVMFS, and below cvmfsd only its janitor and
     the payload remain, no zombie (issue #14 item 3, its check)."""
-    stratum.set_faults(stratum_dir, REPO_B, mount_delay=1.0)
-    config = dist.parent / "glidein_config"
-    config.write_text("GLIDEIN_CVMFS preferred\n")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "cvmfsd", "run", "--dist", str(dist), "--mode", "3",
-         "--glidein-config", str(config), "--grace", "1", "--repos", f"{REPO_A},{REPO_B}",
-         "--", "sleep", MARKER],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        env=_env(source))
+    process = _start_preferred(dist, stratum_dir, "sleep", MARKER, env=_env(source))
     cvmfsd_runs.append(process)
+    config = dist.parent / "glidein_config"
     # Killed while cvmfsd waits for the shim before its event loop (cvmfsd.prepare):
     # the namespace it leaves is ended there, its unshare adopted and reaped.
     wait_for(lambda: "CVMFSD_STATUS mounting" in config.read_text(), timeout=30)
@@ -149,17 +163,11 @@ def test_a_mount_killed_twice_leaves_no_zombie(dist: Path, stratum_dir: Path, so
         return (not zombies_of(process.pid) and len(alive) == 2
                 and f"sleep {MARKER}" in alive and any("cvmfsd.janitor" in a for a in alive))
 
-    try:
-        wait_for(only_janitor_and_payload, timeout=10)
-    except pytest.fail.Exception:
-        process.kill()
-        pytest.fail(f"zombies {zombies_of(process.pid)}, alive {_alive_below(process.pid)}; "
-                    f"cvmfsd said:\n{process.communicate()[1][-3000:]}")
+    _settled_or_fail(process, only_janitor_and_payload, timeout=10)
     process.send_signal(signal.SIGTERM)
     _out, err = process.communicate(timeout=30)
     assert "continuing without CVMFS" in err and f"source={source}" in err, err[-3000:]
     assert not mounts_under(dist) and not cvmfs2_pids(dist)
-
 
 
 @pytest.mark.fuse
@@ -169,15 +177,10 @@ def test_a_mount_killed_once_after_its_namespace_is_tried_once_more(
     shim before its event loop: the namespace left behind is ended before it can run the
     payload, the attempt is tried once more (issue #14 item 4), and the payload gets
     CVMFS from the second one; no zombie."""
-    stratum.set_faults(stratum_dir, REPO_B, mount_delay=1.0)
-    config = dist.parent / "glidein_config"
-    config.write_text("GLIDEIN_CVMFS preferred\n")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "cvmfsd", "run", "--dist", str(dist), "--mode", "3",
-         "--glidein-config", str(config), "--grace", "1", "--repos", f"{REPO_A},{REPO_B}",
-         "--", "sh", "-c", f"cat /cvmfs/{REPO_B}/data.csv >/dev/null && exec sleep {MARKER}"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = _start_preferred(dist, stratum_dir, "sh", "-c",
+                               f"cat /cvmfs/{REPO_B}/data.csv >/dev/null && exec sleep {MARKER}")
     cvmfsd_runs.append(process)
+    config = dist.parent / "glidein_config"
     wait_for(lambda: "CVMFSD_STATUS mounting" in config.read_text(), timeout=30)
     _kill_cvmfsexec_after_its_namespace(process, [])
     wait_for(lambda: f"sleep {MARKER}" in _alive_below(process.pid)  # after its cat
