@@ -201,8 +201,9 @@ async def _converse(conn: socket.socket, protocol_conn: protocol.ServerConnectio
       When it would move by less than ``IDLE_SLACK`` of ``IDLE_TIMEOUT`` it
       is left alone, so a connection is dropped after 59 to 60 seconds
       without a complete request (one move a second at most);
-    * answering: at least ``SEND_TIMEOUT`` ahead, or none at all for the
-      verbs that wait by design (``_WAITING_VERBS``);
+    * answering: none.  Most verbs answer at once (``_ANSWERS``): a plain
+      call, no coroutine, nothing a deadline could interrupt.  The verbs
+      that wait by design (``_WAITING``) run with no deadline;
     * writing a response that does not fit in the socket's buffer: the
       client gets ``SEND_TIMEOUT`` from then on to read it.
 
@@ -219,16 +220,28 @@ async def _converse(conn: socket.socket, protocol_conn: protocol.ServerConnectio
             event = protocol_conn.next_event()
             if event is protocol.NEED_DATA:
                 slot.idle()
-                received = await _receive(conn, protocol_conn, fds, scope)
+                received = _receive(conn, protocol_conn, fds)
                 if received is None:
                     await trio.lowlevel.wait_readable(conn)
                 elif not received:
+                    await _send_final(conn, protocol_conn, scope, protocol.error(
+                        None, ErrorCode.BAD_REQUEST, f"more than {MAX_FDS} descriptors sent "
+                        "with one request; the connection will be closed"))
                     return
                 continue
             if event is protocol.EOF:
                 return
             slot.busy()
-            response = await _answer(event, backend, fds, scope)
+            if isinstance(event, protocol.BadMessage):
+                _close_all(fds)
+                response = event.response()
+            elif event.verb in _WAITING:
+                scope.deadline = math.inf
+                taken, fds[:] = list(fds), []
+                response = await _answer_waiting(event, backend, taken)
+            else:
+                _close_all(fds)  # only exec uses descriptors: closed before the verb runs
+                response = _answer_now(event, backend)
             await _send_all(conn, _encode(protocol_conn, response), scope)
             if protocol_conn.must_close:
                 return
@@ -241,46 +254,31 @@ async def _converse(conn: socket.socket, protocol_conn: protocol.ServerConnectio
 _ANCILLARY_SPACE = socket.CMSG_SPACE(MAX_FDS * 4)
 
 
-async def _receive(conn: socket.socket, protocol_conn: protocol.ServerConnection,
-                   fds: list[int], scope: trio.CancelScope) -> bool | None:
-    """Read what has arrived into ``protocol_conn``.
+def _receive(conn: socket.socket, protocol_conn: protocol.ServerConnection,
+             fds: list[int]) -> bool | None:
+    """Read what has arrived into ``protocol_conn``, and the descriptors that came with it.
 
-    Returns None if nothing had, and False if the connection must end.
+    Returns None if nothing had, and False (having closed every descriptor
+    held) if the client sent more than ``MAX_FDS``: the connection must end.
     """
     try:
         data, ancdata, flags, _addr = conn.recvmsg(65536, _ANCILLARY_SPACE)
     except BlockingIOError:
         return None
-    fds.extend(received_fds(ancdata))
+    if ancdata:
+        fds.extend(received_fds(ancdata))
     if len(fds) > MAX_FDS or flags & socket.MSG_CTRUNC:
         _close_all(fds)
-        response = protocol.error(
-            None, ErrorCode.BAD_REQUEST, f"more than {MAX_FDS} descriptors sent "
-            "with one request; the connection will be closed")
-        scope.deadline = trio.current_time() + SEND_TIMEOUT
-        await _send_all(conn, _encode(protocol_conn, response), scope)
         return False
     protocol_conn.receive_data(data)
     return True
 
 
-async def _answer(event: Request | protocol.BadMessage, backend: Backend, fds: list[int],
-                  scope: trio.CancelScope) -> Response:
-    """The response to ``event``, with the connection's deadline set for answering it."""
-    if isinstance(event, Request) and event.verb in _WAITING_VERBS:
-        scope.deadline = math.inf
-    else:
-        floor = trio.current_time() + SEND_TIMEOUT
-        if scope.deadline < floor:  # noqa: PLR1730 - a deadline assignment costs: only if needed
-            scope.deadline = floor
-    if isinstance(event, protocol.BadMessage):
-        _close_all(fds)
-        return event.response()
-    if event.verb is Verb.EXEC:
-        taken, fds[:] = list(fds), []
-        return await _dispatch(event, backend, taken)
-    _close_all(fds)  # only exec uses descriptors: closed before the verb runs
-    return await _dispatch(event, backend, [])
+async def _send_final(conn: socket.socket, protocol_conn: protocol.ServerConnection,
+                      scope: trio.CancelScope, response: Response) -> None:
+    """Write the last ``response`` of a connection, within ``SEND_TIMEOUT``."""
+    scope.deadline = trio.current_time() + SEND_TIMEOUT
+    await _send_all(conn, _encode(protocol_conn, response), scope)
 
 
 def _encode(protocol_conn: protocol.ServerConnection, response: Response) -> bytes:
@@ -312,41 +310,54 @@ async def _send_all(conn: socket.socket, data: bytes, scope: trio.CancelScope) -
         view = view[sent:]
 
 
-async def _dispatch(request: Request, backend: Backend, fds: list[int]) -> Response:
+def _answer_now(request: Request, backend: Backend) -> Response:
+    """The response to a request whose verb answers at once (not in ``_WAITING``)."""
     try:
-        handler = _HANDLERS[request.verb]
-        result = await handler(request, backend, fds)
-    except RequestFailed as exc:
-        return protocol.error(request.id, exc.code, str(exc))
-    except CvmfsdError as exc:
-        return protocol.error(request.id, ErrorCode.UNAVAILABLE, str(exc))
-    except Exception:
-        log.exception("control verb failed", verb=request.verb.value)
-        return protocol.error(request.id, ErrorCode.INTERNAL,
-                              f"{request.verb.value} failed inside cvmfsd; see its log")
+        result = _ANSWERS[request.verb](request, backend)
+    except Exception as exc:  # every failure becomes an error response
+        return _failed(request, exc)
+    return _succeeded(request, backend, result)
+
+
+async def _answer_waiting(request: Request, backend: Backend, fds: list[int]) -> Response:
+    """The response to a request whose verb waits; ``fds`` are closed when it is done."""
+    try:
+        result = await _WAITING[request.verb](request, backend, fds)
+    except Exception as exc:  # every failure becomes an error response
+        return _failed(request, exc)
     finally:
-        for fd in fds:
-            os.close(fd)
-        fds.clear()
+        _close_all(fds)
+    return _succeeded(request, backend, result)
+
+
+def _succeeded(request: Request, backend: Backend, result: object) -> Response:
     backend.state.control_requests += 1
     backend.on_request(request.verb.value)
     return protocol.ok(request.id, result)
 
 
-Handler = Callable[[Request, Backend, list[int]], Awaitable[object]]
+def _failed(request: Request, exc: Exception) -> Response:
+    """The error response for ``exc``; call it while handling ``exc`` (it may log the traceback)."""
+    if isinstance(exc, RequestFailed):
+        return protocol.error(request.id, exc.code, str(exc))
+    if isinstance(exc, CvmfsdError):
+        return protocol.error(request.id, ErrorCode.UNAVAILABLE, str(exc))
+    log.exception("control verb failed", verb=request.verb.value)
+    return protocol.error(request.id, ErrorCode.INTERNAL,
+                          f"{request.verb.value} failed inside cvmfsd; see its log")
 
 
-async def _ping(request: Request, backend: Backend, fds: list[int]) -> object:
+def _ping(request: Request, backend: Backend) -> object:
     from cvmfsd import __version__
 
     return {"pong": True, "version": __version__, "protocol": protocol.VERSION}
 
 
-async def _status(request: Request, backend: Backend, fds: list[int]) -> object:
+def _status(request: Request, backend: Backend) -> object:
     return backend.state.snapshot()
 
 
-async def _get(request: Request, backend: Backend, fds: list[int]) -> object:
+def _get(request: Request, backend: Backend) -> object:
     args = request.args
     assert isinstance(args, protocol.GetArgs)  # noqa: S101 - VERBS guarantees it
     values = backend.config.values()
@@ -358,12 +369,12 @@ async def _get(request: Request, backend: Backend, fds: list[int]) -> object:
     return {"key": args.key, "value": values[args.key]}
 
 
-async def _env(request: Request, backend: Backend, fds: list[int]) -> object:
+def _env(request: Request, backend: Backend) -> object:
     exported = backend.export(backend.config.values())
     return {"variables": exported, "shell": protocol.shell_exports(exported)}
 
 
-async def _config(request: Request, backend: Backend, fds: list[int]) -> object:
+def _config(request: Request, backend: Backend) -> object:
     values = backend.config.values()
     return {k: v for k, v in values.items() if backend.visible(values, k)}
 
@@ -430,24 +441,26 @@ async def _stop(request: Request, backend: Backend, fds: list[int]) -> object:
     return {"stopping": True}
 
 
-async def _metrics(request: Request, backend: Backend, fds: list[int]) -> object:
+def _metrics(request: Request, backend: Backend) -> object:
     if backend.metrics is None:
         raise RequestFailed(ErrorCode.UNAVAILABLE, "metrics are not collected yet")
     return {"text": backend.metrics()}
 
 
-async def _classad(request: Request, backend: Backend, fds: list[int]) -> object:
+def _classad(request: Request, backend: Backend) -> object:
     if backend.classad is None:
         raise RequestFailed(ErrorCode.UNAVAILABLE, "metrics are not collected yet")
     return {"text": backend.classad()}
 
 
-_HANDLERS: Mapping[Verb, Handler] = {
+# Verbs that answer at once, without a deadline of their own: a plain call.
+_ANSWERS: Mapping[Verb, Callable[[Request, Backend], object]] = {
     Verb.PING: _ping, Verb.STATUS: _status, Verb.GET: _get, Verb.ENV: _env,
-    Verb.CONFIG: _config, Verb.MOUNTS: _mounts, Verb.WAIT: _wait, Verb.EXEC: _exec,
-    Verb.REMOUNT: _remount, Verb.STOP: _stop, Verb.METRICS: _metrics, Verb.CLASSAD: _classad,
+    Verb.CONFIG: _config, Verb.METRICS: _metrics, Verb.CLASSAD: _classad,
 }
-# Verbs that wait by design (for a path, a command, a thread, a remount, the stop):
-# no deadline while they run.  Every other verb answers at once.
-_WAITING_VERBS: frozenset[Verb] = frozenset({
-    Verb.MOUNTS, Verb.WAIT, Verb.EXEC, Verb.REMOUNT, Verb.STOP})
+# Verbs that wait by design (for a thread, a path, a command, a remount, the stop):
+# no deadline while they run.  Only exec takes the request's descriptors.
+_WAITING: Mapping[Verb, Callable[[Request, Backend, list[int]], Awaitable[object]]] = {
+    Verb.MOUNTS: _mounts, Verb.WAIT: _wait, Verb.EXEC: _exec, Verb.REMOUNT: _remount,
+    Verb.STOP: _stop,
+}
