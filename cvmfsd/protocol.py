@@ -896,6 +896,26 @@ class _LineReader:
                 return line
 
 
+# Requests already parsed, by their line: clients ask the same few questions over
+# and over (every job's ``cvmfsctl get GLIDEIN_Site`` is the same line), and a
+# Request is immutable, so a line seen before costs a dict lookup instead of
+# the JSON parse and the checks (~4.5 us of a ~12 us request).  Shared by every
+# connection; bounded in entries and in line length, the oldest entry going
+# first.  Refused lines are not kept: they are rare, and each must be answered
+# with its own message anyway.
+_PARSED: Final[dict[bytes, Request]] = {}
+_PARSED_ENTRIES: Final = 256
+_PARSED_LINE: Final = 1024  # bytes: longer lines (exec with an environment) are parsed every time
+
+
+def _remember(line: bytes, request: Request) -> None:
+    if len(line) > _PARSED_LINE:
+        return
+    if len(_PARSED) >= _PARSED_ENTRIES:
+        del _PARSED[next(iter(_PARSED))]
+    _PARSED[line] = request
+
+
 class ServerConnection:
     """The server's side of one control connection.
 
@@ -944,10 +964,14 @@ class ServerConnection:
             if line is EOF:
                 self._must_close = True
             return line
-        try:
-            return _request_from_json(_loads(line))
-        except _Reject as exc:
-            return BadMessage(exc.request_id, exc.code, exc.message)
+        request = _PARSED.get(line)
+        if request is None:
+            try:
+                request = _request_from_json(_loads(line))
+            except _Reject as exc:
+                return BadMessage(exc.request_id, exc.code, exc.message)
+            _remember(line, request)
+        return request
 
     def send(self, response: Response) -> bytes:
         """The bytes of ``response``.

@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cvmfsd import protocol
 from cvmfsd.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from cvmfsd.protocol import (
     EOF,
@@ -716,3 +717,67 @@ def test_shell_exports_survive_eval(values: dict[str, str]) -> None:
             out = subprocess.run([shell, "-c", script, "sh", file.name], check=True,
                                  capture_output=True, env={"PATH": os.environ["PATH"]}).stdout
             assert [values[name].encode() for name in names] == out.split(b"\0")[:-1], shell
+
+
+# -- the parsed-request memo ---------------------------------------------------------------
+
+def test_a_line_seen_before_is_not_parsed_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second connection sending a line gets the Request the first one's parse built."""
+    monkeypatch.setattr(protocol, "_PARSED", {})
+    calls: list[bytes] = []
+    real_loads = protocol._loads
+
+    def counting_loads(data: bytes) -> object:
+        calls.append(data)
+        return real_loads(data)
+
+    monkeypatch.setattr(protocol, "_loads", counting_loads)
+    request = line({"v": 1, "verb": "get", "args": {"key": "GLIDEIN_Site"}})
+    first, second = parse(request)[0], parse(request)[0]
+    assert first is second
+    assert first == Request(None, Verb.GET, GetArgs("GLIDEIN_Site"))
+    assert len(calls) == 1
+    other = parse(line({"v": 1, "id": 2, "verb": "get", "args": {"key": "GLIDEIN_Site"}}))[0]
+    assert isinstance(other, Request)
+    assert other.id == 2  # another id is another line: parsed, and answered with its own id
+    assert len(calls) == 2
+
+
+def test_the_memo_is_bounded_and_forgets_the_oldest(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At most _PARSED_ENTRIES lines are kept, the oldest going first; long lines never."""
+    monkeypatch.setattr(protocol, "_PARSED", {})
+    lines = [line({"v": 1, "id": n, "verb": "ping"}) for n in range(protocol._PARSED_ENTRIES + 1)]
+    for data in lines:
+        parse(data)
+    assert len(protocol._PARSED) == protocol._PARSED_ENTRIES
+    assert lines[0].rstrip(b"\n") not in protocol._PARSED
+    assert lines[-1].rstrip(b"\n") in protocol._PARSED
+    long = line({"v": 1, "verb": "exec", "args": {"argv": ["x" * protocol._PARSED_LINE]}})
+    assert isinstance(parse(long)[0], Request)
+    assert long.rstrip(b"\n") not in protocol._PARSED
+
+
+def test_refused_lines_are_not_kept_and_each_gets_its_own_answer(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bad request is parsed, and refused with its own message, every time it comes."""
+    monkeypatch.setattr(protocol, "_PARSED", {})
+    bad = line({"v": 1, "id": 9, "verb": "get", "args": {"key": "no spaces"}})
+    first, second = parse(bad)[0], parse(bad)[0]
+    assert isinstance(first, BadMessage)
+    assert first == second
+    assert (first.id, first.code) == (9, ErrorCode.BAD_REQUEST)
+    assert protocol._PARSED == {}
+
+
+def test_a_shared_request_cannot_be_changed_by_whoever_got_it() -> None:
+    """Sharing parsed Requests is safe only because nothing in them can change."""
+    request = one({"v": 1, "verb": "exec",
+                   "args": {"argv": ["env"], "env": {"A": "1"}, "cwd": "/"}})
+    assert isinstance(request, Request)
+    assert isinstance(request.args, ExecArgs)
+    assert isinstance(request.args.argv, tuple)
+    assert request.args.env is not None
+    with pytest.raises(TypeError):
+        request.args.env["A"] = "2"  # type: ignore[index]
+    with pytest.raises(AttributeError):
+        request.args.argv = ("id",)  # type: ignore[misc]
