@@ -781,3 +781,42 @@ def test_a_shared_request_cannot_be_changed_by_whoever_got_it() -> None:
         request.args.env["A"] = "2"  # type: ignore[index]
     with pytest.raises(AttributeError):
         request.args.argv = ("id",)  # type: ignore[misc]
+
+
+_JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=20)
+
+
+@given(_JSON_VALUES)
+@settings(max_examples=300)
+def test_the_made_once_encoder_writes_what_json_writes(value: object) -> None:
+    """``_encode_json`` is ``_ENCODER.encode``, made once: the same text for every value."""
+    assert protocol._encode_json(value) == protocol._ENCODER.encode(value)
+
+
+@pytest.mark.parametrize(("value", "problem"), [
+    ({"x": float("nan")}, "Out of range float"),
+    ({"x": object()}, "not JSON serializable"),
+    ({"x": b"bytes"}, "not JSON serializable"),
+])
+def test_values_json_cannot_hold_are_internal_errors(value: object, problem: str) -> None:
+    """A result JSON cannot hold is refused as ``internal``, and refused again the next time."""
+    for _ in range(2):  # nothing of the first failure stays behind in the encoder
+        with pytest.raises(LocalProtocolError, match=problem) as caught:
+            ServerConnection().send(Response(1, True, value))
+        assert caught.value.code == ErrorCode.INTERNAL.value
+
+
+def test_a_cycle_is_an_internal_error_and_leaves_the_encoder_sound() -> None:
+    """A circular result ends in RecursionError inside the encoder, refused as ``internal``."""
+    cycle: list[object] = []
+    cycle.append(cycle)
+    with pytest.raises(LocalProtocolError, match="cannot be encoded") as caught:
+        ServerConnection().send(Response(1, True, cycle))
+    assert caught.value.code == ErrorCode.INTERNAL.value
+    shared = {"a": 1}
+    assert ServerConnection().send(Response(2, True, [shared, shared])) == (
+        b'{"v":1,"id":2,"ok":true,"result":[{"a":1},{"a":1}]}\n')
