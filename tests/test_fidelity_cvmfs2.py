@@ -22,7 +22,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from cvmfsd.sim import _report, stratum
+from cvmfsd.sim import _report, _watchdog, stratum
 from cvmfsd.sim._settings import make_settings
 from cvmfsd.sim._sockets import SUN_PATH_MAX, make_socket
 from cvmfsd.sim.cvmfs2 import _talk_socket
@@ -393,6 +393,90 @@ def test_watchdog_gone_aborts_cvmfs2(sim: Sim) -> None:
     # Linux answers the first request after the daemon is gone ECONNABORTED, later ones
     # ENOTCONN: both mean "no daemon".
     assert info.value.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+
+
+def test_crash_handler_checks_the_mount_list_read_before_its_sleep(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """auto_umount.cc:44 reads the mount list, :52 sleeps 2 s, :56-62 look for the mount
+    point in *that* list (no second read), and :76-77 then opendir it: a mount point
+    unmounted during the sleep is looked at anyway (here a plain directory: "seems not
+    to be stalled (0)"), never reported "not mounted"."""
+    point = tmp_path / "mnt"
+    point.mkdir()
+    reads = iter([[str(point)], []])  # listed before the sleep, gone after it
+    monkeypatch.setattr(_watchdog, "mount_list", lambda path="/proc/mounts": next(reads))
+    said: list[str] = []
+    log = SimpleNamespace(info=said.append)
+    outcome = _watchdog.umount_on_crash(str(point), log, delay=0)  # type: ignore[arg-type]
+    assert outcome == f"crash cleanup handler: {point} seems not to be stalled (0)"
+    assert said == [outcome]
+
+
+def test_platform_umount_updates_a_regular_mtab_under_its_lock(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """util/platform_linux.h:63 (a regular /etc/mtab), :66-85 (``<mtab>.cvmfslock``,
+    flock tried once and then once a second while ``timeout`` counts down from 10; a lock
+    still held fails the unmount), :87-125 (the mtab rewritten without the mount point,
+    through ``<mtab>.cvmfstmp``), then :131 umount2 -- so a held lock delays the unmount
+    by up to 10 s after the crash handler's opendir."""
+    import fcntl
+
+    mtab = tmp_path / "mtab"
+    point = tmp_path / "mnt"
+    point.mkdir()
+    other = "fuse /other fuse rw 0 0\n"
+    mtab.write_text(f"fuse {point} fuse rw 0 0\n{other}")
+    monkeypatch.setattr(_watchdog, "MTAB_LOCK_TRIES", 1)
+    holder = os.open(f"{mtab}.cvmfslock", os.O_RDONLY | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        start = time.monotonic()
+        assert not _watchdog.platform_umount(str(point), lazy=True, path_mounted=str(mtab))
+        assert time.monotonic() - start >= 1.0  # one more try, 1 s later
+        assert str(point) in mtab.read_text()  # not touched without the lock
+    finally:
+        os.close(holder)
+    # Unlocked: the entry goes; the umount2 of a directory that is no mount then fails.
+    assert not _watchdog.platform_umount(str(point), lazy=True, path_mounted=str(mtab))
+    assert mtab.read_text() == other
+    assert not Path(f"{mtab}.cvmfstmp").exists()
+
+
+@pytest.mark.fuse
+@pytest.mark.skipif(not ROOT, reason="regaining root (the lazy unmount) needs (fake) root")
+def test_crash_handler_unmounts_whatever_is_on_top_after_its_opendir(
+        sim: Sim, monkeypatch: pytest.MonkeyPatch) -> None:
+    """auto_umount.cc:76-77 opendir finds ENOTCONN, :91 platform_umount -> umount2 of the
+    *path* (platform_linux.h:131): with the mtab lock held between the two, a new mount
+    put at the mount point meanwhile is the one detached (the old watchdog can unmount
+    a remount).  Here the new mount is a bind of a directory at the same path."""
+    import fcntl
+
+    no_cachemgr(sim)
+    mtab = sim.root / "mtab"
+    mtab.write_text("")
+    monkeypatch.setenv(_watchdog.PATH_MOUNTED_ENV, str(mtab))
+    holder = os.open(f"{mtab}.cvmfslock", os.O_RDONLY | os.O_CREAT, 0o600)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    try:
+        sim.publish()
+        assert sim.mount().returncode == 0
+        main, dog = sim.pids[0], int(sim.talk("pid watchdog"))
+        os.kill(main, signal.SIGKILL)
+        wait_for(lambda: process_gone(main), 10, "cvmfs2 to die")
+        # The handler has looked (2 s) and waits for the lock: the dead mount goes,
+        # and a new one takes the mount point.
+        wait_for(lambda: f"{mtab}.cvmfslock" in fds(dog), 10, "the handler to wait for the lock")
+        subprocess.run(["umount", str(sim.mnt)], check=True)
+        other = sim.root / "other"
+        other.mkdir()
+        (other / "marker").write_text("new")
+        subprocess.run(["mount", "--bind", str(other), str(sim.mnt)], check=True)
+    finally:
+        os.close(holder)  # the handler takes the lock within a second and unmounts
+    wait_for(lambda: process_gone(dog), 10, "the watchdog to finish")
+    assert not (sim.mnt / "marker").exists(), "the new mount was detached"
+    assert f"crash cleanup handler unmounted stalled {sim.mnt}" in sim.log.read_text()
 
 
 # -- 6. the shared cache manager ----------------------------------------------------

@@ -19,31 +19,38 @@ talk socket nor ``/dev/fuse``. It then waits:
   crash handler.
 
 The crash handler (``auto_umount::UmountOnCrash``) reads ``/proc/mounts``,
-sleeps 2 s, and only if the mount point is still listed and ``opendir`` on it
-fails with ENOTCONN, regains root (``seteuid(0)``: works for (fake) root, as
-in cvmfsexec mode 3, fails for an ordinary user, as in mode 1) and lazily
-unmounts it (``umount2(MNT_DETACH)``). The watchdog then exits.
+sleeps 2 s, and only if the mount point was listed *in what it read before the
+sleep* (it does not look again) and ``opendir`` on it fails with ENOTCONN now,
+regains root (``seteuid(0)``: works for (fake) root, as in cvmfsexec mode 3,
+fails for an ordinary user, as in mode 1) and lazily unmounts the path
+(``platform_umount``: where ``/etc/mtab`` is a regular file, it first takes
+``/etc/mtab.cvmfslock``, trying once a second for 10 s, and rewrites the file
+without the mount point; then ``umount2(MNT_DETACH)``, which detaches whatever
+is mounted on top at that moment). The watchdog then exits.
 
 The watchdog treats HUP, INT, QUIT, ILL, ABRT, BUS, FPE, USR1, SEGV, USR2,
 TERM, XCPU and XFSZ as unexpected: it logs and exits 1. cvmfs2 notices its
 watchdog gone (its end of a second pipe hangs up) and aborts ("watchdog
 disappeared, aborting"): a SIGTERM to the watchdog crashes the repository.
 
-Where the simulation differs: no gdb stack trace (the report says so), no
-``/etc/mtab`` rewriting (``platform_umount`` only touches a regular
-``/etc/mtab``), and the pipes carry one-byte tags instead of C structs.
+Where the simulation differs: no gdb stack trace (the report says so), the
+mtab is ``$CVMFS_SIM_PATH_MOUNTED`` when set (tests give it a regular file of
+their own, to hold its lock), and the pipes
+carry one-byte tags instead of C structs.
 """
 
 # The watchdog runs in a forked child that mirrors C code: plain os calls.
-# ruff: noqa: PTH119, PTH120, PTH123, PTH208
+# ruff: noqa: PTH101, PTH104, PTH108, PTH116, PTH119, PTH120, PTH123, PTH208
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
 import errno
+import fcntl
 import os
 import signal
+import stat
 import struct
 import sys
 import time
@@ -67,6 +74,10 @@ SUPPRESSED_SIGNALS = (
 )
 UMOUNT_DELAY = 2.0  # auto_umount.cc: SafeSleepMs(2000)
 _MNT_DETACH = 2
+#: ``_PATH_MOUNTED``; simulation only: ``$CVMFS_SIM_PATH_MOUNTED`` replaces it.
+PATH_MOUNTED = "/etc/mtab"
+PATH_MOUNTED_ENV = "CVMFS_SIM_PATH_MOUNTED"
+MTAB_LOCK_TRIES = 10  # platform_umount: 10 more tries of the lock, 1 s apart
 #: How long a crashing cvmfs2 waits for its watchdog's SIGKILL (monitor.cc SendTrace: 300 x 100 ms).
 SEND_TRACE_WAIT = 30.0
 
@@ -91,27 +102,95 @@ def mount_list(path: str = "/proc/mounts") -> list[str]:
             lines = mounts.read().splitlines()
     except OSError:
         return []
-    points = []
-    for line in lines:
-        fields = line.split(" ")
-        if len(fields) >= 2:
-            # getmntent decodes \040 (space), \011, \012 and \134.
-            points.append(
-                fields[1].replace("\\040", " ").replace("\\011", "\t")
-                .replace("\\012", "\n").replace("\\134", "\\")
-            )
-    return points
+    # getmntent decodes \040 (space), \011, \012 and \134.
+    return [mount_list_entry(line) for line in lines if len(line.split(" ")) >= 2]
 
 
-def umount_on_crash(mountpoint: str, log: Log, *, delay: float = UMOUNT_DELAY) -> str:
-    """``auto_umount::UmountOnCrash``; returns what it did (also logged)."""
+def _rewrite_mtab(path: str, mountpoint: str) -> bool:
+    """``platform_umount``'s update of a regular mtab: every entry but ``mountpoint``'s."""
+    new = path + ".cvmfstmp"
+    try:
+        with open(path, encoding="utf-8", errors="surrogateescape") as old:
+            lines = old.read().splitlines(keepends=True)
+        kept = [line for line in lines
+                if len(line.split(" ")) < 2 or mount_list_entry(line) != mountpoint]
+        with open(new, "w", encoding="utf-8", errors="surrogateescape") as out:
+            out.writelines(kept)
+        mode = os.stat(path)
+        os.rename(new, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(new)
+        return False
+    with contextlib.suppress(OSError):  # best effort, as upstream
+        os.chmod(path, stat.S_IMODE(mode.st_mode))
+        os.chown(path, mode.st_uid, mode.st_gid)
+    return True
+
+
+def platform_umount(mountpoint: str, *, lazy: bool, path_mounted: str) -> bool:
+    """``platform_umount`` (util/platform_linux.h): the mtab first, if a regular file; then umount2.
+
+    The lock is tried at once and then once a second, 10 more times; as
+    upstream, a lock taken at the last try still counts as a failure.
+    """
+    try:
+        regular = stat.S_ISREG(os.lstat(path_mounted).st_mode)
+    except OSError:
+        regular = False
+    if regular:
+        try:
+            lock = os.open(path_mounted + ".cvmfslock", os.O_RDONLY | os.O_CREAT, 0o600)
+        except OSError:
+            return False
+        try:
+            tries = MTAB_LOCK_TRIES
+            while True:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if tries <= 0:
+                        break
+                except OSError:
+                    return False
+                time.sleep(1.0)
+                tries -= 1
+            if tries <= 0 or not _rewrite_mtab(path_mounted, mountpoint):
+                return False
+        finally:
+            os.close(lock)  # drops the lock
+    libc = ctypes.CDLL(None, use_errno=True)
+    return bool(libc.umount2(os.fsencode(mountpoint), _MNT_DETACH if lazy else 0) == 0)
+
+
+def mount_list_entry(line: str) -> str:
+    """The mount point of one mtab line, decoded as getmntent does."""
+    return (line.split(" ")[1].replace("\\040", " ").replace("\\011", "\t")
+            .replace("\\012", "\n").replace("\\134", "\\"))
+
+
+def umount_on_crash(mountpoint: str, log: Log, *, delay: float = UMOUNT_DELAY,
+                    path_mounted: str | None = None) -> str:
+    """``auto_umount::UmountOnCrash``; returns what it did (also logged).
+
+    Args:
+        mountpoint: the loader's mount point.
+        log: the client's log.
+        delay: the sleep between reading the mount list and looking.
+        path_mounted: the mtab ``platform_umount`` updates if it is a regular
+            file (default: ``$CVMFS_SIM_PATH_MOUNTED``, else ``/etc/mtab``).
+    """
+    if path_mounted is None:
+        path_mounted = os.environ.get(PATH_MOUNTED_ENV) or PATH_MOUNTED
     points = mount_list()
     if not points:
         outcome = "crash cleanup handler: failed to read mount point list"
         log.info(outcome)
         return outcome
     time.sleep(delay)  # "Mitigate auto-mount - crash - umount - auto-mount loops"
-    if mountpoint not in mount_list():
+    # auto_umount.cc:54-62: the list read before the sleep, not a new one.
+    if mountpoint not in points:
         outcome = f"crash cleanup handler: {mountpoint} not mounted"
         log.info(outcome)
         return outcome
@@ -131,8 +210,7 @@ def umount_on_crash(mountpoint: str, log: Log, *, delay: float = UMOUNT_DELAY) -
         outcome = "crash cleanup handler: failed to re-gain root privileges"
         log.info(outcome)
         return outcome
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.umount2(os.fsencode(mountpoint), _MNT_DETACH) != 0:
+    if not platform_umount(mountpoint, lazy=True, path_mounted=path_mounted):
         outcome = f"crash cleanup handler: failed to unmount {mountpoint}"
         log.info(outcome)
         return outcome
