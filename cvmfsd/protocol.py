@@ -924,12 +924,12 @@ class _LineReader:
 # and over (every job's ``cvmfsctl get GLIDEIN_Site`` is the same line), and a
 # Request is immutable, so a line seen before costs a dict lookup instead of
 # the JSON parse and the checks (~4.5 us of a ~12 us request).  Shared by every
-# connection; bounded in entries and in line length, the oldest entry going
-# first.  Refused lines are not kept: they are rare, and each must be answered
-# with its own message anyway.
+# connection; bounded in entries and in line length (at most ~170 KB in all),
+# the oldest entry going first.  Refused lines are not kept: they are rare, and
+# each must be answered with its own message anyway.
 _PARSED: Final[dict[bytes, Request]] = {}
-_PARSED_ENTRIES: Final = 256
-_PARSED_LINE: Final = 1024  # bytes: longer lines (exec with an environment) are parsed every time
+_PARSED_ENTRIES: Final = 128
+_PARSED_LINE: Final = 512  # bytes: longer lines (exec with an environment) are parsed every time
 
 
 def _remember(line: bytes, request: Request) -> None:
