@@ -232,15 +232,15 @@ async def _converse(conn: socket.socket, protocol_conn: protocol.ServerConnectio
             if event is protocol.EOF:
                 return
             slot.busy()
+            if isinstance(event, protocol.BadMessage) or event.verb is not Verb.EXEC:
+                _close_all(fds)  # only exec uses descriptors: closed before the verb runs
             if isinstance(event, protocol.BadMessage):
-                _close_all(fds)
                 response = event.response()
             elif event.verb in _WAITING:
                 scope.deadline = math.inf
                 taken, fds[:] = list(fds), []
                 response = await _answer_waiting(event, backend, taken)
             else:
-                _close_all(fds)  # only exec uses descriptors: closed before the verb runs
                 response = _answer_now(event, backend)
             await _send_all(conn, _encode(protocol_conn, response), scope)
             if protocol_conn.must_close:

@@ -284,6 +284,30 @@ async def test_control_descriptors_closed_before_the_verb_runs(short_tmp: Path,
         nursery.cancel_scope.cancel()
 
 
+async def test_control_descriptors_closed_before_a_waiting_verb_waits(
+        short_tmp: Path, glidein_config: Path) -> None:
+    """A descriptor sent with ``wait`` is closed at once, not held while the wait lasts."""
+    async with trio.open_nursery() as nursery:
+        path = await _serve(nursery, short_tmp, glidein_config)
+        read_end, write_end = os.pipe()
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(5)
+                sock.connect(str(path))
+                request = b'{"v":1,"verb":"wait","args":{"path":"/cvmfs/repo.a/x","timeout":60}}\n'
+                await trio.to_thread.run_sync(_send_fds, sock, request, [write_end])
+                os.close(write_end)
+                # EOF on the pipe: the server's copy of its write end is closed too,
+                # while the wait (for a path that never appears) goes on.
+                with trio.fail_after(5):
+                    got = await trio.to_thread.run_sync(
+                        os.read, read_end, 1, abandon_on_cancel=True)
+                assert got == b""
+        finally:
+            os.close(read_end)
+        nursery.cancel_scope.cancel()
+
+
 async def test_control_trickle_cannot_extend_the_deadline(
         monkeypatch: pytest.MonkeyPatch, short_tmp: Path, glidein_config: Path) -> None:
     """A client sending a byte every 0.3 s is dropped at the idle deadline (1 s here)."""
