@@ -171,6 +171,15 @@ async def _serve_connection(conn: socket.socket, slot: budget.Slot, *,
         _close_all(fds)
 
 
+def _descriptors_for(event: Request | protocol.BadMessage, fds: list[int]) -> list[int]:
+    """Hand the descriptors held over to ``exec``; for anything else close them now."""
+    if isinstance(event, Request) and event.verb is Verb.EXEC:
+        taken, fds[:] = list(fds), []
+        return taken
+    _close_all(fds)
+    return []
+
+
 def _close_all(fds: list[int]) -> None:
     for fd in fds:
         os.close(fd)
@@ -232,13 +241,11 @@ async def _converse(conn: socket.socket, protocol_conn: protocol.ServerConnectio
             if event is protocol.EOF:
                 return
             slot.busy()
-            if isinstance(event, protocol.BadMessage) or event.verb is not Verb.EXEC:
-                _close_all(fds)  # only exec uses descriptors: closed before the verb runs
+            taken = _descriptors_for(event, fds)
             if isinstance(event, protocol.BadMessage):
                 response = event.response()
             elif event.verb in _WAITING:
                 scope.deadline = math.inf
-                taken, fds[:] = list(fds), []
                 response = await _answer_waiting(event, backend, taken)
             else:
                 response = _answer_now(event, backend)
