@@ -12,11 +12,12 @@ identically).  The socket is ``--socket`` or ``$CVMFSD_SOCKET`` (exported
 inside the namespace).
 
 Exit statuses: 0 success; 2 bad command line; 3 no cvmfsd is listening there;
-124 no answer in time; otherwise the status that goes with the daemon's error
-code (see :mod:`cvmfsd.protocol`: 1 not found, 77 refused, 69 unavailable,
-...); for ``exec`` and ``enter``, the command's own exit status.  ``enter``
-(:mod:`cvmfsd.enter`) has a fast path of its own: it joins the namespace with
-setns instead of asking cvmfsd to run the command.
+124 no answer in time; 141 the reader of stdout went away (as for a tool killed by
+SIGPIPE), 74 stdout cannot be written (a full disk); otherwise the status that
+goes with the daemon's error code (see :mod:`cvmfsd.protocol`: 1 not found,
+77 refused, 69 unavailable, ...); for ``exec`` and ``enter``, the command's own
+exit status.  ``enter`` (:mod:`cvmfsd.enter`) has a fast path of its own: it
+joins the namespace with setns instead of asking cvmfsd to run the command.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ if TYPE_CHECKING:  # imported lazily: they cost more than the whole fast path
 
 NOT_RUNNING = 3
 NO_ANSWER = 124
+READER_GONE = 141  # 128 + SIGPIPE: what a C tool killed by it returns (`cvmfsctl env | head -1`)
+CANNOT_WRITE = 74  # EX_IOERR
 CLIENT_TIMEOUT = 30.0
 
 
@@ -322,11 +325,36 @@ def _fast(argv: Sequence[str]) -> int | None:
         return None
     result = response["result"]
     if as_json:
-        print(json.dumps(result, indent=2, sort_keys=True))
-    elif verb == "mounts":
-        print(_mounts_human(result))
+        text = json.dumps(result, indent=2, sort_keys=True)
     else:
-        print(_human(verb, result))
+        text = _mounts_human(result) if verb == "mounts" else _human(verb, result)
+    return _output(verb, text)
+
+
+def _output(verb: str, text: str) -> int:
+    """Write the answer to stdout (one write, flushed here); cvmfsctl's exit status.
+
+    Python ignores SIGPIPE, so a reader that went away (``cvmfsctl env | head -1``)
+    is an EPIPE, and a full disk an ENOSPC: neither is a traceback.  The first ends
+    quietly as a C tool killed by SIGPIPE would; the second says what failed.
+    Either way stdout is pointed at /dev/null, so that the interpreter's own flush
+    at exit does not fail again.  A stdout closed from the start (``>&-``) is
+    None, and the answer goes nowhere, as print() would have it.
+    """
+    if sys.stdout is None:
+        return 0
+    try:
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+    except OSError as exc:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, sys.stdout.fileno())
+        os.close(null)
+        if isinstance(exc, BrokenPipeError):
+            return READER_GONE
+        print(f"cvmfsctl: {verb}: cannot write the answer to standard output: {exc.strerror}",
+              file=sys.stderr)
+        return CANNOT_WRITE
     return 0
 
 
@@ -351,12 +379,10 @@ def _print(args: argparse.Namespace, result: object) -> int:
         status = result.get("status")
         return status if isinstance(status, int) else 1
     if args.json:
-        print(json.dumps(result, indent=2, sort_keys=True))
-    elif args.verb == "mounts":
-        print(_mounts_human(result))
-    else:
-        print(_human(args.verb, result))
-    return 0
+        return _output(args.verb, json.dumps(result, indent=2, sort_keys=True))
+    if args.verb == "mounts":
+        return _output(args.verb, _mounts_human(result))
+    return _output(args.verb, _human(args.verb, result))
 
 
 def enter_request(argv: Sequence[str]) -> tuple[str | None, list[str]] | None:

@@ -166,3 +166,64 @@ def test_the_fast_get_imports_no_socket_module(short_tmp: Path) -> None:
         cvmfsd.terminate()
         cvmfsd.wait(timeout=30)
     assert done.stdout == "Fast Site\n0 False\n", done.stderr
+
+
+@pytest.fixture(name="plain_cvmfsd")
+def _plain_cvmfsd(short_tmp: Path) -> Iterator[Path]:
+    """A cvmfsd without CVMFS (GLIDEIN_CVMFS=never) serving its control socket; the socket."""
+    config = short_tmp / "glidein_config"
+    config.write_text("GLIDEIN_Site Pipe Site\n" + "".join(
+        f"GLIDEIN_Filler_{i} {'x' * 200}\n" for i in range(400)))  # over a pipe's 64 KiB
+    sock = short_tmp / "ctl" / "c.sock"
+    cvmfsd = subprocess.Popen(
+        [sys.executable, "-m", "cvmfsd", "run", "--glidein-config", str(config),
+         "--socket", str(sock), "--", "sleep", "60"],
+        env={**os.environ, "GLIDEIN_CVMFS": "never"}, stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(sock.exists, timeout=30)
+        yield sock
+    finally:
+        cvmfsd.terminate()
+        cvmfsd.wait(timeout=30)
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast-path", "full-path"])
+@pytest.mark.parametrize("argv", [["env"], ["--json", "config"], ["metrics"], ["ping"],
+                                  ["get", "GLIDEIN_Site"]])
+def test_a_reader_gone_is_no_traceback(plain_cvmfsd: Path, argv: list[str], fast: bool) -> None:
+    """`cvmfsctl env | head -1`: the reader has gone when cvmfsctl writes.  It exits
+    quietly with 141 (128 + SIGPIPE, as a C tool killed by it), on the fast path and
+    the full one (``--socket=PATH`` is argparse's) alike; it used to end in a
+    BrokenPipeError traceback, status 1."""
+    where = ["--socket", str(plain_cvmfsd)] if fast else [f"--socket={plain_cvmfsd}"]
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first write: EPIPE every time
+    try:
+        done = subprocess.run([CVMFSCTL, *where, *argv], stdout=write, stderr=subprocess.PIPE,
+                              text=True, timeout=30, check=False)
+    finally:
+        os.close(write)
+    assert (done.returncode, done.stderr) == (141, "")
+
+
+def test_a_full_disk_is_a_clear_error(plain_cvmfsd: Path) -> None:
+    """`cvmfsctl env > file` on a full disk: a message saying what could not be written
+    and why, and 74 (EX_IOERR), not an OSError traceback."""
+    with open("/dev/full", "w") as full:  # noqa: PTH123 - a device, not a path to handle
+        done = subprocess.run([CVMFSCTL, "--socket", str(plain_cvmfsd), "env"], stdout=full,
+                              stderr=subprocess.PIPE, text=True, timeout=30, check=False)
+        slow = subprocess.run([CVMFSCTL, f"--socket={plain_cvmfsd}", "env"], stdout=full,
+                              stderr=subprocess.PIPE, text=True, timeout=30, check=False)
+    assert (slow.returncode, slow.stderr) == (done.returncode, done.stderr)
+    assert done.returncode == 74
+    assert done.stderr == ("cvmfsctl: env: cannot write the answer to standard output: "
+                           "No space left on device\n")
+
+
+def test_a_closed_stdout_is_quiet(plain_cvmfsd: Path) -> None:
+    """`cvmfsctl remount REPO >&-`: no stdout at all; the answer goes nowhere, status 0."""
+    done = subprocess.run(["sh", "-c", '"$0" --socket "$1" env >&-', CVMFSCTL,
+                           str(plain_cvmfsd)], capture_output=True, text=True, timeout=30,
+                          check=False)
+    assert (done.returncode, done.stderr) == (0, "")
