@@ -194,8 +194,10 @@ def _add_run_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser
         "mode 1/2, or the host's /cvmfs), run PAYLOAD there, and clean up.")
     run.add_argument("--repos", type=_repos, default=(), metavar="A,B",
                      help="repositories to mount (commas or colons)")
-    run.add_argument("--dist", type=Path, metavar="DIR",
-                     help="cvmfsexec distribution (the directory holding cvmfsexec)")
+    run.add_argument("--dist", type=Path, metavar="DIR|FILE",
+                     help="cvmfsexec distribution: the directory holding cvmfsexec, a "
+                          "self-extracting file made by `makedist -o` (unpacked into "
+                          ".cvmfsexec beside it), or GlideinWMS's CVMFSEXEC_DIR of such files")
     run.add_argument("--glidein-config", type=Path, metavar="FILE",
                      help="GlideinWMS glidein_config to read the policy from and write back to")
     run.add_argument("--mode", default="auto", choices=("auto", "host", "3", "2", "1"),

@@ -1,20 +1,30 @@
-"""GlideinWMS's ``CVMFSEXEC_DIR``: pick this node's self-extracting cvmfsexec and unpack it.
+"""Self-extracting cvmfsexec files (``makedist -o``): check one, unpack it once, use that.
 
-GlideinWMS does not ship distribution directories.  Its factory runs
-``makedist -o`` once per source and machine type and names each file
-``cvmfsexec-<src>-<os><ver>-<arch>`` (create_cvmfsexec_distros.sh:118-124); the
-glidein unpacks the tarballs into the directory that glidein_config's
-``CVMFSEXEC_DIR`` names (``cvmfsexec``, cgWConsts.py:24-25).  Run once, such a
-file unpacks itself into ``.cvmfsexec`` beside it (makedist:221-231), and only
-then does ``$CVMFSEXEC_DIR/.cvmfsexec`` hold the usual distribution
-(cvmfs_helper_funcs.sh:244,251; cvmfs_umount.sh:77).
+``--dist`` may name such a file itself, as cvmfsexec's README tells sites to
+ship one, or GlideinWMS's ``CVMFSEXEC_DIR`` of them.  GlideinWMS does not ship
+distribution directories: its factory runs ``makedist -o`` once per source and
+machine type and names each file ``cvmfsexec-<src>-<os><ver>-<arch>``
+(create_cvmfsexec_distros.sh:118-124); the glidein unpacks the tarballs into
+the directory that glidein_config's ``CVMFSEXEC_DIR`` names (``cvmfsexec``,
+cgWConsts.py:24-25).  Run once, such a file unpacks itself into ``.cvmfsexec``
+beside it (makedist:221-231), and only then does ``.cvmfsexec`` hold the usual
+distribution (cvmfs_helper_funcs.sh:244,251; cvmfs_umount.sh:77).
 
-Theory of operation: :func:`pick` (pure) names the file for this node from
-the directory's listing, the host facts and ``CVMFS_SRC``; :func:`unpack` runs
-that file once as GlideinWMS does, with ``-v`` instead of a mount, so the
-file's own header unpacks it (afresh only when the file is newer than
-``.cvmfsexec``) and cvmfsexec merely prints its version.  An unpacked
-``.cvmfsexec`` of the same build that is not older than the file is used as it is.
+Theory of operation: :func:`pick` (pure) names the file for this node from a
+CVMFSEXEC_DIR's listing, the host facts and ``CVMFS_SRC``; :func:`unpack`
+hands that file, and :func:`unpack_file` the file ``--dist`` names, to one
+routine.  It reads the file's head first (:func:`check_header`): makedist's
+header is a bash script with a line ``__TAR_BELOW__`` before the gzipped tar,
+so a random script or binary is refused without being run.  Then, holding a
+lock on the file so that two cvmfsd never unpack it at once, it does what the
+header would: an unpacked ``.cvmfsexec`` not older than the file is used as it
+is (makedist:225); otherwise, unless another cvmfsd holds that copy (its dist
+lock), it runs the file once with ``-v`` instead of a mount, as GlideinWMS
+does, so the header unpacks afresh and cvmfsexec merely prints its version.
+The run is bounded, in a process group of its own so that a timeout ends the
+header's ``tail | tar`` too.  A run that fails or times out leaves a partial
+``.cvmfsexec`` newer than the file, which the header would take as unpacked
+forever: it is removed, so the next try unpacks again.
 
 The platform follows makedist's own mapping (os-release ``ID``/``ID_LIKE``, the
 ``VERSION_ID`` major, ``arch``; Debian 11 -> rhel8, Debian 12/13 and Ubuntu
@@ -27,11 +37,16 @@ cvmfs_setup.sh (l.60-65) form too; for SUSE, Debian and Ubuntu GlideinWMS forms
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import re
+import shutil
+import signal
 import subprocess
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,7 +60,13 @@ from cvmfsd.probe import HostFacts
 UNPACKED = ".cvmfsexec"
 #: How long running the file once (unpacking a real distribution) may take.
 UNPACK_TIMEOUT = 300.0
+#: The line after which makedist -o's file holds its gzipped tar (makedist:228,232,234).
+TAR_MARKER = b"\n__TAR_BELOW__\n"
+#: How much of a file is read to find that line (makedist's header is ~330 bytes).
+HEADER_LIMIT = 64 * 1024
+_GZIP_MAGIC = b"\x1f\x8b"
 _NAME = re.compile(r"^cvmfsexec-(?P<source>[a-z]+)-(?P<machine_type>[a-z]+[0-9]+-[a-z0-9_]+)$")
+_NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 
 
 @dataclass(frozen=True)
@@ -59,7 +80,7 @@ class Choice:
 
 @dataclass(frozen=True)
 class Unpacked:
-    """A chosen file and the distribution it unpacked into."""
+    """A self-extracting file and the distribution it unpacked into."""
 
     file: Path
     dist: Dist
@@ -123,13 +144,53 @@ def is_packed_dir(directory: Path) -> bool:
         return False
 
 
+def check_header(file: Path) -> None:
+    """Raise :class:`LaunchError` unless ``file`` begins as ``makedist -o`` writes one.
+
+    That is (makedist:221-234): a script (``#!/bin/bash``), a line
+    ``__TAR_BELOW__``, then gzip data (``tar -czf``), and the script unpacks
+    into ``.cvmfsexec``; ``makedist -s -o`` makes a singcvmfs file instead,
+    whose header says ``.singcvmfs`` (its sed turns the first ``cvmfsexec`` of
+    each header line into ``singcvmfs``, makedist:209,221).
+    """
+    try:
+        with file.open("rb") as opened:
+            head = opened.read(HEADER_LIMIT)
+    except OSError as exc:
+        raise LaunchError(f"cannot read {file}: {exc.strerror}") from None
+    what = "expected a self-extracting cvmfsexec, as `makedist -o FILE` makes it"
+    hint = ("pass --dist the file `makedist -o` wrote, the directory where makedist made "
+            "the distribution, or GlideinWMS's CVMFSEXEC_DIR")
+    if file.name == "cvmfsexec" and (file.parent / "dist/.cvmfsexecdist").exists():
+        hint = f"this is the distribution's own cvmfsexec: pass --dist {file.parent}"
+    if not head.startswith(b"#!"):
+        raise LaunchError(f"{file} is not a self-extracting cvmfsexec: it starts with "
+                          f"{head[:8]!r}, not a script's '#!'; {what}", hint=hint)
+    script, marker, tar = head.partition(TAR_MARKER)
+    if not marker:
+        raise LaunchError(f"{file} is not a self-extracting cvmfsexec: it is a script without "
+                          f"a line __TAR_BELOW__ in its first {HEADER_LIMIT // 1024} KiB; {what}",
+                          hint=hint)
+    if not tar.startswith(_GZIP_MAGIC):
+        raise LaunchError(f"{file} is not a self-extracting cvmfsexec: what follows its "
+                          f"__TAR_BELOW__ line is not gzip data (starts with {tar[:8]!r}); "
+                          f"{what}; was it cut short or altered?", hint=hint)
+    if f"/{UNPACKED}".encode() not in script:
+        singcvmfs = b"/.singcvmfs" in script
+        raise LaunchError(
+            f"{file} is a self-extracting " + ("singcvmfs (makedist -s -o)" if singcvmfs
+                                               else f"file that does not unpack into {UNPACKED}")
+            + f"; {what}", hint=hint)
+
+
 def unpack(directory: Path, facts: HostFacts, source: str | None, *,
-           timeout: float = UNPACK_TIMEOUT) -> Unpacked:
+           timeout: float | None = None) -> Unpacked:
     """Pick this node's file in ``directory``, unpack it into ``.cvmfsexec``, return that.
 
     Raises:
-        LaunchError: nothing fits, the file cannot run or unpack, or ``.cvmfsexec``
-            holds another build or is in use while it would have to be replaced.
+        LaunchError: nothing fits, or :func:`unpack_file` fails; also when
+            ``.cvmfsexec`` holds another machine type's build that the chosen
+            file would not replace.
     """
     try:
         with os.scandir(directory) as entries:
@@ -137,31 +198,127 @@ def unpack(directory: Path, facts: HostFacts, source: str | None, *,
     except OSError as exc:
         raise LaunchError(f"cannot list CVMFSEXEC_DIR {directory}: {exc.strerror}") from None
     choice = pick(names, facts, source, where=str(directory))
-    file, dist = directory / choice.name, Dist(directory / UNPACKED)
-    why = f"{choice.name} ({choice.why})"
+    return unpack_file(directory / choice.name, why=f"{choice.name} ({choice.why})",
+                       machine_type=choice.machine_type, timeout=timeout)
+
+
+def unpack_file(file: Path, *, why: str = "the self-extracting file --dist names",
+                machine_type: str | None = None, timeout: float | None = None) -> Unpacked:
+    """Unpack the self-extracting ``file`` into ``.cvmfsexec`` beside it (if need be).
+
+    Args:
+        file: made by ``makedist -o``; run as given (its header unpacks beside
+            ``$0``, makedist:223).
+        why: how ``file`` was chosen, for the log.
+        machine_type: the build ``.cvmfsexec`` must hold, if known (a reused
+            copy may come from another file in the same directory).
+        timeout: how long the unpacking run may take (default
+            :data:`UNPACK_TIMEOUT`); it also bounds the wait for another
+            cvmfsd unpacking the same file.
+
+    Raises:
+        LaunchError: ``file`` is not executable or not a self-extracting
+            cvmfsexec, its directory is not writable when it must unpack,
+            ``.cvmfsexec`` is in use while it would have to be replaced, the
+            run fails or times out, or what it unpacked is no distribution.
+    """
+    timeout = UNPACK_TIMEOUT if timeout is None else timeout
+    dist = Dist(file.parent / UNPACKED)
     if not os.access(file, os.X_OK):
         raise LaunchError(f"{file} is not executable; a self-extracting cvmfsexec must be",
                           hint=f"chmod +x {file}")
-    if _up_to_date(file, dist.root):
-        _check(dist, choice)
-        return Unpacked(file, dist, True, why)
-    if _in_use(dist.root):
-        raise LaunchError(f"{file} is newer than {dist.root}, which another cvmfsd (or its "
-                          "janitor) still uses; unpacking would delete it under that run",
-                          hint="wait for the other run to end, or use another CVMFSEXEC_DIR")
+    check_header(file)
+    with _unpacking(file, time.monotonic() + timeout):
+        if _up_to_date(file, dist.root):
+            _check(dist, file, machine_type)
+            return Unpacked(file, dist, True, why)
+        if _in_use(dist.root):
+            raise LaunchError(f"{file} is newer than {dist.root}, which another cvmfsd (or its "
+                              "janitor) still uses; unpacking would delete it under that run",
+                              hint="wait for the other run to end, or use another copy of "
+                                   "the file in a directory of its own")
+        if not os.access(file.parent, os.W_OK | os.X_OK):
+            raise LaunchError(
+                f"cannot unpack {file}: its header unpacks it into {dist.root} "
+                f"(beside the file), but {file.parent} is not writable"
+                + (f" and {dist.root} is older than the file" if dist.root.exists() else ""),
+                hint=f"copy {file.name} into a writable directory (e.g. the glidein's work "
+                     f"directory) and pass that copy to --dist, or have {file.parent}'s owner "
+                     f"run `{file} -v` once")
+        said = _run(file, dist, timeout)
+        try:
+            _check(dist, file, machine_type)
+        except LaunchError as exc:
+            shutil.rmtree(dist.root, ignore_errors=True)
+            raise LaunchError(f"{exc}; `{file.name} -v` exited 0"
+                              + (f", saying: {said}" if said else ""), hint=exc.hint) from None
+    return Unpacked(file, dist, False, why)
+
+
+@contextmanager
+def _unpacking(file: Path, deadline: float) -> Iterator[None]:
+    """Hold an exclusive flock on ``file`` itself: one cvmfsd unpacks it at a time.
+
+    The file is only read (a running header opens it too), so the lock works
+    where the file is read-only to us; where flock is not supported, nothing is
+    held (as the header itself, which takes no lock).
+    """
     try:
-        ran = subprocess.run([str(file), "-v"], stdin=subprocess.DEVNULL, capture_output=True,
-                             text=True, errors="replace", timeout=timeout, check=False)
-    except subprocess.TimeoutExpired:
-        raise LaunchError(f"unpacking {file} took longer than {timeout:g} s") from None
+        fd = os.open(file, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise LaunchError(f"cannot open {file}: {exc.strerror}") from None
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise LaunchError(
+                        f"{file} is being unpacked by another process (it holds a lock on "
+                        "the file) for longer than this run waits for it",
+                        hint=f"see who holds it (fuser {file}), or try again") from None
+                time.sleep(0.05)
+            except OSError as exc:
+                if exc.errno not in _NO_FLOCK:
+                    raise LaunchError(f"cannot lock {file}: {exc.strerror}") from None
+                break
+        yield
+    finally:
+        os.close(fd)
+
+
+def _run(file: Path, dist: Dist, timeout: float) -> str:
+    """Run ``file -v`` once and return the last lines it wrote (`` / ``-joined).
+
+    Raises:
+        LaunchError: it could not run, failed or timed out (the partial ``dist`` is removed).
+    """
+    try:
+        child = subprocess.Popen([str(file), "-v"], stdin=subprocess.DEVNULL,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 errors="replace", start_new_session=True)
     except OSError as exc:
         raise LaunchError(f"cannot run {file} to unpack it: {exc.strerror}") from None
-    if ran.returncode != 0:
-        tail = (ran.stderr or ran.stdout).strip().splitlines()[-5:]
-        raise LaunchError(f"unpacking {file} (`{choice.name} -v`) failed with status "
-                          f"{ran.returncode}" + (f": {' / '.join(tail)}" if tail else ""))
-    _check(dist, choice)
-    return Unpacked(file, dist, False, why)
+    try:
+        out, err = child.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)  # the header's tail and tar with it
+        child.communicate()
+        shutil.rmtree(dist.root, ignore_errors=True)
+        raise LaunchError(f"unpacking {file} (`{file.name} -v`) took longer than {timeout:g} s;"
+                          f" it was killed and the partial {dist.root} removed",
+                          hint="is the file system slow or full? unpack it beforehand "
+                               f"(`{file} -v`), or copy it to local disk") from None
+    said = " / ".join(line for line in f"{out}\n{err}".splitlines() if line.strip())
+    said = said if len(said) <= 400 else f"...{said[-400:]}"
+    if child.returncode == 0:
+        return said
+    shutil.rmtree(dist.root, ignore_errors=True)
+    status = (f"was killed by signal {-child.returncode}" if child.returncode < 0
+              else f"failed with status {child.returncode}")
+    raise LaunchError(f"unpacking {file} (`{file.name} -v`) {status}"
+                      + (f": {said}" if said else ""))
 
 
 def _up_to_date(file: Path, unpacked: Path) -> bool:
@@ -186,17 +343,25 @@ def _in_use(unpacked: Path) -> bool:
     return False
 
 
-def _check(dist: Dist, choice: Choice) -> None:
-    dist.check()
+def _check(dist: Dist, file: Path, machine_type: str | None) -> None:
+    try:
+        dist.check()
+    except LaunchError as exc:
+        raise LaunchError(f"{exc} (unpacked from {file})",
+                          hint=f"is {file} a cvmfsexec made by makedist -o? remove "
+                               f"{dist.root} (nothing may be mounted from it) so that it "
+                               "unpacks afresh") from None
+    if machine_type is None:
+        return
     try:
         text = (dist.root / "dist/.cvmfsexecdist").read_text(errors="replace")
     except OSError:
         text = ""
     machtype = next((line.split(":", 1)[1].strip() for line in text.splitlines()
                      if line.startswith("machtype:")), None)
-    if machtype is not None and machtype != choice.machine_type:
+    if machtype is not None and machtype != machine_type:
         raise LaunchError(
-            f"{dist.root} holds a {machtype} build, not {choice.machine_type} "
-            f"({choice.name}); it was unpacked from another file and is newer than this one",
+            f"{dist.root} holds a {machtype} build, not {machine_type} "
+            f"({file.name}); it was unpacked from another file and is newer than this one",
             hint=f"remove {dist.root} (nothing may be mounted from it) so that "
-                 f"{choice.name} unpacks afresh")
+                 f"{file.name} unpacks afresh")

@@ -54,6 +54,9 @@ FORCED = {"host": mode.Mode.HOST, "3": mode.Mode.MODE3, "2": mode.Mode.MODE2,
 POLICY_VARIABLES = ("GLIDEIN_USE_CVMFSEXEC", "GLIDEIN_CVMFS", "GLIDEIN_USE_CVMFS",
                     "GLIDEIN_CVMFS_REQUIRE")
 CVMFSEXEC_MODES = (mode.Mode.MODE3, mode.Mode.MODE2, mode.Mode.MODE1)
+#: What ``--dist`` may name, for error messages.
+DIST_FORMS = ("the directory holding cvmfsexec, a self-extracting file made by `makedist -o`, "
+              "or GlideinWMS's CVMFSEXEC_DIR of cvmfsexec-<src>-<os><ver>-<arch> such files")
 
 
 #: What stops a run in order; received before the supervisor runs, it is kept.
@@ -94,8 +97,8 @@ class Prepared:
             broken distribution, one in use by another cvmfsd, cvmfsexec not
             executable); the policy decides what it means.
         dist_lock: our lock on the distribution, held until cvmfsd exits.
-        unpacked: the self-extracting file chosen when ``--dist`` is GlideinWMS's
-            CVMFSEXEC_DIR (``dist`` is then its ``.cvmfsexec``).
+        unpacked: the self-extracting file ``--dist`` names, or the one chosen in
+            GlideinWMS's CVMFSEXEC_DIR (``dist`` is then its ``.cvmfsexec``).
     """
 
     config: Config
@@ -215,12 +218,21 @@ def cvmfsctl_path(directory: Path | None = None) -> str | None:
 
 
 def _find_dist(prepared: Prepared) -> Dist:
-    """The distribution ``--dist`` names: a plain one, or unpacked from a CVMFSEXEC_DIR."""
+    """The distribution ``--dist`` names: a plain one, or unpacked from a self-extracting
+    file (``makedist -o``) or from the file a CVMFSEXEC_DIR holds for this node."""
     config = prepared.config
     if config.dist is None:
         raise LaunchError("no cvmfsexec distribution given",
-                          hint="pass --dist DIR (the directory holding cvmfsexec)")
+                          hint=f"pass --dist DIR or FILE ({DIST_FORMS})")
     root = config.dist.absolute()
+    if not root.exists():
+        raise LaunchError(f"the cvmfsexec distribution {root} (--dist) does not exist; "
+                          f"expected {DIST_FORMS}",
+                          hint=None if config.dist.is_absolute() else
+                          f"a relative --dist is taken from the working directory, {Path.cwd()}")
+    if not root.is_dir():
+        prepared.unpacked = packed.unpack_file(root)
+        return prepared.unpacked.dist
     if packed.is_packed_dir(root):
         source = config.environ.get("CVMFS_SRC") or prepared.values.get("CVMFS_SRC")
         prepared.unpacked = packed.unpack(root, prepared.facts, source)

@@ -214,16 +214,22 @@ def test_in_use_is_not_unpacked_over(cvmfsexec_dir: Path) -> None:
     assert (first.dist.root / "cvmfsexec").exists()
 
 
-def test_a_file_that_fails_or_cannot_run(tmp_path: Path) -> None:
-    """A failing or non-executable file is a LaunchError with its status or the fix."""
-    bad = tmp_path / "cvmfsexec-osg-rhel9-x86_64"
-    bad.write_text("#!/bin/sh\necho 'gzip: stdin: unexpected end of file' >&2\nexit 2\n")
-    bad.chmod(0o755)
-    with pytest.raises(LaunchError, match="failed with status 2: gzip: stdin: unexpected end"):
-        packed.unpack(tmp_path, facts(), "osg")
+def test_a_chosen_file_that_fails_or_cannot_run(cvmfsexec_dir: Path) -> None:
+    """The chosen file goes through the checks of ``--dist FILE`` (tests/test_dist_file.py):
+    cut short, it fails with its status and output; a script that is no self-extracting
+    cvmfsexec is refused without being run; without the execute bit, the fix is named."""
+    bad = cvmfsexec_dir / "cvmfsexec-osg-rhel9-x86_64"
+    data = bad.read_bytes()
+    bad.write_bytes(data[: data.index(packed.TAR_MARKER) + len(packed.TAR_MARKER) + 100])
+    with pytest.raises(LaunchError, match="failed with status 127: gzip: stdin: unexpected end"):
+        packed.unpack(cvmfsexec_dir, facts(), "osg")
+    bad.write_text(f"#!/bin/sh\ntouch {cvmfsexec_dir / 'ran'}\n")
+    with pytest.raises(LaunchError, match="is not a self-extracting cvmfsexec: it is a script"):
+        packed.unpack(cvmfsexec_dir, facts(), "osg")
+    assert not (cvmfsexec_dir / "ran").exists()
     bad.chmod(0o644)
     with pytest.raises(LaunchError, match="is not executable") as info:
-        packed.unpack(tmp_path, facts(), "osg")
+        packed.unpack(cvmfsexec_dir, facts(), "osg")
     assert info.value.hint == f"chmod +x {bad}"
 
 
