@@ -65,6 +65,8 @@ TAR_MARKER = b"\n__TAR_BELOW__\n"
 #: How much of a file is read to find that line (makedist's header is ~330 bytes).
 HEADER_LIMIT = 64 * 1024
 _GZIP_MAGIC = b"\x1f\x8b"
+#: ``$0`` in a header other than inside double quotes (word-split by bash).
+_UNQUOTED_SELF = re.compile(rb'(?<!")\$0\b')
 _NAME = re.compile(r"^cvmfsexec-(?P<source>[a-z]+)-(?P<machine_type>[a-z]+[0-9]+-[a-z0-9_]+)$")
 _NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 
@@ -151,7 +153,8 @@ def check_header(file: Path) -> None:
     ``__TAR_BELOW__``, then gzip data (``tar -czf``), and the script unpacks
     into ``.cvmfsexec``; ``makedist -s -o`` makes a singcvmfs file instead,
     whose header says ``.singcvmfs`` (its sed turns the first ``cvmfsexec`` of
-    each header line into ``singcvmfs``, makedist:209,221).
+    each header line into ``singcvmfs``, makedist:209,221).  makedist's header
+    uses ``$0`` unquoted, so it cannot run from a path with white space.
     """
     try:
         with file.open("rb") as opened:
@@ -181,6 +184,12 @@ def check_header(file: Path) -> None:
             f"{file} is a self-extracting " + ("singcvmfs (makedist -s -o)" if singcvmfs
                                                else f"file that does not unpack into {UNPACKED}")
             + f"; {what}", hint=hint)
+    if _UNQUOTED_SELF.search(script) and any(c.isspace() for c in str(file.absolute())):
+        raise LaunchError(
+            f"cannot unpack {file}: its path has white space, and its header uses $0 and the "
+            "directory unquoted (as makedist -o writes it, makedist:223-231), so it would "
+            "neither find itself nor unpack",
+            hint="copy the file to a path without spaces and pass that to --dist")
 
 
 def unpack(directory: Path, facts: HostFacts, source: str | None, *,

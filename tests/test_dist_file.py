@@ -13,8 +13,12 @@ What is relied on, from cvmfsexec 4.51's ``makedist`` (58eddfb):
 * l.209,221: ``makedist -s -o`` turns the first ``cvmfsexec`` of each header
   line into ``singcvmfs``: its files unpack into ``.singcvmfs``.
 
+* l.223,225,228-229: the header uses ``$0`` and ``$BASE`` unquoted.
+
 Checked by hand: a file made by the real ``makedist -o`` (from a simulated
-distribution) passes :func:`cvmfsd.packed.check_header` and unpacks.
+distribution) passes :func:`cvmfsd.packed.check_header` and unpacks; copied to a
+directory with a space in its name, running it says "cd: too many arguments",
+"[: too many arguments" and ends 127 (``/.cvmfsexec/cvmfsexec: No such file``).
 """
 
 from __future__ import annotations
@@ -135,6 +139,27 @@ def test_a_file_that_is_not_executable(dist_file: Path) -> None:
     with pytest.raises(LaunchError, match="is not executable") as info:
         packed.unpack_file(dist_file)
     assert info.value.hint == f"chmod +x {dist_file}"
+
+
+def test_a_path_with_spaces_and_an_unquoted_header(dist_file: Path) -> None:
+    """makedist's header word-splits ``$0`` (makedist:223,225,228-229): from a path with a
+    space it is refused unrun; a header that quotes it (the simulation's) unpacks there."""
+    spaced = dist_file.parent / "with space"
+    spaced.mkdir()
+    quoted = spaced / "quoted"
+    shutil.copy2(dist_file, quoted)
+    assert packed.unpack_file(quoted).dist == Dist(spaced / ".cvmfsexec")
+    shutil.rmtree(spaced / ".cvmfsexec")
+    unquoted = spaced / "unquoted"
+    data = dist_file.read_bytes()
+    unquoted.write_bytes(data.replace(b'packed="$0"', f"touch {spaced / RAN}; packed=$0".encode(),
+                                      1))
+    unquoted.chmod(0o755)
+    with pytest.raises(LaunchError, match=r"its path has white space, and its header uses "
+                                          r"\$0 and the directory unquoted"):
+        packed.unpack_file(unquoted)
+    assert not (spaced / RAN).exists()
+    assert not (spaced / ".cvmfsexec").exists()
 
 
 # --- unpacking --------------------------------------------------------------------------
@@ -343,7 +368,8 @@ def test_bad_file_under_preferred_runs_the_payload_without_cvmfs(
         dist_file: Path, short_tmp: Path, bad: str) -> None:
     """Each bad input: cvmfsd says what, where and what was expected (log and
     glidein_config), and under ``preferred`` the payload runs without CVMFS."""
-    target, prelude, python = dist_file, list[str](), None
+    target, python = dist_file, None
+    prelude: list[str] = []
     if bad == "not executable":
         dist_file.chmod(0o644)
         says = f"{dist_file} is not executable; a self-extracting cvmfsexec must be"
