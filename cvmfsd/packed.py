@@ -237,7 +237,7 @@ def unpack_file(file: Path, *, why: str = "the self-extracting file --dist names
         raise LaunchError(f"{file} is not executable; a self-extracting cvmfsexec must be",
                           hint=f"chmod +x {file}")
     check_header(file)
-    with _unpacking(file, time.monotonic() + timeout):
+    with _unpacking(file, timeout):
         if _up_to_date(file, dist.root):
             _check(dist, file, machine_type)
             return Unpacked(file, dist, True, why)
@@ -265,8 +265,9 @@ def unpack_file(file: Path, *, why: str = "the self-extracting file --dist names
 
 
 @contextmanager
-def _unpacking(file: Path, deadline: float) -> Iterator[None]:
-    """Hold an exclusive flock on ``file`` itself: one cvmfsd unpacks it at a time.
+def _unpacking(file: Path, wait: float) -> Iterator[None]:
+    """Hold an exclusive flock on ``file`` itself: one cvmfsd unpacks it at a time
+    (the others wait, at most ``wait`` s, then find it unpacked).
 
     The file is only read (a running header opens it too), so the lock works
     where the file is read-only to us; where flock is not supported, nothing is
@@ -276,6 +277,7 @@ def _unpacking(file: Path, deadline: float) -> Iterator[None]:
         fd = os.open(file, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
         raise LaunchError(f"cannot open {file}: {exc.strerror}") from None
+    deadline = time.monotonic() + wait
     try:
         while True:
             try:
@@ -285,7 +287,7 @@ def _unpacking(file: Path, deadline: float) -> Iterator[None]:
                 if time.monotonic() >= deadline:
                     raise LaunchError(
                         f"{file} is being unpacked by another process (it holds a lock on "
-                        "the file) for longer than this run waits for it",
+                        f"the file); waited {wait:g} s",
                         hint=f"see who holds it (fuser {file}), or try again") from None
                 time.sleep(0.05)
             except OSError as exc:

@@ -29,6 +29,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -210,16 +211,22 @@ def test_a_copy_in_use_is_not_unpacked_over(dist_file: Path) -> None:
 
 
 def test_one_unpacking_at_a_time(dist_file: Path) -> None:
-    """Another process unpacking the file (it holds the file's lock): waited for, bounded."""
+    """Another process unpacking the file (it holds the file's lock): waited for, bounded;
+    once it is done, the waiter takes what it unpacked."""
     fd = os.open(dist_file, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        with pytest.raises(LaunchError, match="is being unpacked by another process"):
+        with pytest.raises(LaunchError, match=r"is being unpacked by another process \(it "
+                                              r"holds a lock on the file\); waited 0\.3 s"):
             packed.unpack_file(dist_file, timeout=0.3)
+        assert not (dist_file.parent / packed.UNPACKED).exists()
+        subprocess.run([str(dist_file), "-v"], check=True, capture_output=True)  # "the other"
+        releases = threading.Timer(0.3, fcntl.flock, (fd, fcntl.LOCK_UN))
+        releases.start()
+        assert packed.unpack_file(dist_file, timeout=30).reused
+        releases.join()
     finally:
         os.close(fd)
-    assert not (dist_file.parent / packed.UNPACKED).exists()
-    assert not packed.unpack_file(dist_file, timeout=30).reused
 
 
 @pytest.mark.parametrize(("cut", "says"), [
