@@ -114,11 +114,27 @@ def read_glidein_config(path: Path | str) -> GlideinConfig:
     """
     path = Path(path)
     try:
-        data = path.read_bytes()
+        # Not blocking on a FIFO put in its place: cvmfsd reads it on its event loop.
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as file:
+            kind = _kind(os.fstat(file.fileno()).st_mode)
+            if kind is not None:
+                raise ConfigError(f"cannot read glidein_config {path}: it is {kind}; "
+                                  "expected a regular file")
+            data = file.read()
     except OSError as exc:
         raise ConfigError(f"cannot read glidein_config {path}: {exc.strerror}") from None
     config = parse_glidein_config(data, where=str(path))
     return GlideinConfig(config.values, config.problems, path)
+
+
+def _kind(mode: int) -> str | None:
+    """What a file that is not a regular one is, for a message; None for a regular file."""
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    return "a FIFO" if stat.S_ISFIFO(mode) else "a special file"
 
 
 def _encode_line(key: str, value: str) -> bytes:

@@ -77,6 +77,34 @@ def test_read_missing_file(tmp_path: Path) -> None:
         read_glidein_config(tmp_path / "nope")
 
 
+def test_read_a_fifo_fails_at_once(tmp_path: Path) -> None:
+    """A FIFO put in glidein_config's place (by a careless or hostile payload of the same
+    uid) is a ConfigError at once: reading it used to block until a writer came, and
+    cvmfsd reads it on its event loop (every `cvmfsctl get`), which froze for good."""
+    fifo = tmp_path / "glidein_config"
+    os.mkfifo(fifo)
+    outcome: list[BaseException | None] = []
+
+    def read() -> None:
+        try:
+            read_glidein_config(fifo)
+        except BaseException as exc:  # handed to the test's thread
+            outcome.append(exc)
+        else:
+            outcome.append(None)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout=5)
+    if reader.is_alive():  # release the blocked reader before failing
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        reader.join(timeout=5)
+        pytest.fail("reading a FIFO as glidein_config blocked")
+    assert isinstance(outcome[0], ConfigError)
+    assert str(outcome[0]) == (f"cannot read glidein_config {fifo}: it is a FIFO; "
+                               "expected a regular file")
+
+
 def test_render_update_keeps_everything_else() -> None:
     """Only the updated keys' lines go; bad lines and comments stay byte for byte."""
     data = b"# c\nA 1\nA\nAB 3\nBAD-KEY x\nA 2\nLAST no newline"
