@@ -5,6 +5,9 @@ this module decides what to do about it:
 
 * ``enotconn`` (its cvmfs2 died): remount it, at once and then with backoff
   while remounting fails;
+* ``absent`` (no FUSE mount at its mount point) while the run is running:
+  remount it the same way.  While the run ends (``stopping``, ``done``) the
+  namespace and the mounts go on purpose: that is reported, quietly, and left;
 * ``hung`` (a probe outlived its deadline while cvmfs2 lives): report it, and
   once it has been hung for ``hang_timeout`` seconds, SIGKILL its cvmfs2 -- the
   mount then answers ENOTCONN, which leads to a remount;
@@ -12,10 +15,35 @@ this module decides what to do about it:
   logged.
 
 How a remount is done depends on the mode, so it is a callable.
+
+Theory of operation: the crash watchdog
+---------------------------------------
+A crashed cvmfs2's watchdog (cvmfs/cvmfs ae7450ec9, cvmfs/auto_umount.cc)
+reads the mount list, sleeps 2 s, and if its mount point was listed and
+``opendir`` on it fails with ENOTCONN, lazily unmounts *the path*
+(``umount2(MNT_DETACH)``, after ``platform_umount``'s /etc/mtab update, which
+waits up to 10 s for a lock where /etc/mtab is a regular file).  It can regain
+root only as (fake) root: in mode 3, and in modes 1/2 run by root.  cvmfsd
+remounts at once, so usually its new mount is in place before the watchdog
+looks, ``opendir`` succeeds and the watchdog leaves it alone; behind a slow
+remount the watchdog removes the dead mount first, which the remount copes
+with (there is nothing left to unmount).  Only when the new mount arrives
+between the watchdog's ``opendir`` and its ``umount2`` does the watchdog
+detach the *new* mount.  Waiting for the old watchdog to end before every
+remount would close that window, at the price of 2 s (more with a stack
+trace) added to every repair; instead the keeper repairs what comes of it:
+in modes 1/2 the mount point is the watchdog's and becomes ``absent``, which
+is remounted; in mode 3 the watchdog's mount point is
+``<dist>/dist/cvmfs/<repo>`` and ``/cvmfs/<repo>`` is a bind of it, which goes
+on serving.  After every remount the watcher reports its next look whatever
+it finds, so a mount that vanished right after the remount is not mistaken
+for one already reported.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 import signal
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -33,6 +61,16 @@ from cvmfsd.watch import MountWatcher
 log = structlog.get_logger("cvmfsd.keeper")
 
 BACKOFF = (0.0, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)  # seconds before each remount attempt
+#: A repository that needs repair again within this many seconds of a remount goes
+#: on where its backoff was: a fault that comes back at once (a mount that keeps
+#: vanishing) costs one remount per backoff step, not a remount loop.
+SETTLE = 60.0
+
+
+def _backoff(attempt: int) -> float:
+    """Seconds before remount attempt ``attempt`` (from 1): :data:`BACKOFF`, then its last."""
+    return BACKOFF[min(attempt - 1, len(BACKOFF) - 1)]
+
 
 Remount = Callable[[str], Awaitable["str | None"]]  # None, or what went wrong
 
@@ -63,6 +101,7 @@ class RepoKeeper:
             talk_socket=talk_socket, interval=interval, deadline=deadline)
         self._nursery: trio.Nursery | None = None
         self._repairing: set[str] = set()
+        self._last_repair: dict[str, tuple[float, int]] = {}  # when it ended, attempts made
         self.remounts = 0
         self.remount_failures = 0
         self.hung_kills = 0
@@ -93,7 +132,8 @@ class RepoKeeper:
                probe_seconds=round(result.duration, 3), **({"shutdown": True} if ending else {}))
         if self._nursery is None or repo in self._repairing:
             return
-        if result.state == "enotconn":
+        if result.state == "enotconn" or (result.state == "absent"
+                                          and self.state.phase == "running"):
             self._repairing.add(repo)
             self._nursery.start_soon(self._remount_with_backoff, repo)
         elif result.state == "hung":
@@ -101,9 +141,12 @@ class RepoKeeper:
             self._nursery.start_soon(self._end_hang, repo)
 
     async def _remount_with_backoff(self, repo: str) -> None:
+        ended, made = self._last_repair.get(repo, (-math.inf, 0))
+        skip = made if trio.current_time() - ended < SETTLE else 0
+        attempt = 0
         try:
-            for attempt, delay in enumerate(BACKOFF * 100, 1):
-                await trio.sleep(delay)
+            for attempt in itertools.count(1):
+                await trio.sleep(_backoff(skip + attempt))
                 if self.state.phase in ("stopping", "done"):
                     return
                 current = self.state.repos.get(repo)
@@ -130,11 +173,14 @@ class RepoKeeper:
                 self.remount_failures += 1
                 self.state.repos[repo] = RepoState("failed", error=problem)
                 log.error("remount failed", repo=repo, attempt=attempt, error=problem,
-                          next_try_seconds=BACKOFF[min(attempt, len(BACKOFF) - 1)])
+                          next_try_seconds=_backoff(skip + attempt + 1))
                 self.watcher.kick(repo)  # look again during the backoff
         finally:
+            self._last_repair[repo] = (trio.current_time(), skip + attempt)
             self._repairing.discard(repo)
-            self.watcher.kick(repo)
+            # Whatever the next look finds is news: the state above was ours, not the
+            # watcher's (a mount the old watchdog detached is absent again, say).
+            self.watcher.recheck(repo)
 
     async def _end_hang(self, repo: str) -> None:
         try:

@@ -33,7 +33,7 @@ import trio
 
 from cvmfsd import launch
 from cvmfsd.launch import Dist, LaunchError, LaunchPlan
-from cvmfsd.mountinfo import Mount, fuse_mounts
+from cvmfsd.mountinfo import Mount, fuse_mounts, parse_mountinfo
 from cvmfsd.shim import exit_status
 from cvmfsd.timeline import mark
 
@@ -329,8 +329,39 @@ class Mode3Session:
         """
         limit = self.mount_timeout + REMOUNT_SLACK
         with trio.move_on_after(limit):
+            await self._restore_bind(repo)
             return await self._ask_shim("remount", repo=repo, timeout=self.mount_timeout)
         raise LaunchError(f"remounting {repo}: no answer from the namespace within {limit:g} s")
+
+    async def _restore_bind(self, repo: str) -> None:
+        """Bind ``/cvmfs/<repo>`` again if it has no mount in the namespace (:mod:`cvmfsd.rebind`).
+
+        Without it cvmfsexec's UMOUNTREPO fails and its MOUNTREPO does nothing,
+        for good.  A failure is logged; the remount then says what is wrong.
+        """
+        from cvmfsd._selfexec import module_argv
+
+        shim = self.shim_pid
+        target = f"/cvmfs/{repo}"
+        if shim is None:
+            return
+        try:
+            table = Path(f"/proc/{shim}/mountinfo").read_text(  # noqa: ASYNC240 - procfs
+                errors="surrogateescape")
+        except OSError:
+            return  # the namespace is ending: the remount will say so
+        if any(m.mountpoint == target for m in parse_mountinfo(table)):
+            return
+        source = str(self.plan.dist.mount_dir / repo)
+        log.info("no mount at the repository's path in the namespace; binding it again",
+                 repo=repo, path=target, source=source)
+        result = await trio.run_process(
+            [*module_argv("cvmfsd.rebind"), str(shim), source, target],
+            check=False, capture_stdout=True, capture_stderr=True, stdin=subprocess.DEVNULL)
+        if result.returncode != 0:
+            log.warning("cannot bind the repository again", repo=repo, path=target,
+                        status=result.returncode,
+                        error=result.stderr.decode(errors="replace").strip())
 
     # --- the session ------------------------------------------------------------
     async def run(self, spawned: launch.Spawned | None = None) -> Outcome:

@@ -81,12 +81,14 @@ def mountpoint_of(path: Path, proc_root: Path = Path("/proc")) -> str:
     """The mount point, as the watched table names it, of a probe path.
 
     ``/proc/<pid>/root/cvmfs/x`` is ``/cvmfs/x`` in ``/proc/<pid>/mountinfo``;
-    any other path is its own mount point.
+    any other path is its own mount point, its directory's symbolic links
+    resolved as the mount table has them (the last part is not looked at: it
+    is the FUSE mount, which may hang).
     """
     try:
         rel = path.relative_to(proc_root).parts
     except ValueError:
-        return str(path)
+        return os.path.join(os.path.realpath(path.parent), path.name)  # noqa: PTH118
     if len(rel) >= 2 and rel[1] == "root" and (rel[0].isdigit() or rel[0] == "self"):
         return "/" + "/".join(rel[2:])
     return str(path)
@@ -188,6 +190,7 @@ class _Repo:
         self.pid: int | None = None
         self.pid_set = trio.Event()
         self.pid_scope: trio.CancelScope | None = None
+        self.report_next = False  # report the next result even if unchanged
         self.checks_begun = 0  # checks started (each applies its result before the next)
         self.checks_done = 0  # the number of the last check whose result is applied
         self.checked = trio.lowlevel.ParkingLot()  # unparked when a check is done
@@ -257,6 +260,17 @@ class MountWatcher:
         """Probe ``repo`` now (or right after its running probe; requests coalesce)."""
         r = self._repos.get(repo)
         if r is not None:
+            r.kick.set()
+
+    def recheck(self, repo: str) -> None:
+        """Probe ``repo`` now and report the result to ``on_change`` even if unchanged.
+
+        For a caller that set the repository's state itself (a remount): the
+        watcher's last result may be stale, and the same result again is news.
+        """
+        r = self._repos.get(repo)
+        if r is not None:
+            r.report_next = True
             r.kick.set()
 
     async def probe_now(self, repo: str) -> None:
@@ -434,7 +448,9 @@ class MountWatcher:
         r.result = result
         if self._on_probe is not None:
             self._on_probe(result)
-        if old is not None and old.state == result.state and old.revision == result.revision:
+        report, r.report_next = r.report_next, False
+        if (not report and old is not None and old.state == result.state
+                and old.revision == result.revision):
             return
         old_state = None if old is None else old.state
         # on_change reports it (and says what is done about it); this is detail.

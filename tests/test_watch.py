@@ -48,6 +48,17 @@ def test_mountpoint_of(path: str, expected: str) -> None:
     assert watch.mountpoint_of(Path(path)) == expected
 
 
+def test_mountpoint_of_resolves_the_directory_not_the_mount(tmp_path: Path) -> None:
+    """A distribution reached through a symbolic link: the mount table names the real
+    directory, so the mount point does too (else the mount is never found: absent, and
+    remounted over and over); the last part, the mount itself, is left alone."""
+    real = tmp_path / "real" / "cvmfs"
+    real.mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    (real / "repo.a").symlink_to("/nonexistent")  # would be followed if it were resolved
+    assert watch.mountpoint_of(tmp_path / "link" / "cvmfs" / "repo.a") == str(real / "repo.a")
+
+
 def test_fuse_mount_ids() -> None:
     """Only FUSE mounts count, at exactly the repository's mount point."""
     text = (
