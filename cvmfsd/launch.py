@@ -122,7 +122,8 @@ class Dist:
             raise LaunchError(
                 f"{self.root} is not a cvmfsexec distribution: missing {', '.join(missing)}",
                 hint="point --dist at the directory that holds cvmfsexec, mountrepo and dist/, "
-                     "or at GlideinWMS's CVMFSEXEC_DIR of cvmfsexec-<src>-<os><ver>-<arch> files",
+                     "at a self-extracting file made by `makedist -o`, or at GlideinWMS's "
+                     "CVMFSEXEC_DIR of cvmfsexec-<src>-<os><ver>-<arch> files",
             )
 
 
