@@ -26,7 +26,18 @@ from pathlib import Path
 import structlog
 import trio
 
-from cvmfsd import budget, control, glidein, launch, mode, mountinfo, protocol, session, talk
+from cvmfsd import (
+    budget,
+    control,
+    glidein,
+    janitor,
+    launch,
+    mode,
+    mountinfo,
+    protocol,
+    session,
+    talk,
+)
 from cvmfsd.collect import Collection
 from cvmfsd.config import (
     EXPORT_MAX_TOTAL,
@@ -330,7 +341,9 @@ class Supervisor:
             if self._textfile is not None:
                 self._textfile.remove()
             janitor = self.prepared.janitor
-            self.metrics.cleaned("swept", _sweep_descendants(keep=[janitor.pid] if janitor else []))
+            dist = self.prepared.dist
+            self.metrics.cleaned("swept", _sweep_descendants(
+                keep=[janitor.pid] if janitor else [], dist=dist.root if dist else None))
             if janitor is not None:
                 # Our own teardown ran: the janitor has nothing to do.
                 await trio.to_thread.run_sync(janitor.close)
@@ -697,6 +710,7 @@ class Supervisor:
         finally:
             self._stop_target = None
         self.state.payload_status = outcome.status
+        log.info("done", status=outcome.status, reason=outcome.reason, stopped=outcome.stopped)
         return outcome.status
 
 
@@ -716,13 +730,38 @@ _OWN_HELPERS = (b"-m cvmfsd.procevents --subscribe ", b"probe_child.py --serve",
                 b"-m cvmfsd.probe_child --serve")  # the last one: from the bundle
 
 
-def _sweep_descendants(keep: Sequence[int] = ()) -> int:
+#: How long the final sweep lets the distribution's cvmfs2 processes end by themselves.
+CVMFS2_END_WAIT = 1.0
+
+
+def _let_cvmfs2_end(dist: Path, timeout: float = CVMFS2_END_WAIT) -> None:
+    """Wait up to ``timeout`` s until no descendant is a cvmfs2 of ``dist`` (or its helper).
+
+    In modes 1 and 2 a cvmfs2 ends moments after its unmount, and the shared
+    cache manager (``cvmfs2 __cachemgr__``) once its last client has gone: not
+    leftovers, only not gone yet when the sweep comes.  One still there after
+    ``timeout`` (its mount could not be unmounted, say) is swept as a leftover.
+    """
+    dirs = janitor.mount_dirs(str(dist))
+    deadline = time.monotonic() + timeout
+    while any(launch.is_running(pid) and janitor.is_cvmfs2_process(pid, dirs)
+              for pid in launch.descendants(os.getpid())):
+        if time.monotonic() >= deadline:
+            return
+        time.sleep(0.01)
+
+
+def _sweep_descendants(keep: Sequence[int] = (), dist: Path | None = None) -> int:
     """SIGKILL whatever is still running below us when we are done.
 
     As a child subreaper, cvmfsd inherits the orphans of its tree (a cvmfs2
     that lost its parent, a payload's daemonised child), so this is the last
-    word on "no process left behind".  Returns how many it killed.
+    word on "no process left behind".  The cvmfs2 processes of ``dist`` first
+    get a moment to end by themselves (:func:`_let_cvmfs2_end`).  Returns how
+    many it killed.
     """
+    if dist is not None:
+        _let_cvmfs2_end(dist)
     killed = 0
     # Each one as it was when found (pid and start time), as the janitor does:
     # a pid that ends and is reused meanwhile by another process is not signalled.

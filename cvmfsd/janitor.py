@@ -250,6 +250,12 @@ def _is_cvmfs2(argv: Sequence[str], dirs: Sequence[str], exe: str | None) -> boo
             and os.path.basename(exe or "?").startswith("python"))
 
 
+def is_cvmfs2_process(pid: int, dirs: Sequence[str], proc_root: str = "/proc") -> bool:
+    """Whether ``pid`` is a cvmfs2 of the distribution whose ``dist/cvmfs`` is in ``dirs``,
+    or a helper it started (:func:`_is_cvmfs2`)."""
+    return _is_cvmfs2(_cmdline(pid, proc_root), dirs, _exe(pid, proc_root))
+
+
 def _exe(pid: int, proc_root: str) -> str | None:
     """What ``/proc/<pid>/exe`` points to (None if unreadable)."""
     try:
