@@ -242,6 +242,7 @@ class Supervisor:
         if dist is None or self._remount_hook is None:
             raise OSError(f"{repo} is not mounted by this cvmfsd")
         before = await self._daemon_pid(repo)
+        serving = self.state.repos[repo]
         self.state.repos[repo] = RepoState("remounting")
         problem = await self._remount_hook(repo)
         if problem is None and before is not None and await self._daemon_pid(repo) == before:
@@ -250,7 +251,7 @@ class Supervisor:
             # working directory kept the bind at /cvmfs busy, so UMOUNTREPO failed).
             problem = (f"cvmfs2 pid {before} still serves it: the old mount could not be "
                        "unmounted (busy: an open file or a working directory in it?)")
-            self.state.repos[repo] = RepoState("ok")
+            self.state.repos[repo] = serving  # as it was, revision included
             raise OSError(f"not remounted: {problem}")
         if problem:
             self.state.repos[repo] = RepoState("failed", error=problem)

@@ -299,16 +299,20 @@ def test_remount_of_a_busy_repository_says_it_did_not_remount(
         run: Callable[..., Cvmfsd]) -> None:
     """cvmfsctl remount while the payload holds a file and its cwd in the repository:
     cvmfsexec cannot unmount the bind and answers the MOUNTREPO with 0, the old mount
-    verifies, nothing was replaced -- and cvmfsctl says so, non-zero."""
+    verifies, nothing was replaced -- and cvmfsctl says so, non-zero; status goes on
+    showing the old mount as it was, revision included (it used to lose the revision)."""
     cvmfsd = run(payload=("sh", "-c", HOLDER, "payload"))
     assert cvmfsd.process.stdout is not None
     assert cvmfsd.process.stdout.readline() == "started\n"
+    _, before = cvmfsctl_status(cvmfsd.socket)
     done = subprocess.run([CVMFSCTL, "--socket", cvmfsd.socket, "remount", REPO_A],
                           capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode != 0, done.stdout
     assert "not remounted: cvmfs2 pid" in done.stderr, done.stderr
     _, status = cvmfsctl_status(cvmfsd.socket)
     assert repo_state(status, REPO_A) == "ok"  # the old mount still serves
+    assert isinstance(before["repos"], dict) and isinstance(status["repos"], dict)
+    assert status["repos"][REPO_A]["revision"] == before["repos"][REPO_A]["revision"] == "1"
     (cvmfsd.work / "go").touch()
     assert cvmfsd.process.wait(timeout=30) == 0, cvmfsd.log_tail()
 
