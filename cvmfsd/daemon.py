@@ -56,7 +56,7 @@ from cvmfsd.launch import LaunchError
 from cvmfsd.loader import LoaderCode
 from cvmfsd.metrics import Metrics, pilot_identity
 from cvmfsd.prepare import Prepared, mounting_updates, prepare, ready_updates
-from cvmfsd.procevents import ProcessEvents
+from cvmfsd.procevents import ProcessEnded, ProcessEvents
 from cvmfsd.shim import exit_status
 from cvmfsd.state import DaemonState, LiveConfig, RepoState
 from cvmfsd.timeline import mark
@@ -75,6 +75,18 @@ def attempt_result(exc: LaunchError) -> str:
         except ValueError:
             return f"exit_{exc.code}"
     return "timeout" if "timed out" in str(exc) or "within" in str(exc) else "failed"
+
+
+def _log_killed(ended: ProcessEnded) -> None:
+    """Log a process of the tree that a signal killed, not by cvmfsd's doing.
+
+    A warning, but for SIGPIPE: the kernel's answer to a write into a pipe whose
+    reader has gone (a payload's ``cmd | head``), which the process brought on
+    itself; it is still counted, by signal (``cvmfsd_processes_killed_total``).
+    """
+    logger = log.info if ended.ending.signal == "SIGPIPE" else log.warning
+    logger("process killed by a signal", pid=ended.pid, comm=ended.comm,
+           signal=ended.ending.signal, core=ended.ending.core)
 
 
 class Supervisor:
@@ -120,10 +132,7 @@ class Supervisor:
         self._textfile: Textfile | None = None
         # A process killed while cvmfsd ends its tree is cvmfsd's doing, not a hard kill.
         self.procevents = ProcessEvents(
-            on_killed=lambda ended: log.warning(
-                "process killed by a signal", pid=ended.pid, comm=ended.comm,
-                signal=ended.ending.signal, core=ended.ending.core),
-            expected=lambda: self.state.phase in ("stopping", "done"),
+            on_killed=_log_killed, expected=lambda: self.state.phase in ("stopping", "done"),
             on_appeared=self._tell_janitor)
         self.metrics.killed = lambda: self.procevents.killed
         self._janitor_told = prepared.janitor is not None  # False once it cannot be told
