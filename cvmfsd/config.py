@@ -182,25 +182,39 @@ def default_socket_path(environ: Mapping[str, str]) -> Path:
     return Path(directory) / "control.sock"
 
 
-def prepare_socket_dir(path: Path) -> None:
+def prepare_socket_dir(path: Path) -> bool:
     """Create the socket's directory 0700, or check that an existing one is ours and private.
 
+    Only the directory itself is made, never its parents: what cvmfsd makes
+    it removes at the end, and a chain of parents would be left behind.
+    Returns whether it made the directory.
+
     Raises:
-        ConfigError: the path is too long for a unix socket, or its directory
-            is someone else's or readable by others.
+        ConfigError: the path is too long for a unix socket, the directory's
+            parent does not exist, or the directory is someone else's or
+            readable by others.
     """
     if len(os.fsencode(path)) > MAX_PATH:
         raise ConfigError(f"control socket path {path} is {len(os.fsencode(path))} bytes; "
                           f"unix sockets allow at most {MAX_PATH}", hint="pass a shorter --socket")
     directory = path.parent
-    with contextlib.suppress(FileExistsError):
-        directory.mkdir(mode=0o700, parents=True)
+    made = False
+    try:
+        directory.mkdir(mode=0o700)
+        made = True
+    except FileExistsError:
+        pass
+    except FileNotFoundError:
+        raise ConfigError(f"control socket directory {directory} cannot be made: "
+                          f"{directory.parent} does not exist; expected an existing directory",
+                          hint="pass a --socket in an existing directory") from None
     st = directory.lstat()
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
         raise ConfigError(
             f"control socket directory {directory} must be a directory owned by uid "
             f"{os.getuid()} with mode 0700 (found uid {st.st_uid}, mode "
             f"{stat.S_IMODE(st.st_mode):04o})", hint="remove it, or pass another --socket")
+    return made
 
 
 def bind_socket(path: Path) -> socket.socket:

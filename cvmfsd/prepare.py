@@ -396,8 +396,8 @@ def _bind_metrics(prepared: Prepared) -> None:
 
 def _control_socket(config: Config, *,
                     listen: bool) -> tuple[Path, Path | None, socket.socket | None]:
-    """The control socket's path, the private directory made for it (None for
-    --socket), and with ``listen`` the socket bound there.
+    """The control socket's path, the private directory made for it (None for a
+    --socket whose directory existed), and with ``listen`` the socket bound there.
 
     Everything that can be refused is refused here, before cvmfsexec starts.
 
@@ -406,8 +406,8 @@ def _control_socket(config: Config, *,
             the socket cannot be bound.
     """
     if config.socket is not None:
-        path, directory = config.socket, None
-        prepare_socket_dir(path)
+        path = config.socket
+        directory = path.parent if prepare_socket_dir(path) else None
     else:
         path = default_socket_path(config.environ)
         directory = path.parent

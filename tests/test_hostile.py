@@ -100,6 +100,31 @@ def test_an_unusable_socket_is_refused_before_cvmfsexec_starts(dist: Path,
     assert not mounts_under(dist)
 
 
+def test_a_socket_under_a_missing_directory_is_refused_and_nothing_made(
+        dist: Path, short_tmp: Path) -> None:
+    """--socket two levels under nothing: refused up front; no chain of directories made."""
+    result = cvmfsd_run(dist, "--repos", REPO_A, "--mode", "3", "--socket",
+                        str(short_tmp / "missing" / "deeper" / "s.sock"), "--", "true")
+    assert result.returncode != 0
+    assert f"{short_tmp / 'missing'} does not exist" in result.stderr
+    assert "mounting" not in result.stderr, "cvmfsexec never started"
+    assert not (short_tmp / "missing").exists()
+
+
+@pytest.mark.fuse
+def test_the_socket_directory_cvmfsd_made_goes_at_the_end(dist: Path, short_tmp: Path) -> None:
+    """--socket in a directory that cvmfsd had to make: made 0700, served, removed at the end."""
+    socket_path = short_tmp / "made" / "s.sock"
+    script = ('stat -c %a "$(dirname "$CVMFSD_SOCKET")" && "$CVMFSCTL" ping >/dev/null '
+              '&& echo pong')
+    result = cvmfsd_run(dist, "--repos", REPO_A, "--socket", str(socket_path), "--",
+                        "sh", "-c", script)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["700", "pong"]
+    assert not socket_path.parent.exists(), "made by cvmfsd, so removed by it"
+    assert short_tmp.is_dir(), "the existing parent stays"
+
+
 JWT = ("eyJhbGciOiJSUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiJwaWxvdCIsImV4cCI6MTcwMDAwMDAwMH0."
        "c2lnbmF0dXJlLWJ5dGVz")
 PEM_LINE = "-----BEGIN CERTIFICATE-----MIIEowIBAAKCAQEA-----END CERTIFICATE-----"
