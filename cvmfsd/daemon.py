@@ -99,7 +99,8 @@ class Supervisor:
             mode=prepared.decision.mode.value, policy=prepared.decision.policy.policy.value,
             dist=str(prepared.dist.root) if prepared.dist else None,
             repos={repo: RepoState() for repo in self.config.repos},
-            payload=self.config.payload)
+            payload=self.config.payload, started=prepared.started[0],
+            started_monotonic=prepared.started[1])
         self._stop: Callable[[], Awaitable[None]] | None = None
         self._exec: Callable[[protocol.ExecArgs, Sequence[int]], Awaitable[int]] | None = None
         self._provided: str | None = None  # how /cvmfs is reached: mode3, host, dist, None

@@ -15,6 +15,7 @@ import signal
 import socket
 import sys
 import tempfile
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,6 +131,9 @@ class Prepared:
     #: /metrics, listening before anything starts (with ``start``), or why not
     metrics_sockets: list[socket.socket] = field(default_factory=list)
     metrics_error: OSError | None = None
+    #: when the run began (time.time() and time.monotonic()): the payload may
+    #: run well before the supervisor does, and uptime counts from here
+    started: tuple[float, float] = field(default_factory=lambda: (time.time(), time.monotonic()))
 
     @property
     def metrics_address(self) -> str:
@@ -252,6 +256,7 @@ def prepare(config: Config, facts: probe.HostFacts | None = None, *,
         ConfigError: glidein_config or the policy attributes are unusable.
         HostUnsupported: a forced mode is impossible here.
     """
+    started = time.time(), time.monotonic()
     signals = _begin_run() if start else None
     values, problems, policy = _read_policy(config)
     mark("configuration read")
@@ -267,7 +272,7 @@ def prepare(config: Config, facts: probe.HostFacts | None = None, *,
         raise
     prepared = Prepared(config, values, problems, facts, decision, payload_tmp,
                         socket_path=socket_path, socket_dir=socket_dir, listener=listener,
-                        signals=signals)
+                        signals=signals, started=started)
     if start:
         _bind_metrics(prepared)
     if decision.mode not in CVMFSEXEC_MODES:

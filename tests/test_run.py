@@ -330,6 +330,17 @@ def test_a_failed_check_never_starts_the_payload(dist: Path, stratum_dir: Path,
     assert not mounts_under(dist)
 
 
+def test_uptime_counts_from_cvmfsds_start_not_the_supervisors(dist: Path) -> None:
+    """The payload runs before the supervisor starts (mode 3), so uptime cannot count from
+    the supervisor: after the payload has slept a second, it must be over a second."""
+    script = 'sleep 1 && "$CVMFSCTL" --json status'
+    result = cvmfsd_run(dist, "--repos", REPO_A, "--", "sh", "-c", script)
+    assert result.returncode == 0, result.stderr
+    status = json.loads(result.stdout)
+    assert status["uptime_seconds"] > 1.0
+    assert status["started"] < time.time() - 1.0
+
+
 def test_a_large_environment_reaches_the_payload(dist: Path) -> None:
     """The queued go carries the payload's environment; what the socket buffer does not
     take at once (here 3 x 100 KiB, beyond a unix socket's default buffer) follows."""
