@@ -141,12 +141,15 @@ def _run_checked(args: argparse.Namespace, checks: Checks) -> int:
     payload = list(args.payload)
     if payload and payload[0] == "--":
         payload = payload[1:]
+    # Paths as the payload and every message must name them: from any directory.
+    gconfig, socket_path = (None if p is None else p.absolute()
+                            for p in (args.glidein_config, args.socket))
     config = Config(
         payload=tuple(payload), repos=args.repos, dist=args.dist,
-        glidein_config=args.glidein_config, mode=args.mode, grace=args.grace,
+        glidein_config=gconfig, mode=args.mode, grace=args.grace,
         mount_timeout=args.mount_timeout, log_format=args.log_format,
         nonesting=not args.allow_nesting, allow_keys=tuple(args.allow_key or ()),
-        socket=args.socket, allow_exec=args.allow_exec, probe_interval=args.probe_interval,
+        socket=socket_path, allow_exec=args.allow_exec, probe_interval=args.probe_interval,
         probe_deadline=args.probe_deadline, hang_timeout=args.hang_timeout,
         metrics_address=args.metrics_address, metrics_interval=args.metrics_interval,
         metrics_textfile=args.metrics_textfile, pushgateway=args.pushgateway,

@@ -341,6 +341,25 @@ def test_uptime_counts_from_cvmfsds_start_not_the_supervisors(dist: Path) -> Non
     assert status["started"] < time.time() - 1.0
 
 
+def test_relative_paths_are_named_whole(dist: Path, short_tmp: Path) -> None:
+    """--glidein-config and --socket given relative to cvmfsd's directory work from any other
+    (the payload's CVMFSD_SOCKET) and are named whole in messages."""
+    (short_tmp / "gc").write_text("GLIDEIN_Site Here\n")
+    script = 'cd / && echo "$CVMFSD_SOCKET" && "$CVMFSCTL" get GLIDEIN_Site'
+    argv = [*CVMFSD, "run", "--dist", str(dist), "--repos", REPO_A, "--glidein-config", "gc",
+            "--socket", "s/c.sock", "--", "sh", "-c", script]
+    result = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=60,
+                            stdin=subprocess.DEVNULL, cwd=short_tmp)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [str(short_tmp / "s" / "c.sock"), "Here"]
+    (short_tmp / "gc").unlink()
+    (short_tmp / "gc").mkdir()
+    result = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=60,
+                            stdin=subprocess.DEVNULL, cwd=short_tmp)
+    assert result.returncode != 0
+    assert f"cannot read glidein_config {short_tmp / 'gc'}:" in result.stderr
+
+
 def test_a_large_environment_reaches_the_payload(dist: Path) -> None:
     """The queued go carries the payload's environment; what the socket buffer does not
     take at once (here 3 x 100 KiB, beyond a unix socket's default buffer) follows."""
