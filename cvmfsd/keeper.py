@@ -101,6 +101,7 @@ class RepoKeeper:
             talk_socket=talk_socket, interval=interval, deadline=deadline)
         self._nursery: trio.Nursery | None = None
         self._repairing: set[str] = set()
+        self._in_remount: set[str] = set()  # our remount of these is running
         self._last_repair: dict[str, tuple[float, int]] = {}  # when it ended, attempts made
         self.remounts = 0
         self.remount_failures = 0
@@ -122,8 +123,11 @@ class RepoKeeper:
 
     async def _on_change(self, repo: str, old: str | None, result: ProbeResult) -> None:
         current = self.state.repos.get(repo)
-        if current is not None and current.state == "remounting" and result.state != "ok":
-            return  # our own remount is under way; its outcome decides
+        if repo in self._in_remount or (
+                current is not None and current.state == "remounting" and result.state != "ok"):
+            # Our own remount is under way (a control request's, or ours: then what it
+            # passes through, ok included, is no news); its outcome decides.
+            return
         self.state.repos[repo] = RepoState(result.state, result.revision, result.error)
         ending = self.state.phase in ("stopping", "done")  # the namespace goes: no fault
         logger = log.info if result.state == "ok" or ending else log.warning
@@ -158,7 +162,11 @@ class RepoKeeper:
                 self.state.repos[repo] = RepoState("remounting")
                 log.warning("remounting", repo=repo, attempt=attempt)
                 start = trio.current_time()
-                problem = await self._remount(repo)
+                self._in_remount.add(repo)
+                try:
+                    problem = await self._remount(repo)
+                finally:
+                    self._in_remount.discard(repo)
                 if self._metrics is not None:
                     self._metrics.remounted(repo, ok=problem is None)
                     if problem is None:

@@ -329,29 +329,50 @@ class Mode3Session:
         """
         limit = self.mount_timeout + REMOUNT_SLACK
         with trio.move_on_after(limit):
-            await self._restore_bind(repo)
+            if await self._restore_bind(repo) and await self._serves(repo):
+                # Its cvmfs2 serves on: never unmount a repository that works.
+                log.info("the repository serves again at its path; not remounted", repo=repo)
+                return {"ok": True, "rebound": True}
             return await self._ask_shim("remount", repo=repo, timeout=self.mount_timeout)
         raise LaunchError(f"remounting {repo}: no answer from the namespace within {limit:g} s")
 
-    async def _restore_bind(self, repo: str) -> None:
+    def _table(self) -> str | None:
+        """The namespace's mount table (procfs: never blocks), or None once it is gone."""
+        try:
+            return Path(f"/proc/{self.shim_pid}/mountinfo").read_text(errors="surrogateescape")
+        except OSError:
+            return None
+
+    async def _serves(self, repo: str) -> bool:
+        """Whether ``/cvmfs/<repo>`` in the namespace is a CVMFS mount serving ``repo`` now."""
+        from cvmfsd.shim import CHECK_TIMEOUT, verify_repo
+
+        mount = fuse_mounts(self._table() or "").get(f"/cvmfs/{repo}")
+        if mount is None:
+            return False
+        path = f"/proc/{self.shim_pid}/root/cvmfs/{repo}"  # the same mount, seen from here
+        result = await trio.to_thread.run_sync(verify_repo, repo, path, {path: mount},
+                                               CHECK_TIMEOUT, abandon_on_cancel=True)
+        return bool(result.get("ok"))
+
+    async def _restore_bind(self, repo: str) -> bool:
         """Bind ``/cvmfs/<repo>`` again if it has no mount in the namespace (:mod:`cvmfsd.rebind`).
 
         Without it cvmfsexec's UMOUNTREPO fails and its MOUNTREPO does nothing,
         for good.  A failure is logged; the remount then says what is wrong.
+
+        Returns:
+            Whether it bound one.
         """
         from cvmfsd._selfexec import module_argv
 
         shim = self.shim_pid
         target = f"/cvmfs/{repo}"
         if shim is None:
-            return
-        try:
-            table = Path(f"/proc/{shim}/mountinfo").read_text(  # noqa: ASYNC240 - procfs
-                errors="surrogateescape")
-        except OSError:
-            return  # the namespace is ending: the remount will say so
-        if any(m.mountpoint == target for m in parse_mountinfo(table)):
-            return
+            return False
+        table = self._table()
+        if table is None or any(m.mountpoint == target for m in parse_mountinfo(table)):
+            return False  # mounted; or the namespace is ending, which the remount says
         source = str(self.plan.dist.mount_dir / repo)
         log.info("no mount at the repository's path in the namespace; binding it again",
                  repo=repo, path=target, source=source)
@@ -362,6 +383,7 @@ class Mode3Session:
             log.warning("cannot bind the repository again", repo=repo, path=target,
                         status=result.returncode,
                         error=result.stderr.decode(errors="replace").strip())
+        return result.returncode == 0
 
     # --- the session ------------------------------------------------------------
     async def run(self, spawned: launch.Spawned | None = None) -> Outcome:

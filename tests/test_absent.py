@@ -33,7 +33,7 @@ from cvmfsd.probing import ProbeResult
 from cvmfsd.sim import _watchdog
 from cvmfsd.state import DaemonState, RepoState
 from cvmfsd.watch import host_pid
-from tests.conftest import REPO_A, wait_for
+from tests.conftest import REPO_A, cvmfs2_pids, wait_for
 from tests.livedaemon import talk, talk_socket
 from tests.test_recovery import (
     CONTENT,
@@ -78,7 +78,7 @@ class Where:
         return sum(1 for m in parse_mountinfo(self.table.read_text())
                    if m.mountpoint == wanted and is_fuse(m.fstype))
 
-    def lazy_unmount(self) -> None:
+    def lazy_unmount(self, point: str | None = None) -> None:
         """``umount -l`` (``fusermount -u -z``) of the payload's mount point, where it is.
 
         Mode 3: as the namespace's fake root (the user namespace that owns its
@@ -88,7 +88,7 @@ class Where:
         if self.shim is None:  # on the host: an ordinary user has fusermount
             tool = ["umount", "-l"] if ROOT else [
                 shutil.which("fusermount3") or "fusermount", "-u", "-z"]
-            subprocess.run([*tool, self.point], check=True, timeout=10)
+            subprocess.run([*tool, point or self.point], check=True, timeout=10)
             return
         ns = f"/proc/{self.shim}/ns"
         with open(f"{ns}/mnt") as mnt:  # noqa: PTH123 - a descriptor for the ioctl
@@ -98,7 +98,8 @@ class Where:
                 ["nsenter", "--preserve-credentials", f"--user=/proc/self/fd/{owner}",
                  f"--mount={ns}/mnt",
                  f"--pid={ns}/pid", f"--root=/proc/{self.shim}/root",
-                 "umount", "-l", self.point], check=True, timeout=10, pass_fds=(owner,))
+                 "umount", "-l", point or self.point], check=True, timeout=10,
+                pass_fds=(owner,))
         finally:
             os.close(owner)
 
@@ -126,29 +127,43 @@ def settled_ok(cvmfsd: Cvmfsd, where: Where) -> None:
 
 
 @pytest.mark.fuse
-@pytest.mark.parametrize("mode", ["3", "1"])
-def test_lazily_unmounted_repository_is_remounted(
-        run: Callable[..., Cvmfsd], dist: Path, mode: str) -> None:
+@pytest.mark.parametrize(("mode", "both"), [("3", False), ("3", True), ("1", False)])
+def test_lazily_unmounted_repository_is_repaired(
+        run: Callable[..., Cvmfsd], dist: Path, mode: str, both: bool) -> None:
     """``umount -l /cvmfs/repo.a`` in the namespace (mode 3) or of the mount on the host
-    (mode 1) while the payload runs: absent, remounted within a few seconds, status ok,
-    the remount counted in the metrics, mounted once, and the payload reads it again.
+    (mode 1) while the payload runs: absent, repaired within a few seconds, status ok,
+    the repair counted in the metrics, mounted once, and the payload reads it again.
+
     Mode 3 needs the bind back first: cvmfsexec's UMOUNTREPO fails without a mount at
-    /cvmfs/<repo> and its MOUNTREPO of a listed repository does nothing (cvmfsexec
-    4.51, cvmfsexec:150-161 and 133)."""
+    /cvmfs/<repo> and its MOUNTREPO of a repository it lists does nothing (cvmfsexec
+    4.51, cvmfsexec:132-133 and 150-161).  With only the bind gone, cvmfs2 serves on
+    through the new bind and is kept (never unmount a repository that works); with
+    its own mount at dist/cvmfs/<repo> gone too (``both``), cvmfs2 ends and the
+    remount, finding nothing to unmount there, mounts a new one.  Mode 1: the detached
+    mount's cvmfs2 ends, and the remount finds nothing to unmount."""
     cvmfsd = run(mode=mode)
     cvmfsd.wait_started()
-    watched_cvmfs2(cvmfsd, REPO_A)
+    pid = watched_cvmfs2(cvmfsd, REPO_A)
     where = Where(cvmfsd, dist, mode)
     assert where.fuse_mounts() == 1
     before = remounts(cvmfsd, REPO_A)
     start = time.monotonic()
+    if both:
+        where.lazy_unmount(where.private)
     where.lazy_unmount()
     seen, record = cvmfsd.wait_log(is_event("repository state", REPO_A, new="absent"),
                                    after=start)
     assert record["level"] == "warning"
     done, _ = cvmfsd.wait_log(is_event("remounted", REPO_A), after=seen, timeout=30)
-    assert done - start < 5.0, f"remounted {done - start:.2f} s after the unmount"
+    assert done - start < 5.0, f"repaired {done - start:.2f} s after the unmount"
     assert remounts(cvmfsd, REPO_A) == before + 1
+    kept = mode == "3" and not both
+    assert kept == any(r.get("event") == "the repository serves again at its path; not "
+                       "remounted" for _, r in cvmfsd.records)
+    if kept:
+        assert pid in cvmfs2_pids(dist)
+    else:
+        assert watched_cvmfs2(cvmfsd, REPO_A, after=seen) != pid
     settled_ok(cvmfsd, where)
 
 
