@@ -232,7 +232,8 @@ def _find_dist(prepared: Prepared) -> Dist:
     if not root.exists():
         raise LaunchError(f"the cvmfsexec distribution {root} (--dist) does not exist; "
                           f"expected {DIST_FORMS}",
-                          hint=None if config.dist.is_absolute() else
+                          hint="check --dist (cvmfsd_setup.sh passes glidein_config's "
+                          "CVMFSEXEC_DIR)" if config.dist.is_absolute() else
                           f"a relative --dist is taken from the working directory, {Path.cwd()}")
     if not root.is_dir():
         prepared.unpacked = packed.unpack_file(root)

@@ -115,6 +115,19 @@ def _holder(pid: int) -> bool:
 
 
 @pytest.mark.fuse
+@pytest.mark.parametrize("what", ["directory", "missing", "none"])
+def test_cleanup_without_a_glidein_config_says_so(tmp_path: Path, what: str) -> None:
+    """Given the glidein's directory, a missing file or nothing, cleanup cannot know whether
+    a cvmfsd runs: an error naming what it got, not "nothing to stop"."""
+    given = {"directory": [str(tmp_path)], "missing": [str(tmp_path / "gone")], "none": []}[what]
+    result = subprocess.run(["bash", script("cvmfsd_cleanup.sh"), *given], capture_output=True,
+                            text=True, timeout=60, check=False, cwd="/")
+    assert result.returncode == 1
+    shown = given[0] if given else "(no argument)"
+    assert result.stderr == (f"cvmfsd_cleanup.sh: {shown} is not a readable glidein_config; "
+                             "expected the file glidein_exit passes as the first argument\n")
+
+
 def test_setup_then_cleanup(pilot: Path, dist: Path) -> None:
     """Mode 3 with the fragment listed: ready, published to jobs, -ok; cleanup stops it all."""
     done = setup(pilot)

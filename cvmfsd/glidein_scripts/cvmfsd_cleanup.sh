@@ -47,6 +47,10 @@ is_our_cvmfsd() {  # whether PID still runs `cvmfsd run` for this glidein_config
     grep -q cvmfsd <<<"$cmdline" && grep -qxF -- "$glidein_config" <<<"$cmdline"
 }
 
+if [ ! -f "$glidein_config" ] || [ ! -r "$glidein_config" ]; then
+    # Without it there is no telling whether a cvmfsd runs: not "nothing to stop".
+    report_error "${glidein_config:-(no argument)} is not a readable glidein_config; expected the file glidein_exit passes as the first argument"
+fi
 pid=$(config_value CVMFSD_PID)
 status=$(config_value CVMFSD_STATUS)
 log=$(config_value CVMFSD_LOG)
