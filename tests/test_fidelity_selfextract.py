@@ -121,6 +121,16 @@ def test_refuses_what_makedist_did_not_make(short_tmp: Path) -> None:
     assert not (short_tmp / "out").exists()
 
 
+def test_an_output_that_cannot_be_written_is_an_error_not_a_traceback(
+        stratum_dir: Path, short_tmp: Path) -> None:
+    """``-o`` into a directory that does not exist: a DistError naming the file and why."""
+    dist = short_tmp / "dist"
+    makedist.make_dist(dist, stratum=stratum_dir)
+    with pytest.raises(makedist.DistError, match=r"cannot write the self-extracting file .*"
+                       "No such file or directory; expected a writable file in an existing"):
+        makedist.pack_dist(dist, short_tmp / "no" / "such" / "file")
+
+
 def test_cli_makes_and_packs(stratum_dir: Path, short_tmp: Path) -> None:
     """``cvmfsd sim makedist DIR -m TYPE -o FILE`` makes DIR, then packs it into FILE."""
     target, out = short_tmp / "d8", short_tmp / "cvmfsexec-default-rhel8-aarch64"

@@ -205,7 +205,8 @@ def pack_dist(source: Path, output: Path) -> Path:
     and prints the version.  ``output`` is overwritten.
 
     Raises:
-        DistError: ``source`` is not a distribution made by makedist.
+        DistError: ``source`` is not a distribution made by makedist, or
+            ``output`` cannot be written.
     """
     source = source.absolute()
     if not (source / "dist/.cvmfsexecdist").is_file():
@@ -222,6 +223,10 @@ def pack_dist(source: Path, output: Path) -> Path:
         for name in (*PACKED, "dist"):
             tar.add(source / name, arcname=name, filter=keep)
     output = output.absolute()
-    output.write_bytes(_HEADER.encode() + payload.getvalue())
-    output.chmod(0o755)
+    try:
+        output.write_bytes(_HEADER.encode() + payload.getvalue())
+        output.chmod(0o755)
+    except OSError as exc:
+        raise DistError(f"cannot write the self-extracting file {output}: {exc.strerror}; "
+                        "expected a writable file in an existing directory") from None
     return output
