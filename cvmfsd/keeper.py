@@ -6,8 +6,10 @@ this module decides what to do about it:
 * ``enotconn`` (its cvmfs2 died): remount it, at once and then with backoff
   while remounting fails;
 * ``absent`` (no FUSE mount at its mount point) while the run is running:
-  remount it the same way.  While the run ends (``stopping``, ``done``) the
-  namespace and the mounts go on purpose: that is reported, quietly, and left;
+  remount it the same way (in mode 3 the session first binds ``/cvmfs/<repo>``
+  again, and keeps a cvmfs2 that still serves: see :mod:`cvmfsd.rebind`).
+  While the run ends (``stopping``, ``done``) the namespace and the mounts go
+  on purpose: that is reported, quietly, and left;
 * ``hung`` (a probe outlived its deadline while cvmfs2 lives): report it, and
   once it has been hung for ``hang_timeout`` seconds, SIGKILL its cvmfs2 -- the
   mount then answers ENOTCONN, which leads to a remount;
