@@ -13,7 +13,9 @@ Inside: the cvmfsd package (not :mod:`cvmfsd.sim`, nor this builder) and the
 runtime dependencies as pinned pure-Python wheels from PyPI (:data:`PINS`,
 checked against their sha256), fetched with ``pip download --only-binary :all:
 --no-deps``.  python-prctl (compiled) is replaced by :mod:`cvmfsd._prctl`'s
-ctypes path; pyfuse3 is the simulation's only.
+ctypes path; pyfuse3 is the simulation's only.  cvmfsd's own bytecode leaves
+out its docstrings (:data:`STRIPPED`), so no code of cvmfsd may read one at
+run time (the tests compare every ``--help`` from bytecode and from source).
 
 Reproducible: the same checkout, wheels and interpreters give the same bytes
 (entries sorted, timestamps fixed at 1980-01-01, fixed modes, fixed compression
@@ -65,6 +67,11 @@ PINS: tuple[tuple[str, str, str], ...] = (
 #: Parts of the checkout's cvmfsd package that stay out: the simulation (its
 #: FUSE needs pyfuse3; no daemon module imports it) and this builder.
 EXCLUDED = ("cvmfsd/sim/", "cvmfsd/bundle.py")
+#: The modules whose bytecode has no docstrings (see :data:`COMPILER`):
+#: cvmfsd's own, none of which reads one at run time; the dependencies keep
+#: theirs (some read ``__doc__``).  A fifth of cvmfsd's compressed bytecode,
+#: per interpreter; the sources in the bundle keep them.
+STRIPPED = ("cvmfsd/",)
 #: Parts of the wheels that stay out: test suites, compiled caches, RECORD.
 EXCLUDED_PARTS = ("/_tests/", "/tests/", "/__pycache__/")
 
@@ -355,16 +362,39 @@ def main(argv):
 #: Run by each interpreter the bundle is built for (``python -S -s -c``, with
 #: PYTHONHASHSEED=0 so that frozenset constants keep one order, and
 #: PYTHONNODEBUGRANGES=1, see :func:`compile_for`): reads the sources as a
-#: marshalled list of (path, bytes) on stdin, writes back the marshalled
+#: marshalled list of (path, bytes, strip) on stdin, writes back the marshalled
 #: (cache tag, magic number, [(path, marshalled code)], [(path, error)]).
 #: One process compiles all files in sorted order, so that even marshal's
 #: reference flags (which follow reference counts) come out the same.
+#:
+#: A source with ``strip`` set is compiled from its syntax tree without the
+#: docstrings of its module, classes and functions (see :data:`STRIPPED`):
+#: the first statement of such a body, if a string, goes, and a body that was
+#: nothing else gets a ``pass`` on the docstring's line.  Every other node
+#: keeps its position, so tracebacks name the lines that the source's
+#: bytecode would; ``optimize`` stays 0 (-OO would strip the asserts too).
+#: A decorated class keeps its docstring: the decorator may read it
+#: (``dataclass`` makes one from ``inspect.signature`` where there is none,
+#: some 80 us a class at every import).
 COMPILER = """\
-import importlib.util, marshal, sys, warnings
+import ast, importlib.util, marshal, sys, warnings
 warnings.simplefilter("ignore")
+BODIES = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+def without_docstrings(tree):
+    for node in list(ast.walk(tree)):
+        if isinstance(node, ast.ClassDef) and node.decorator_list:
+            continue  # a decorator may read it (dataclass makes one, slowly, if none)
+        first = node.body[0] if isinstance(node, BODIES) and node.body else None
+        if (isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
+                and isinstance(first.value.value, str)):
+            node.body[:1] = [] if node.body[1:] else [ast.copy_location(ast.Pass(), first)]
+    return tree
 compiled, failed = [], []
-for path, source in marshal.loads(sys.stdin.buffer.read()):
+for path, source, strip in marshal.loads(sys.stdin.buffer.read()):
     try:
+        if strip:
+            source = without_docstrings(compile(source, path, "exec", ast.PyCF_ONLY_AST,
+                                                dont_inherit=True))
         code = compile(source, path, "exec", dont_inherit=True, optimize=0)
     except (SyntaxError, ValueError) as exc:
         failed.append((path, str(exc)))
@@ -460,6 +490,7 @@ def compile_for(python: str, sources: Sequence[tuple[str, bytes]]) -> Bytecode:
 
     Each module's code is compressed alone, so that one is read without the
     others; the bundle stores the entry uncompressed, the index first.
+    cvmfsd's own modules (:data:`STRIPPED`) are compiled without docstrings.
 
     Raises:
         BundleError: ``python`` does not run, has no cache tag, or cannot
@@ -471,8 +502,9 @@ def compile_for(python: str, sources: Sequence[tuple[str, bytes]]) -> Bytecode:
     env.update(PYTHONHASHSEED="0", PYTHONNODEBUGRANGES="1")
     try:
         ran = subprocess.run([python, "-S", "-s", "-c", COMPILER],
-                             input=marshal.dumps(list(sources)), capture_output=True,
-                             env=env, check=False)
+                             input=marshal.dumps([(path, source, path.startswith(STRIPPED))
+                                                  for path, source in sources]),
+                             capture_output=True, env=env, check=False)
     except OSError as exc:
         raise BundleError(f"cannot run {python} to compile the bundle's modules: {exc}") from None
     if ran.returncode != 0:

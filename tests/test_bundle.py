@@ -10,11 +10,14 @@ newest 3.1x), else with pyenv's where found, else with this one.
 from __future__ import annotations
 
 import json
+import marshal
 import os
 import shutil
 import subprocess
 import sys
+import types
 import zipfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -83,7 +86,7 @@ def _cache_tag(python: str) -> str:
 #: then optionally a cache tag to pretend to be, or "bad-offset" to make the
 #: bundle's record of where its bytecode is wrong.
 PROBE = """\
-import builtins, json, runpy, sys, traceback
+import ast, builtins, inspect, json, runpy, sys, textwrap, traceback
 bundle, how = sys.argv[1], sys.argv[2]
 if how == "bad-offset":
     sys.path.insert(0, bundle)
@@ -113,6 +116,10 @@ try:
 except Exception:
     tb = traceback.format_exc()
 setup = importlib.resources.files("cvmfsd.glidein_scripts").joinpath("cvmfsd_setup.sh")
+def doc(obj):
+    return None if obj.__doc__ is None else inspect.cleandoc(obj.__doc__)
+def source_doc(obj):  # the docstring in the bundle's source
+    return ast.get_docstring(ast.parse(textwrap.dedent(inspect.getsource(obj))).body[0])
 print(json.dumps({
     "compiled": sorted(set(name[len(bundle) + 1:] for name in compiled
                            if name.startswith(bundle + "/"))),
@@ -122,6 +129,11 @@ print(json.dumps({
     "trio_path": list(trio.__path__),
     "traceback": tb,
     "resource": setup.read_text()[:11],
+    "module_doc": doc(cvmfsd.daemon),
+    "run_doc": doc(cvmfsd.daemon.run),
+    "run_source_doc": source_doc(cvmfsd.daemon.run),
+    "config_doc": doc(cvmfsd.config.Config),
+    "config_source_doc": source_doc(cvmfsd.config.Config),
 }))
 """
 
@@ -205,8 +217,116 @@ def test_modules_come_from_bytecode(readonly_bundle: Path, python: str) -> None:
     assert seen["trio_path"] == [f"{readonly_bundle}/trio"]
     assert seen["resource"] == "#!/bin/bash"
     tb = str(seen["traceback"])
-    assert f'File "{readonly_bundle}/cvmfsd/config.py", line ' in tb
+    assert f'File "{readonly_bundle}/cvmfsd/config.py", line {_raise_line(readonly_bundle)},' in tb
     assert 'raise UsageError(f"--metrics-address {text!r}: expected HOST:PORT' in tb
+
+
+def _raise_line(bundle_file: Path) -> int:
+    """The line of the bundle's cvmfsd/config.py that raises the probe's error."""
+    with zipfile.ZipFile(bundle_file) as archive:
+        lines = archive.read("cvmfsd/config.py").decode().splitlines()
+    (line,) = [number for number, text in enumerate(lines, 1)
+               if 'raise UsageError(f"--metrics-address {text!r}: expected HOST:PORT' in text]
+    return line
+
+
+@pytest.mark.parametrize("python", PYTHONS)
+def test_cvmfsd_bytecode_has_no_docstrings(readonly_bundle: Path, python: str) -> None:
+    """cvmfsd's modules and functions have no ``__doc__`` from the bytecode; the source has.
+
+    A decorated class keeps its docstring (``dataclass`` would make one from
+    ``inspect.signature``, slowly); the traceback test above checks that the
+    line numbers are the source's.
+    """
+    seen = _probe(python, readonly_bundle)
+    assert seen["loader"] == "_Module"
+    assert seen["module_doc"] is None
+    assert seen["run_doc"] is None
+    assert seen["run_source_doc"]
+    assert seen["config_source_doc"]
+    assert seen["config_doc"] == seen["config_source_doc"]
+
+
+#: A module with every kind of docstring, an assert, and lines to raise from.
+DOCUMENTED = b'''"""The module's docstring."""
+from __future__ import annotations
+
+import dataclasses
+
+
+class Plain:
+    """A class's docstring."""
+
+    def only_a_docstring(self) -> None:
+        """Its body becomes a pass."""
+
+
+@dataclasses.dataclass
+class Decorated:
+    """Kept: its decorator may read it."""
+
+    field: int = 0
+
+
+async def coroutine() -> None:
+    """A coroutine's docstring."""
+
+
+def fails(flag: bool) -> None:
+    """A docstring
+    on two lines."""
+    assert flag, "asserts stay"
+    raise ValueError("raised")
+'''
+
+
+@pytest.mark.parametrize(("path", "stripped"), [("cvmfsd/m.py", True), ("trio/m.py", False)])
+def test_docstrings_are_compiled_out_of_cvmfsd_only(path: str, stripped: bool,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """cvmfsd's modules compile without docstrings (lines and asserts kept); others keep them."""
+    compiled = bundle.compile_for(sys.executable, [(path, DOCUMENTED)])
+    start, size = compiled.where[path]
+    code = marshal.loads(zlib.decompress(compiled.code[start:start + size]))  # noqa: S302
+    module = types.ModuleType("documented")
+    monkeypatch.setitem(sys.modules, "documented", module)  # for dataclass
+    exec(code, module.__dict__)  # noqa: S102 - compiled just now from DOCUMENTED
+    docs = [module.__doc__, module.Plain.__doc__, module.Plain.only_a_docstring.__doc__,
+            module.coroutine.__doc__, module.fails.__doc__]
+    assert (docs == [None] * 5) if stripped else all(docs)
+    assert module.Plain().only_a_docstring() is None
+    assert module.Decorated.__doc__ == "Kept: its decorator may read it."
+    lines = DOCUMENTED.decode().splitlines()
+    for flag, error, text in [(False, AssertionError, 'assert flag, "asserts stay"'),
+                              (True, ValueError, 'raise ValueError("raised")')]:
+        with pytest.raises(error) as raised:
+            module.fails(flag)
+        assert raised.traceback[-1].lineno == lines.index(f"    {text}")  # both from 0
+
+
+#: Every parser of cvmfsd and cvmfsctl, for ``--help``.
+HELPS = [[], ["run"], ["probe"], ["demo"], ["sim"], ["sim", "makedist"], ["sim", "publish"],
+         ["sim", "fault"], ["cvmfsctl"], *(["cvmfsctl", verb] for verb in (
+             "ping", "get", "wait", "remount", "exec", "enter"))]
+
+
+@pytest.mark.parametrize("python", PYTHONS)
+def test_help_from_bytecode_is_the_help_from_source(readonly_bundle: Path, python: str,
+                                                    short_tmp: Path) -> None:
+    """``--help`` reads the same from the bundle's bytecode (no docstrings) as from source.
+
+    With ``$CVMFSD_CACHE`` the interpreter compiles the unpacked sources, with
+    their docstrings: a help text taken from one would differ.
+    """
+    cache = {"CVMFSD_CACHE": str(short_tmp / "cache")}
+    for argv in HELPS:
+        texts = [subprocess.run([python, "-I", str(readonly_bundle), *argv, "--help"],
+                                capture_output=True, text=True, env=_isolated_env(**extra),
+                                check=False, timeout=60)
+                 for extra in ({}, cache)]
+        in_place, cached = ((ran.returncode, ran.stdout, ran.stderr) for ran in texts)
+        assert in_place == cached, argv
+        assert in_place[0] == 0 and in_place[1].startswith("usage: "), (argv, in_place)
+    assert (short_tmp / "cache").is_dir()
 
 
 @pytest.mark.parametrize("how", ["cpython-0", "bad-offset"], ids=["uncovered", "bad-offset"])
@@ -219,6 +339,8 @@ def test_modules_come_from_source_without_bytecode(readonly_bundle: Path, how: s
     assert seen["loader"] == "zipimporter"
     assert seen["file"] == seen["co_filename"] == f"{readonly_bundle}/cvmfsd/daemon.py"
     assert 'raise UsageError(f"--metrics-address {text!r}' in str(seen["traceback"])
+    assert seen["run_doc"] == seen["run_source_doc"]
+    assert seen["module_doc"]
 
 
 def test_simulation_is_not_in_the_bundle(bundle_file: Path, tmp_path: Path) -> None:
