@@ -101,7 +101,6 @@ class Supervisor:
             repos={repo: RepoState() for repo in self.config.repos},
             payload=self.config.payload, started=prepared.started[0],
             started_monotonic=prepared.started[1])
-        self._stop: Callable[[], Awaitable[None]] | None = None
         self._exec: Callable[[protocol.ExecArgs, Sequence[int]], Awaitable[int]] | None = None
         self._provided: str | None = None  # how /cvmfs is reached: mode3, host, dist, None
         self.keeper: RepoKeeper | None = None
@@ -123,12 +122,11 @@ class Supervisor:
         spawned = prepared.spawned
         if spawned is None or spawned.verified is None:
             self._accepting.set()
-        self._early_stop: session.Stop | None = None
-        self._early_signal = prepared.early_signal  # the signal behind _early_stop
+        self._first_stop: session.Stop | None = None
         if prepared.early_signal:  # received while cvmfsd started: stop as soon as it can
             name = signal.Signals(prepared.early_signal).name
             log.info("signal received", signal=name)
-            self._early_stop = session.Stop(f"received {name}")
+            self._first_stop = session.Stop(f"received {name}", prepared.early_signal)
             self.state.phase = "stopping"
         self._textfile: Textfile | None = None
         # A process killed while cvmfsd ends its tree is cvmfsd's doing, not a hard kill.
@@ -283,8 +281,7 @@ class Supervisor:
             return None
 
     async def _request_stop(self) -> None:
-        if self._stop is not None:
-            await self._stop()
+        await self._stop_run(session.Stop("cvmfsctl stop"))
 
     async def _run_exec(self, args: protocol.ExecArgs, fds: Sequence[int]) -> int:
         if self._exec is None:
@@ -414,30 +411,35 @@ class Supervisor:
     # --- signals -------------------------------------------------------------------
     async def _receive_signals(self, *, task_status: trio.TaskStatus[None]
                                = trio.TASK_STATUS_IGNORED) -> None:
-        """Turn SIGTERM, SIGINT and SIGHUP into a stop of the session under way.
-
-        A signal that comes before there is a session to stop (while the control
-        server, the process watch or the mounts of modes 1/2 start) is kept, and
-        the session is stopped as soon as it starts.
-        """
+        """Turn SIGTERM, SIGINT and SIGHUP into a stop of the session under way."""
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             task_status.started()
             async for signum in signals:
                 name = signal.Signals(signum).name
                 log.info("signal received", signal=name)
-                self.state.phase = "stopping"
-                stop = session.Stop(f"received {name}")
-                if self._stop_target is None:
-                    if self._early_stop is None:
-                        self._early_stop, self._early_signal = stop, signum
-                else:
-                    await self._stop_target(stop)
+                await self._stop_run(session.Stop(f"received {name}", signum))
+
+    async def _stop_run(self, stop: session.Stop) -> None:
+        """Stop what runs now: the mounts of modes 1/2, the mode-3 session, or the payload.
+
+        A stop that comes when there is nothing to stop yet (while the control
+        server or the process watch start) is kept, and what starts next is
+        stopped at once (:meth:`_stop_with`); the first stop kept decides the
+        exit status of a run stopped before its payload ran.
+        """
+        if self.state.phase == "done":
+            return
+        self.state.phase = "stopping"
+        if self._first_stop is None:
+            self._first_stop = stop
+        if self._stop_target is not None:
+            await self._stop_target(stop)
 
     async def _stop_with(self, target: Callable[[session.Stop], Awaitable[None]]) -> None:
         """Signals stop ``target`` from now on (at once if one came already)."""
         self._stop_target = target
-        if self._early_stop is not None:
-            await target(self._early_stop)
+        if self._first_stop is not None:
+            await target(self._first_stop)
 
     def _report_leftovers(self) -> None:
         leftovers, cleaned = self.prepared.leftovers, self.prepared.cleaned
@@ -556,20 +558,34 @@ class Supervisor:
         if decision.mode is mode.Mode.MODE3:
             return await self._run_mode3()
         # Modes 1 and 2: cvmfsd mounts on the host itself and unmounts after.
-        mounted = await session.mount_on_host(
-            dist, self.config.repos, repo_timeout=self.config.mount_timeout,
-            on_progress=self._progress)
+        mounted = await self._mount_on_host(dist)
+        if mounted is None:
+            return self._stopped_early() or 128 + signal.SIGTERM
         self._mounted(self.config.repos)
         self._provided = "dist"
+        # The remounts under way, each with its cancel scope: a stop cancels them
+        # before the final unmount, which would otherwise race a mount coming back.
+        remounts: dict[trio.CancelScope, trio.Event] = {}
 
         async def remount_on_host(repo: str) -> str | None:
-            await session.unmount_on_host(dist, [repo])
-            try:
-                await session.mount_on_host(
-                    dist, [repo], repo_timeout=self.config.mount_timeout, with_config_repo=False,
-                    on_progress=partial(launch.progress, as_json=self.config.log_format == "json"))
-            except LaunchError as exc:
-                return str(exc)
+            done = trio.Event()
+            with trio.CancelScope() as scope:
+                remounts[scope] = done
+                try:
+                    if self.state.phase != "running":
+                        return f"cvmfsd is {self.state.phase}: not remounted"
+                    await session.unmount_on_host(dist, [repo])
+                    await session.mount_on_host(
+                        dist, [repo], repo_timeout=self.config.mount_timeout,
+                        with_config_repo=False, on_progress=partial(
+                            launch.progress, as_json=self.config.log_format == "json"))
+                except LaunchError as exc:
+                    return str(exc)
+                finally:
+                    del remounts[scope]
+                    done.set()
+            if scope.cancelled_caught:  # mount_on_host left nothing behind
+                return "cvmfsd is stopping: not remounted"
             return None
 
         self._remount_hook = remount_on_host
@@ -593,7 +609,34 @@ class Supervisor:
         finally:
             self._provided = None
             with trio.CancelScope(shield=True):
+                for scope, done in list(remounts.items()):
+                    scope.cancel()
+                    await done.wait()  # its own clean-up is shielded and bounded
                 await session.unmount_on_host(dist, mounted)
+
+    async def _mount_on_host(self, dist: launch.Dist) -> list[str] | None:
+        """Modes 1/2: mount every repository on the host; None if a stop came first.
+
+        A stop (signal or ``cvmfsctl stop``) during the mounts cancels them at
+        once; :func:`session.mount_on_host` then leaves nothing mounted, the
+        repository in flight included.
+        """
+        if self._first_stop is not None:
+            return None
+        with trio.CancelScope() as scope:
+
+            async def stop(request: session.Stop) -> None:
+                log.info("stopping the mounts", reason=request.reason)
+                scope.cancel()
+
+            await self._stop_with(stop)
+            try:
+                return await session.mount_on_host(
+                    dist, self.config.repos, repo_timeout=self.config.mount_timeout,
+                    on_progress=self._progress)
+            finally:
+                self._stop_target = None
+        return None
 
     def _payload_exited(self) -> None:
         """The payload is done: the namespace ends now, and that is no fault."""
@@ -663,12 +706,6 @@ class Supervisor:
         async def runner_exec(args: protocol.ExecArgs, fds: Sequence[int]) -> int:
             return await runner.exec_in_namespace(args.argv, fds, cwd=args.cwd, env=args.env)
 
-        async def stop() -> None:
-            self.state.phase = "stopping"
-            await runner.send_event.send(session.Stop("cvmfsctl stop"))
-
-        self._stop = stop
-
         async def remount_in_namespace(repo: str) -> str | None:
             try:
                 answer = await runner.remount(repo)
@@ -702,19 +739,25 @@ class Supervisor:
         log.info("done", status=outcome.status, reason=outcome.reason, stopped=outcome.stopped)
         return outcome.status
 
+    def _stopped_early(self) -> int | None:
+        """If a stop came before the payload started: log it, and the exit status (128 + N)."""
+        stop = self._first_stop
+        if stop is None:
+            return None
+        log.info("stopped before the payload started", reason=stop.reason)
+        return 128 + stop.signum
+
     async def _run_direct(self, env: Mapping[str, str]) -> int:
         send, receive = trio.open_memory_channel[session.Stop](1)
 
-        async def stop() -> None:
-            self.state.phase = "stopping"
-            with contextlib.suppress(trio.WouldBlock):
-                send.send_nowait(session.Stop("cvmfsctl stop"))
+        async def stop(request: session.Stop) -> None:
+            with contextlib.suppress(trio.WouldBlock):  # one stop is enough
+                send.send_nowait(request)
 
-        self._stop = stop
-        if self._early_stop is not None:
-            log.info("stopped before the payload started", reason=self._early_stop.reason)
-            return 128 + self._early_signal
-        await self._stop_with(send.send)
+        early = self._stopped_early()
+        if early is not None:
+            return early
+        await self._stop_with(stop)
         try:
             outcome = await session.run_direct(self.config.payload, env,
                                                grace=self.config.grace, stops=receive)

@@ -65,7 +65,14 @@ class Exited:
 
 @dataclass(frozen=True)
 class Stop:
+    """A request to end the run: a signal to cvmfsd, or ``cvmfsctl stop`` (as SIGTERM).
+
+    ``signum`` decides the exit status of a run stopped before its payload ran:
+    128 + ``signum``, in every mode, as a shell reports a command a signal ended.
+    """
+
     reason: str
+    signum: int = signal.SIGTERM
 
 
 Event = Union[Line, Message, Exited, Stop]
@@ -174,6 +181,7 @@ class Mode3Session:
         self._failed_repo: str | None = None
         self._payload_status: int | None = None
         self._stopping = False
+        self._stop_signum: int = signal.SIGTERM  # the signal behind the stop, once stopping
         self._ended_namespace = False  # we killed it ourselves: its death is no fault
         self._ready = False
         self._mount_deadline = math.inf  # set once cvmfsexec has started
@@ -459,6 +467,7 @@ class Mode3Session:
                 ready = await self._on_message(event) or ready
             elif isinstance(event, Stop):
                 if not self._stopping:
+                    self._stop_signum = event.signum
                     kill_deadline = self._begin_stop(event.reason)
             else:
                 return self._finish(event.status, ready)
@@ -479,6 +488,10 @@ class Mode3Session:
 
     async def _on_message(self, message: Message) -> bool:
         body = message.body
+        if body.get("event") == "verified" and self._stopping:
+            # Sent before the stop reached the namespace, which is ending: never ready.
+            log.info("verification received while stopping; ignored")
+            return False
         if body.get("event") == "verified":
             mark("verification received")
             self.shim_pid = message.pid
@@ -521,7 +534,7 @@ class Mode3Session:
         if self.shim_pid is not None:
             _kill(self.shim_pid, signal.SIGTERM, "shim (forwards to the payload)")
             return trio.current_time() + self.grace
-        self._kill_namespace(reason)
+        self._kill_namespace(reason, fault=False)  # nothing runs in it yet but mounts
         return trio.current_time() + KILL_WAIT
 
     async def _record_ns_init(self) -> None:
@@ -539,6 +552,8 @@ class Mode3Session:
                 await trio.sleep(delay)
                 delay = min(delay * 2, 0.2)
             log.debug("namespace PID 1 found", ns_init_pid=self.ns_init_pid)
+            if self._ended_namespace:
+                return  # found by the stop that killed it: nothing left to guard
             if self.ns_init_pid is not None:
                 self.on_ns_init(self.ns_init_pid)
 
@@ -550,10 +565,16 @@ class Mode3Session:
                     break
         return self.ns_init_pid
 
-    def _kill_namespace(self, reason: str) -> None:
+    def _kill_namespace(self, reason: str, *, fault: bool = True) -> None:
+        """SIGKILL namespace PID 1 (or, before there is one, cvmfsexec's tree).
+
+        A warning when something went wrong (``fault``); an info line when it is
+        how a stop ends a namespace that runs no payload yet.
+        """
         self._ended_namespace = True
         pid = self._find_ns_init()
-        log.warning("ending the namespace", reason=reason, ns_init_pid=pid)
+        (log.warning if fault else log.info)("ending the namespace", reason=reason,
+                                             ns_init_pid=pid)
         if pid is not None:
             _kill(pid, signal.SIGKILL, "namespace PID 1")
         elif self.process is not None:
@@ -582,8 +603,14 @@ class Mode3Session:
         raw, status = status, exit_status(status)
         if self._payload_status is not None:
             return Outcome(self._payload_status, "payload exited", stopped=self._stopping)
+        if self._stopping and ready:
+            # The payload ran, and never reported its end: the namespace's SIGKILL
+            # ended it (it outlived the grace), as a process group's does in modes 1/2.
+            return Outcome(128 + signal.SIGKILL, "payload killed", stopped=True)
         if self._stopping:
-            return Outcome(status, "stopped", stopped=True)
+            # Stopped before the payload ran: what cvmfsexec's end says is no news.
+            return Outcome(128 + self._stop_signum, "stopped before the payload started",
+                           stopped=True)
         if not ready or self._failed_repo is not None:
             failed = self._failed_repo if self._failed_repo != "timeout" else None
             raise launch.mount_failure(self.plan.dist, failed, raw, self._output,
@@ -674,7 +701,10 @@ async def mount_on_host(dist: Dist, repos: Sequence[str], *, repo_timeout: float
 
     Each repository has ``repo_timeout`` seconds to be mounted and verified;
     missing it is a failed mount like any other (a :class:`LaunchError`, so
-    the GLIDEIN_CVMFS policy decides), and leaves nothing behind.
+    the GLIDEIN_CVMFS policy decides), and leaves nothing behind.  Cancelled
+    (a stop), it leaves nothing behind either: what was mounted is unmounted,
+    and the repository in flight cleared, since its loader may mount (or its
+    cvmfs2 daemonise) after mountrepo's group was killed.
 
     Returns:
         The repositories mounted, config repository first.
@@ -684,16 +714,19 @@ async def mount_on_host(dist: Dist, repos: Sequence[str], *, repo_timeout: float
     """
     order = launch.mount_order(dist, repos) if with_config_repo else list(repos)
     mounted: list[str] = []
+    in_flight: str | None = None  # mountrepo runs for it, or has just been killed
     try:
         for index, repo in enumerate(order, 1):
             on_progress(index, len(order), repo)
             deadline = trio.current_time() + repo_timeout
             result = None
+            in_flight = repo
             with trio.move_on_at(deadline):
                 result = await _run_mountrepo(dist, repo)
             if result is None:
                 with trio.CancelScope(shield=True):
                     left = await trio.to_thread.run_sync(clear_host_repo, dist, repo)
+                in_flight = None
                 raise LaunchError(
                     f"mounting {repo}: not mounted within {repo_timeout:g} s"
                     + (f" (left behind: {', '.join(left)})" if left else ""),
@@ -703,6 +736,7 @@ async def mount_on_host(dist: Dist, repos: Sequence[str], *, repo_timeout: float
             if result.returncode != 0:
                 raise launch.mount_failure(dist, repo, result.returncode, output)
             mounted.append(repo)
+            in_flight = None  # umountrepo's from now on, with the others
             problem = await verify_host_mount(
                 dist, repo, probe_timeout=max(deadline - trio.current_time(), 0.1))
             if problem:
@@ -711,6 +745,11 @@ async def mount_on_host(dist: Dist, repos: Sequence[str], *, repo_timeout: float
     except BaseException:
         with trio.CancelScope(shield=True):
             await unmount_on_host(dist, mounted)
+            if in_flight is not None:
+                left = await trio.to_thread.run_sync(clear_host_repo, dist, in_flight)
+                if left:
+                    log.error("left behind after an interrupted mount", repo=in_flight,
+                              left=left)
         raise
     return mounted
 

@@ -23,8 +23,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
 
-from cvmfsd import glidein
+from cvmfsd import glidein, session
+from cvmfsd.launch import Dist
 from cvmfsd.sim import stratum
 from tests.conftest import REPO_A, REPO_B, cvmfs2_pids, mounts_under, reap, wait_for
 
@@ -123,3 +125,36 @@ def test_mount_timeout_is_a_failed_mount_under_the_policy(
     assert glidein.read_glidein_config(gconfig).values["GWMS_IS_CVMFS"] == "no"
     assert not mounts_under(dist)
     wait_for(lambda: not cvmfs2_pids(dist), timeout=3)
+
+
+async def test_a_stopped_mount_clears_the_repository_in_flight(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A stop while mountrepo runs: the mounted repositories are unmounted, and the one in
+    flight is cleared too (its loader may mount after mountrepo's group was killed)."""
+    unmounted: list[str] = []
+    cleared: list[str] = []
+
+    async def mountrepo(_dist: Dist, repo: str) -> subprocess.CompletedProcess[bytes]:
+        if repo == REPO_B:
+            await trio.sleep_forever()
+        return subprocess.CompletedProcess([], 0, b"", b"")
+
+    async def verified(_dist: Dist, _repo: str, *, probe_timeout: float) -> None:
+        return None
+
+    async def unmount(_dist: Dist, mounted: list[str]) -> None:
+        unmounted.extend(mounted)
+
+    def clear(_dist: Dist, repo: str) -> list[str]:
+        cleared.append(repo)
+        return []
+
+    monkeypatch.setattr(session, "_run_mountrepo", mountrepo)
+    monkeypatch.setattr(session, "verify_host_mount", verified)
+    monkeypatch.setattr(session, "unmount_on_host", unmount)
+    monkeypatch.setattr(session, "clear_host_repo", clear)
+    with trio.move_on_after(0.5) as stopped:
+        await session.mount_on_host(Dist(tmp_path), [REPO_A, REPO_B], repo_timeout=60,
+                                    on_progress=lambda *_: None, with_config_repo=False)
+    assert stopped.cancelled_caught
+    assert (unmounted, cleared) == ([REPO_A], [REPO_B])
