@@ -103,6 +103,15 @@ def mounts_under(path: Path, mountinfo: Path = Path("/proc/self/mountinfo")) -> 
     return [m.mountpoint for m in mountinfo_mod.mounts_under(mountinfo.read_text(), str(path))]
 
 
+def assert_nothing_left_under(dist: Path) -> None:
+    """No cvmfs2 of ``dist`` runs and nothing is mounted under it; what runs is killed first."""
+    leftovers = cvmfs2_pids(dist)
+    for pid in leftovers:
+        os.kill(pid, signal.SIGKILL)
+    assert not leftovers, f"cvmfs2 processes left behind: {leftovers}"
+    assert not mounts_under(dist), "mounts left behind"
+
+
 def reap(process: subprocess.Popen[str]) -> None:
     """Kill a test's process if it still runs (by pid), wait for it, close its pipes."""
     if process.poll() is None:

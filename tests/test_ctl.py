@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -147,33 +148,20 @@ def test_parsing_imports_no_shutil_and_help_keeps_the_terminal_width() -> None:
 def test_the_fast_get_imports_no_socket_module(short_tmp: Path) -> None:
     """`cvmfsctl get` answered on its fast path uses the C socket alone: socket.py (with
     selectors and its enums) is some 3 ms of every start on 3.9, which jobs pay per get."""
-    config = short_tmp / "glidein_config"
-    config.write_text("GLIDEIN_Site Fast Site\n")
-    sock = short_tmp / "ctl" / "c.sock"
-    cvmfsd = subprocess.Popen(
-        [sys.executable, "-m", "cvmfsd", "run", "--glidein-config", str(config),
-         "--socket", str(sock), "--", "sleep", "60"],
-        env={**os.environ, "GLIDEIN_CVMFS": "never"}, stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for(sock.exists, timeout=30)
+    with serving_without_cvmfs(short_tmp, "GLIDEIN_Site Fast Site\n") as sock:
         code = ("import sys\nfrom cvmfsd import ctl\n"
                 f"status = ctl.main(['--socket', {str(sock)!r}, 'get', 'GLIDEIN_Site'])\n"
                 "print(status, 'socket' in sys.modules)\n")
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                               timeout=30, check=False)
-    finally:
-        cvmfsd.terminate()
-        cvmfsd.wait(timeout=30)
     assert done.stdout == "Fast Site\n0 False\n", done.stderr
 
 
-@pytest.fixture(name="plain_cvmfsd")
-def _plain_cvmfsd(short_tmp: Path) -> Iterator[Path]:
+@contextlib.contextmanager
+def serving_without_cvmfs(short_tmp: Path, glidein_config: str) -> Iterator[Path]:
     """A cvmfsd without CVMFS (GLIDEIN_CVMFS=never) serving its control socket; the socket."""
     config = short_tmp / "glidein_config"
-    config.write_text("GLIDEIN_Site Pipe Site\n" + "".join(
-        f"GLIDEIN_Filler_{i} {'x' * 200}\n" for i in range(400)))  # over a pipe's 64 KiB
+    config.write_text(glidein_config)
     sock = short_tmp / "ctl" / "c.sock"
     cvmfsd = subprocess.Popen(
         [sys.executable, "-m", "cvmfsd", "run", "--glidein-config", str(config),
@@ -186,6 +174,14 @@ def _plain_cvmfsd(short_tmp: Path) -> Iterator[Path]:
     finally:
         cvmfsd.terminate()
         cvmfsd.wait(timeout=30)
+
+
+@pytest.fixture(name="plain_cvmfsd")
+def _plain_cvmfsd(short_tmp: Path) -> Iterator[Path]:
+    """A cvmfsd without CVMFS whose glidein_config is over a pipe's 64 KiB; its socket."""
+    with serving_without_cvmfs(short_tmp, "GLIDEIN_Site Pipe Site\n" + "".join(
+            f"GLIDEIN_Filler_{i} {'x' * 200}\n" for i in range(400))) as sock:
+        yield sock
 
 
 @pytest.mark.parametrize("fast", [True, False], ids=["fast-path", "full-path"])

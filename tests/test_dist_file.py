@@ -26,7 +26,6 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -41,7 +40,7 @@ from cvmfsd.launch import Dist, LaunchError
 from cvmfsd.leftovers import LOCK_NAME
 from cvmfsd.prepare import prepare
 from cvmfsd.sim import makedist
-from tests.conftest import REPO_A, cvmfs2_pids, dist_parent, mounts_under, processes_with_argv
+from tests.conftest import REPO_A, assert_nothing_left_under, dist_parent, processes_with_argv
 from tests.test_mode import facts
 
 #: What a file that must not be run leaves behind when it is run anyway.
@@ -59,12 +58,7 @@ def _dist_file(dist: Path, short_tmp: Path) -> Iterator[Path]:
     directory.mkdir(parents=True, exist_ok=True)
     file = makedist.pack_dist(dist, directory / "cvmfsexec")
     yield file
-    unpacked = directory / packed.UNPACKED
-    leftovers = cvmfs2_pids(unpacked)
-    for pid in leftovers:
-        os.kill(pid, signal.SIGKILL)
-    assert not leftovers, f"cvmfs2 processes left behind: {leftovers}"
-    assert not mounts_under(unpacked), "mounts left behind"
+    assert_nothing_left_under(directory / packed.UNPACKED)
 
 
 def with_tar(file: Path, header: str, members: dict[str, str]) -> Path:

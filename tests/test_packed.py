@@ -25,7 +25,7 @@ from cvmfsd.leftovers import LOCK_NAME
 from cvmfsd.mode import select_dist
 from cvmfsd.prepare import prepare
 from cvmfsd.sim import makedist
-from tests.conftest import REPO_A, cvmfs2_pids, dist_parent, mounts_under
+from tests.conftest import REPO_A, assert_nothing_left_under, cvmfs2_pids, dist_parent, mounts_under
 from tests.test_mode import facts
 
 OS_RELEASE = {
@@ -151,12 +151,7 @@ def _cvmfsexec_dir(short_tmp: Path, stratum_dir: Path) -> Iterator[Path]:
         "cvmfsexec-osg-rhel9-aarch64": DECOY_CONFIG,
     })
     yield directory
-    unpacked = directory / packed.UNPACKED
-    leftovers = cvmfs2_pids(unpacked)
-    for pid in leftovers:
-        os.kill(pid, signal.SIGKILL)
-    assert not leftovers, f"cvmfs2 processes left behind: {leftovers}"
-    assert not mounts_under(unpacked), "mounts left behind"
+    assert_nothing_left_under(directory / packed.UNPACKED)
 
 
 def test_is_packed_dir(cvmfsexec_dir: Path, dist: Path, tmp_path: Path) -> None:
