@@ -245,14 +245,27 @@ class Supervisor:
                 for m in mountinfo.mounts_under(text, prefix)]
 
     async def _remount(self, repo: str) -> str:
-        """Unmount and mount ``repo`` again, then verify it; say how it went."""
-        dist = self.prepared.dist
-        if dist is None or self._remount_hook is None:
+        """Unmount and mount ``repo`` again, then verify it; say how it went.
+
+        One remount of a repository at a time (see :mod:`cvmfsd.keeper`): while
+        another runs, this is refused at once, with who runs it.
+        """
+        dist, hook = self.prepared.dist, self._remount_hook
+        if dist is None or hook is None:
             raise OSError(f"{repo} is not mounted by this cvmfsd")
+        if self.state.phase != "running":
+            raise OSError(f"not remounted: cvmfsd is {self.state.phase}")
+        if self.keeper is None:  # modes 1/2, between "running" and the keeper's start
+            raise OSError("not remounted: cvmfsd is starting its watch; try again in a moment")
+        with self.keeper.claim(repo, "a cvmfsctl remount"):
+            return await self._remount_claimed(dist, repo, hook)
+
+    async def _remount_claimed(self, dist: launch.Dist, repo: str,
+                               hook: Callable[[str], Awaitable[str | None]]) -> str:
         before = await self._daemon_pid(repo)
         serving = self.state.repos[repo]
         self.state.repos[repo] = RepoState("remounting")
-        problem = await self._remount_hook(repo)
+        problem = await hook(repo)
         if problem is None and before is not None and await self._daemon_pid(repo) == before:
             # cvmfsexec answers a MOUNTREPO of a repository it still lists with 0,
             # and the old mount verifies: nothing was replaced (an open file or a

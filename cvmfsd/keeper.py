@@ -18,6 +18,17 @@ this module decides what to do about it:
 
 How a remount is done depends on the mode, so it is a callable.
 
+One remount at a time per repository, whoever asks: the keeper's repair and
+``cvmfsctl remount`` both hold the repository's claim (:meth:`RepoKeeper.claim`)
+while they remount, and what the watcher sees meanwhile (the old mount gone,
+the new one not there yet) is the remount's doing, not news.  A user's
+remount that finds the claim held is refused at once, naming who holds it,
+rather than queued: the remount under way does what was asked (unmount, and
+mount the newest revision), a second one right after it would unmount a mount
+just verified, and the caller learns the outcome from ``cvmfsctl status``.
+The keeper, finding the claim held, waits for it, and does not remount a
+repository that the other remount left ok.
+
 Theory of operation: the crash watchdog
 ---------------------------------------
 A crashed cvmfs2's watchdog (cvmfs/cvmfs ae7450ec9, cvmfs/auto_umount.cc)
@@ -44,10 +55,11 @@ for one already reported.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import NoReturn
 
@@ -77,6 +89,10 @@ def _backoff(attempt: int) -> float:
 Remount = Callable[[str], Awaitable["str | None"]]  # None, or what went wrong
 
 
+class RemountBusy(OSError):
+    """A remount of the repository is under way already (see :meth:`RepoKeeper.claim`)."""
+
+
 class RepoKeeper:
     """Watches and repairs the repositories of one running session.
 
@@ -103,7 +119,10 @@ class RepoKeeper:
             talk_socket=talk_socket, interval=interval, deadline=deadline)
         self._nursery: trio.Nursery | None = None
         self._repairing: set[str] = set()
-        self._in_remount: set[str] = set()  # our remount of these is running
+        # One remount at a time per repository: who holds each claim (for the refusal),
+        # and what the keeper's repairs wait on for its release.
+        self._claimed_by: dict[str, str] = {}
+        self._released: dict[str, trio.Event] = {}
         self._last_repair: dict[str, tuple[float, int]] = {}  # when it ended, attempts made
         self.remounts = 0
         self.remount_failures = 0
@@ -123,13 +142,40 @@ class RepoKeeper:
         """The paths changed (e.g. the shim's pid is known now): look again."""
         self.watcher.refresh()
 
+    @contextlib.contextmanager
+    def claim(self, repo: str, by: str) -> Iterator[None]:
+        """Hold ``repo``'s one remount for ``by`` (who, in words), or refuse at once.
+
+        Raises:
+            RemountBusy: another remount of ``repo`` is under way; the message
+                names who runs it.
+        """
+        holder = self._claimed_by.get(repo)
+        if holder is not None:
+            raise RemountBusy(f"not remounted: {holder} is remounting {repo} right now; "
+                              "`cvmfsctl status` shows how it ends")
+        self._claimed_by[repo] = by
+        try:
+            yield
+        finally:
+            del self._claimed_by[repo]
+            released = self._released.pop(repo, None)
+            if released is not None:
+                released.set()
+            # What the next look finds is news: the states meanwhile were the remount's.
+            self.watcher.recheck(repo)
+
+    async def _wait_unclaimed(self, repo: str) -> bool:
+        """Wait until no remount of ``repo`` is under way; whether one was."""
+        waited = False
+        while repo in self._claimed_by:
+            waited = True
+            await self._released.setdefault(repo, trio.Event()).wait()
+        return waited
+
     async def _on_change(self, repo: str, old: str | None, result: ProbeResult) -> None:
-        current = self.state.repos.get(repo)
-        if repo in self._in_remount or (
-                current is not None and current.state == "remounting" and result.state != "ok"):
-            # Our own remount is under way (a control request's, or ours: then what it
-            # passes through, ok included, is no news); its outcome decides.
-            return
+        if repo in self._claimed_by:
+            return  # a remount is under way (ours or a user's): its outcome decides
         self.state.repos[repo] = RepoState(result.state, result.revision, result.error)
         ending = self.state.phase in ("stopping", "done")  # the namespace goes: no fault
         logger = log.info if result.state == "ok" or ending else log.warning
@@ -153,22 +199,20 @@ class RepoKeeper:
         try:
             for attempt in itertools.count(1):
                 await trio.sleep(_backoff(skip + attempt))
+                waited = await self._wait_unclaimed(repo)  # a user's remount ends first
                 if self.state.phase in ("stopping", "done"):
                     return
                 current = self.state.repos.get(repo)
-                if attempt > 1 and current is not None and current.state == "ok":
-                    # A probe during the backoff found it serving: never unmount a
-                    # repository that probes ok.
+                if (attempt > 1 or waited) and current is not None and current.state == "ok":
+                    # A probe during the backoff, or the user's remount just done, found
+                    # it serving: never unmount a repository that probes ok.
                     log.info("repository ok again; no remount", repo=repo, attempt=attempt)
                     return
-                self.state.repos[repo] = RepoState("remounting")
-                log.warning("remounting", repo=repo, attempt=attempt)
-                start = trio.current_time()
-                self._in_remount.add(repo)
-                try:
+                with self.claim(repo, "the keeper's repair"):
+                    self.state.repos[repo] = RepoState("remounting")
+                    log.warning("remounting", repo=repo, attempt=attempt)
+                    start = trio.current_time()
                     problem = await self._remount(repo)
-                finally:
-                    self._in_remount.discard(repo)
                 if self._metrics is not None:
                     self._metrics.remounted(repo, ok=problem is None)
                     if problem is None:

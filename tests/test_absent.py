@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -27,7 +28,7 @@ import trio
 import trio.testing
 
 from cvmfsd.enter import NS_GET_USERNS
-from cvmfsd.keeper import BACKOFF, SETTLE, RepoKeeper
+from cvmfsd.keeper import BACKOFF, SETTLE, RemountBusy, RepoKeeper
 from cvmfsd.mountinfo import is_fuse, parse_mountinfo
 from cvmfsd.probing import ProbeResult
 from cvmfsd.sim import _watchdog
@@ -330,6 +331,32 @@ async def test_a_mount_that_vanishes_again_goes_on_with_the_backoff(
         await keeper._on_change(REPO_A, "ok", ABSENT)
         await trio.sleep(0.5)
         assert calls[-1] == start
+        nursery.cancel_scope.cancel()
+
+
+async def test_one_remount_at_a_time_whoever_asks(autojump_clock: trio.abc.Clock) -> None:
+    """While a user's remount holds repo.a: what the watcher sees is no news, a second
+    claim is refused naming the holder, and a repair of the keeper's waits for it, then
+    leaves alone the repository it left ok."""
+    state = DaemonState(phase="running", repos={REPO_A: RepoState("ok")})
+    calls: list[float] = []
+    keeper = new_keeper(state, calls)
+    async with trio.open_nursery() as nursery:
+        keeper._nursery = nursery
+        with keeper.claim(REPO_A, "a cvmfsctl remount"):
+            busy = re.escape(f"a cvmfsctl remount is remounting {REPO_A} right now")
+            with pytest.raises(RemountBusy, match=busy), keeper.claim(REPO_A, "another one"):
+                pass
+            with structlog.testing.capture_logs() as logs:
+                await keeper._on_change(REPO_A, "ok", ABSENT)
+            assert (logs, state.repos[REPO_A].state, keeper._repairing) == ([], "ok", set())
+            nursery.start_soon(keeper._remount_with_backoff, REPO_A)
+            await trio.sleep(60)
+            assert calls == []  # waiting for the user's remount
+        await trio.sleep(1)
+        assert calls == []  # the user's remount left it ok
+        with keeper.claim(REPO_A, "a cvmfsctl remount"):  # free again
+            pass
         nursery.cancel_scope.cancel()
 
 

@@ -470,3 +470,36 @@ async def test_shim_gone_with_a_request_unread_is_an_ended_channel(short_tmp: Pa
         await runner.remount(REPO_A)
     assert not runner._pending
     runner._channel.close()
+
+
+# -- concurrent remounts ----------------------------------------------------------------
+
+#: Two remounts of repo.a and one of repo.b at once, from the payload; each answer kept.
+CONCURRENT = f"""
+"$CVMFSCTL" remount {REPO_A} > "$1/a1" 2>&1 &
+"$CVMFSCTL" remount {REPO_A} > "$1/a2" 2>&1 &
+"$CVMFSCTL" remount {REPO_B} > "$1/b" 2>&1 &
+wait
+"""
+
+
+@pytest.mark.fuse
+@pytest.mark.parametrize("mode", ["3", "1"])
+def test_concurrent_remounts_run_one_at_a_time_per_repository(
+        run: Callable[..., Cvmfsd], mode: str) -> None:
+    """Remounts of repo.a twice and of repo.b at once: what a remount passes through is
+    no news to the keeper (no warning, no remount of its own), repo.b and one of the
+    repo.a remounts are done, and the other, while the first runs, is refused saying so."""
+    cvmfsd = run(mode=mode, payload=("sh", "-c", CONCURRENT, "payload"))
+    assert cvmfsd.process.wait(timeout=120) == 0, cvmfsd.log_tail()
+    cvmfsd.wait_log(is_event("done"), timeout=10)
+    answers = sorted((cvmfsd.work / name).read_text() for name in ("a1", "a2"))
+    assert "remounted, revision" in (cvmfsd.work / "b").read_text()
+    assert any("remounted, revision" in a for a in answers), answers
+    for answer in answers:
+        assert "remounted, revision" in answer or (
+            f"not remounted: a cvmfsctl remount is remounting {REPO_A} right now" in answer
+        ), answers
+    loud = [r for _, r in cvmfsd.records if r.get("level") not in ("debug", "info")]
+    assert not loud, loud
+    assert not [r for _, r in cvmfsd.records if r.get("event") == "remounting"]
