@@ -255,8 +255,11 @@ def _version() -> str:
 
 
 # verb -> the name of its one argument (None: takes none); the fast path's verbs.
+# Only questions, which may be asked twice: on anything but a plain answer the
+# full client sends the request again and explains what went wrong, and a second
+# remount or stop would act again (remount and stop take the full path).
 FAST_VERBS = {"ping": None, "status": None, "env": None, "config": None, "mounts": None,
-              "stop": None, "metrics": None, "classad": None, "get": "key", "remount": "repo"}
+              "metrics": None, "classad": None, "get": "key"}
 
 
 def _leading_options(argv: Sequence[str]) -> tuple[list[str], str | None, bool] | None:

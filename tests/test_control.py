@@ -303,7 +303,7 @@ async def test_exec_gets_the_callers_descriptors(short_tmp: Path, glidein_config
 
 
 @pytest.mark.parametrize("argv", [["get", "GLIDEIN_Site"], ["--json", "status"], ["ping"],
-                                  ["remount", "repo.a"], ["--socket", "/x/y", "env"]])
+                                  ["mounts"], ["--socket", "/x/y", "env"]])
 def test_fast_path_requests_are_protocol_requests(argv: list[str],
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """cvmfsctl's hand-built requests parse exactly as the protocol module builds them."""
@@ -342,7 +342,8 @@ async def test_wait_on_a_repository_not_mounted_answers_at_once(
 
 
 @pytest.mark.parametrize("argv", [["wait", "/cvmfs/a.b"], ["exec", "--", "ls"], ["--help"],
-                                  ["get"], ["get", "-x"], ["status", "extra"]])
+                                  ["get"], ["get", "-x"], ["status", "extra"],
+                                  ["remount", "repo.a"], ["stop"]])
 def test_other_commands_take_the_full_path(argv: list[str],
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """Anything but a simple verb goes through argparse and the protocol module."""

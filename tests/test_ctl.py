@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -223,3 +226,51 @@ def test_a_closed_stdout_is_quiet(plain_cvmfsd: Path) -> None:
                            str(plain_cvmfsd)], capture_output=True, text=True, timeout=30,
                           check=False)
     assert (done.returncode, done.stderr) == (0, "")
+
+
+@pytest.mark.parametrize(("argv", "answer"), [
+    (["remount", "repo.a"], b'{"v":1,"id":null,"ok":false,"error":{"code":"unavailable",'
+                            b'"message":"not remounted: busy"}}\n'),
+    (["stop"], b'{"v":1,"id":null,"ok":false,"error":{"code":"internal","message":"x"}}\n'),
+    (["remount", "repo.a"], b""),  # closed without an answer
+])
+def test_a_verb_that_acts_is_sent_once_whatever_the_answer(
+        short_tmp: Path, argv: list[str], answer: bytes) -> None:
+    """remount and stop act: cvmfsctl sends them once, even when the answer is an error or
+    none (its fast path used to fall back to the full client, which sent them again)."""
+    path = short_tmp / "fake.sock"
+    received: list[bytes] = []
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(str(path))
+        listener.listen(8)
+        listener.settimeout(0.1)
+
+        def serve() -> None:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and not finished.is_set():
+                try:
+                    conn, _ = listener.accept()
+                except socket.timeout:
+                    continue
+                with conn:
+                    conn.settimeout(5)
+                    data = b""
+                    while not data.endswith(b"\n"):
+                        chunk = conn.recv(65536)
+                        if not chunk:
+                            break
+                        data += chunk
+                    received.append(data)
+                    conn.sendall(answer)
+
+        finished = threading.Event()
+        server = threading.Thread(target=serve, daemon=True)
+        server.start()
+        try:
+            done = subprocess.run([CVMFSCTL, "--socket", str(path), *argv],
+                                  capture_output=True, text=True, timeout=60, check=False)
+        finally:
+            finished.set()
+            server.join(timeout=30)
+    assert done.returncode != 0, done.stdout
+    assert len(received) == 1, received
