@@ -425,7 +425,8 @@ class Metrics:
                              ["repo", "result"])
         for result, count in e.attempts.items():
             attempts.add_metric([repo, result], count)
-        remounts = f.counter("cvmfs_remounts", "Automatic remounts after a crash, a hang or a vanished mount.",
+        remounts = f.counter("cvmfs_remounts",
+                             "Automatic remounts after a crash, a hang or a vanished mount.",
                              ["repo", "result"])
         for result, count in e.remounts.items():
             remounts.add_metric([repo, result], count)

@@ -52,7 +52,8 @@ __all__ = ["_run"]  # the fixture, re-exported for pytest
 
 ROOT = os.geteuid() == 0
 # The crash watchdog can regain root to unmount only as (fake) root (auto_umount.cc:85).
-needs_root = pytest.mark.skipif(not ROOT, reason="mode 1's watchdog unmounts only as root")
+needs_root = [pytest.mark.root,
+              pytest.mark.skipif(not ROOT, reason="mode 1's watchdog unmounts only as root")]
 
 
 class Where:

@@ -443,6 +443,7 @@ def test_platform_umount_updates_a_regular_mtab_under_its_lock(
 
 
 @pytest.mark.fuse
+@pytest.mark.root
 @pytest.mark.skipif(not ROOT, reason="regaining root (the lazy unmount) needs (fake) root")
 def test_crash_handler_unmounts_whatever_is_on_top_after_its_opendir(
         sim: Sim, monkeypatch: pytest.MonkeyPatch) -> None:
