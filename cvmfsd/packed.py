@@ -321,8 +321,7 @@ def _run(file: Path, dist: Dist, timeout: float) -> str:
                           f" it was killed and the partial {dist.root} removed",
                           hint="is the file system slow or full? unpack it beforehand "
                                f"(`{file} -v`), or copy it to local disk") from None
-    said = " / ".join(line for line in f"{out}\n{err}".splitlines() if line.strip())
-    said = said if len(said) <= 400 else f"...{said[-400:]}"
+    said = _shortened(" / ".join(line for line in f"{out}\n{err}".splitlines() if line.strip()))
     if child.returncode == 0:
         return said
     shutil.rmtree(dist.root, ignore_errors=True)
@@ -330,6 +329,14 @@ def _run(file: Path, dist: Dist, timeout: float) -> str:
               else f"failed with status {child.returncode}")
     raise LaunchError(f"unpacking {file} (`{file.name} -v`) {status}"
                       + (f": {said}" if said else ""))
+
+
+def _shortened(said: str, limit: int = 400) -> str:
+    """``said`` within about ``limit`` characters: its start (the cause, e.g. gzip's
+    complaint) and its end (the outcome), whatever the length of the paths between."""
+    if len(said) <= limit:
+        return said
+    return f"{said[:limit // 3]} ... {said[-(limit - limit // 3):]}"
 
 
 def _up_to_date(file: Path, unpacked: Path) -> bool:
