@@ -217,6 +217,30 @@ def prepare_socket_dir(path: Path) -> bool:
     return made
 
 
+@dataclass(frozen=True)
+class SocketDir:
+    """A directory cvmfsd made for its control socket, and how to remove it at the end.
+
+    ``private``: made with ``mkdtemp`` for the default socket, unguessable and
+    ours alone, so it goes with everything in it.  Otherwise made for a
+    ``--socket`` whose directory did not exist: other runs of the same user
+    may have put their sockets there since, so it goes only once empty.
+    """
+
+    path: Path
+    private: bool
+
+    def remove(self) -> None:
+        """Remove the directory (see the class); never raises."""
+        if self.private:
+            import shutil  # not at the top: cvmfsctl imports this module
+
+            shutil.rmtree(self.path, ignore_errors=True)
+            return
+        with contextlib.suppress(OSError):  # not empty: another run's socket is there
+            self.path.rmdir()
+
+
 def bind_socket(path: Path) -> socket.socket:
     """The control socket, bound at ``path`` (mode 0600) and listening; non-blocking.
 

@@ -369,8 +369,8 @@ class Supervisor:
                 # Our own teardown ran: the janitor has nothing to do.
                 await trio.to_thread.run_sync(janitor.close)
             shutil.rmtree(self.prepared.payload_tmp, ignore_errors=True)
-            if self.prepared.socket_dir is not None:  # the socket's private directory
-                shutil.rmtree(self.prepared.socket_dir, ignore_errors=True)
+            if self.prepared.socket_dir is not None:  # made for the socket
+                self.prepared.socket_dir.remove()
 
     def _arm_janitor_report(self) -> None:
         """If cvmfsd dies, the janitor marks glidein_config failed and removes the socket

@@ -24,6 +24,7 @@ from cvmfsd import _prctl, glidein, launch, mode, packed, probe
 from cvmfsd._selfexec import cvmfsctl_wrapper
 from cvmfsd.config import (
     Config,
+    SocketDir,
     bind_socket,
     bind_tcp,
     default_socket_path,
@@ -113,8 +114,8 @@ class Prepared:
     spawned: Spawned | None = None
     launch_error: LaunchError | None = None
     socket_path: Path = Path()
-    #: the private directory made for the default socket (removed at exit), or None
-    socket_dir: Path | None = None
+    #: the directory cvmfsd made for the control socket (removed at exit), or None
+    socket_dir: SocketDir | None = None
     janitor: Janitor | None = None
     dist_lock: DistLock | None = None
     leftovers: Leftovers | None = None
@@ -401,9 +402,9 @@ def _bind_metrics(prepared: Prepared) -> None:
 
 
 def _control_socket(config: Config, *,
-                    listen: bool) -> tuple[Path, Path | None, socket.socket | None]:
-    """The control socket's path, the private directory made for it (None for a
-    --socket whose directory existed), and with ``listen`` the socket bound there.
+                    listen: bool) -> tuple[Path, SocketDir | None, socket.socket | None]:
+    """The control socket's path, the directory made for it (None for a --socket
+    whose directory existed), and with ``listen`` the socket bound there.
 
     Everything that can be refused is refused here, before cvmfsexec starts.
 
@@ -413,17 +414,18 @@ def _control_socket(config: Config, *,
     """
     if config.socket is not None:
         path = config.socket
-        directory = path.parent if prepare_socket_dir(path) else None
+        made = prepare_socket_dir(path)
+        directory = SocketDir(path.parent, private=False) if made else None
     else:
         path = default_socket_path(config.environ)
-        directory = path.parent
+        directory = SocketDir(path.parent, private=True)
     if not listen:
         return path, directory, None
     try:
         return path, directory, bind_socket(path)
     except ConfigError:
         if directory is not None:
-            shutil.rmtree(directory, ignore_errors=True)
+            directory.remove()
         raise
 
 

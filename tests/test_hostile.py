@@ -125,6 +125,20 @@ def test_the_socket_directory_cvmfsd_made_goes_at_the_end(dist: Path, short_tmp:
     assert short_tmp.is_dir(), "the existing parent stays"
 
 
+@pytest.mark.fuse
+def test_a_made_socket_directory_another_run_uses_stays(dist: Path, short_tmp: Path) -> None:
+    """--socket in a directory cvmfsd made, where another run of the same user has put its
+    socket meanwhile: only our socket goes; the directory and the other socket stay."""
+    socket_path = short_tmp / "shared" / "a.sock"
+    other = socket_path.with_name("b.sock")
+    script = f'"$CVMFSCTL" ping >/dev/null && touch {other}'
+    result = cvmfsd_run(dist, "--repos", REPO_A, "--socket", str(socket_path), "--",
+                        "sh", "-c", script)
+    assert result.returncode == 0, result.stderr
+    assert other.exists(), "another run's socket is never removed"
+    assert not socket_path.exists()
+
+
 JWT = ("eyJhbGciOiJSUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiJwaWxvdCIsImV4cCI6MTcwMDAwMDAwMH0."
        "c2lnbmF0dXJlLWJ5dGVz")
 PEM_LINE = "-----BEGIN CERTIFICATE-----MIIEowIBAAKCAQEA-----END CERTIFICATE-----"
