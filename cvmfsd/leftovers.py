@@ -64,7 +64,8 @@ JANITOR_WAIT = 30.0
 #: How long it waits for a lock whose holder is not recorded as alive (the
 #: owner recording itself, or a janitor whose pid cvmfsd had no time to record).
 UNRECORDED_WAIT = 1.0
-_NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
+#: flock's errors where the file system cannot lock (e.g. a network file system).
+NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 _PROBE = ("import os, sys\n"
           "try:\n    os.statvfs(sys.argv[1])\n"
           "except OSError as exc:\n    sys.exit(exc.errno or 255)\n")
@@ -367,7 +368,7 @@ def lock_dist(dist: Dist, *, janitor_wait: float = JANITOR_WAIT,
             time.sleep(0.01)
         except OSError as exc:
             os.close(fd)
-            if exc.errno in _NO_FLOCK:  # e.g. a network file system without locks
+            if exc.errno in NO_FLOCK:  # e.g. a network file system without locks
                 return DistLock(path, None, unsupported=exc.strerror or str(exc))
             raise LaunchError(f"cannot lock distribution {dist.root} ({path}): {exc.strerror}"
                               ) from None

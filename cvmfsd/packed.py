@@ -46,13 +46,13 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 from cvmfsd.errors import ConfigError, HostUnsupported
 from cvmfsd.launch import Dist, LaunchError
-from cvmfsd.leftovers import LOCK_NAME
+from cvmfsd.leftovers import LOCK_NAME, NO_FLOCK
 from cvmfsd.mode import SOURCES, select_dist
 from cvmfsd.probe import HostFacts
 
@@ -68,7 +68,6 @@ _GZIP_MAGIC = b"\x1f\x8b"
 #: ``$0`` in a header other than inside double quotes (word-split by bash).
 _UNQUOTED_SELF = re.compile(rb'(?<!")\$0\b')
 _NAME = re.compile(r"^cvmfsexec-(?P<source>[a-z]+)-(?P<machine_type>[a-z]+[0-9]+-[a-z0-9_]+)$")
-_NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 
 
 @dataclass(frozen=True)
@@ -237,7 +236,10 @@ def unpack_file(file: Path, *, why: str = "the self-extracting file --dist names
         raise LaunchError(f"{file} is not executable; a self-extracting cvmfsexec must be",
                           hint=f"chmod +x {file}")
     check_header(file)
-    with _unpacking(file, timeout):
+    # Where we cannot write, we cannot unpack either: use what is there without the
+    # lock, which anyone who can read the file could hold for good.
+    writable = os.access(file.parent, os.W_OK | os.X_OK)
+    with _unpacking(file, timeout) if writable else nullcontext():
         if _up_to_date(file, dist.root):
             _check(dist, file, machine_type)
             return Unpacked(file, dist, True, why)
@@ -246,7 +248,7 @@ def unpack_file(file: Path, *, why: str = "the self-extracting file --dist names
                               "janitor) still uses; unpacking would delete it under that run",
                               hint="wait for the other run to end, or use another copy of "
                                    "the file in a directory of its own")
-        if not os.access(file.parent, os.W_OK | os.X_OK):
+        if not writable:
             raise LaunchError(
                 f"cannot unpack {file}: its header unpacks it into {dist.root} "
                 f"(beside the file), but {file.parent} is not writable"
@@ -271,7 +273,9 @@ def _unpacking(file: Path, wait: float) -> Iterator[None]:
 
     The file is only read (a running header opens it too), so the lock works
     where the file is read-only to us; where flock is not supported, nothing is
-    held (as the header itself, which takes no lock).
+    held (as the header itself, which takes no lock).  NFS emulates flock with
+    byte-range locks and refuses an exclusive one on a file opened read-only
+    (EBADF, flock(2)): there too nothing is held.
     """
     try:
         fd = os.open(file, os.O_RDONLY | os.O_CLOEXEC)
@@ -291,7 +295,7 @@ def _unpacking(file: Path, wait: float) -> Iterator[None]:
                         hint=f"see who holds it (fuser {file}), or try again") from None
                 time.sleep(0.05)
             except OSError as exc:
-                if exc.errno not in _NO_FLOCK:
+                if exc.errno not in (*NO_FLOCK, errno.EBADF):
                     raise LaunchError(f"cannot lock {file}: {exc.strerror}") from None
                 break
         yield

@@ -29,6 +29,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -221,6 +222,27 @@ def test_one_unpacking_at_a_time(dist_file: Path) -> None:
         releases.join()
     finally:
         os.close(fd)
+
+
+def test_a_read_only_copy_is_used_without_waiting_for_the_lock(dist_file: Path) -> None:
+    """Where the directory is read-only to us nothing can be unpacked, so the lock is not
+    taken: anyone who can read the file could hold it for good, and every run would wait
+    out the unpacking timeout before failing."""
+    packed.unpack_file(dist_file)  # unpacked once, as a site would ship it
+    fd = os.open(dist_file, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # held by "another user", never released
+        code = ("import sys; from pathlib import Path; from cvmfsd import packed; "
+                "print(packed.unpack_file(Path(sys.argv[1]), timeout=20).reused)")
+        started = time.monotonic()
+        done = subprocess.run([*read_only(dist_file.parent), sys.executable, "-c", code,
+                               str(dist_file)], capture_output=True, text=True, timeout=60,
+                              check=False)
+        took = time.monotonic() - started
+    finally:
+        os.close(fd)
+    assert (done.returncode, done.stdout) == (0, "True\n"), done.stderr
+    assert took < 10, f"waited {took:.1f} s for a lock it did not need"
 
 
 @pytest.mark.parametrize(("cut", "says"), [
