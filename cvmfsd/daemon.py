@@ -815,7 +815,7 @@ def _let_cvmfs2_end(dist: Path, timeout: float = CVMFS2_END_WAIT) -> None:
               for pid in launch.descendants(os.getpid())):
         if time.monotonic() >= deadline:
             return
-        time.sleep(0.01)
+        time.sleep(0.05)  # each look walks /proc: not too often on a busy node
 
 
 def _sweep_descendants(keep: Sequence[int] = (), dist: Path | None = None) -> int:
