@@ -448,6 +448,10 @@ class Supervisor:
         if self._stop_target is not None:
             await self._stop_target(stop)
 
+    def _stopped(self) -> bool:
+        """Whether a stop has come (a method: mypy keeps an attribute's narrowing across awaits)."""
+        return self._first_stop is not None
+
     async def _stop_with(self, target: Callable[[session.Stop], Awaitable[None]]) -> None:
         """Signals stop ``target`` from now on (at once if one came already)."""
         self._stop_target = target
@@ -636,6 +640,7 @@ class Supervisor:
         """
         if self._first_stop is not None:
             return None
+        mounted: list[str] | None = None
         with trio.CancelScope() as scope:
 
             async def stop(request: session.Stop) -> None:
@@ -644,12 +649,18 @@ class Supervisor:
 
             await self._stop_with(stop)
             try:
-                return await session.mount_on_host(
+                mounted = await session.mount_on_host(
                     dist, self.config.repos, repo_timeout=self.config.mount_timeout,
                     on_progress=self._progress)
             finally:
                 self._stop_target = None
-        return None
+        if mounted is not None and self._stopped():
+            # The stop came after the last mount's last checkpoint, so the cancel
+            # found nothing left to cancel: take the mounts down as it would have.
+            with trio.CancelScope(shield=True):
+                await session.unmount_on_host(dist, mounted)
+            return None
+        return mounted
 
     def _payload_exited(self) -> None:
         """The payload is done: the namespace ends now, and that is no fault."""

@@ -158,3 +158,31 @@ async def test_a_stopped_mount_clears_the_repository_in_flight(
                                     on_progress=lambda *_: None, with_config_repo=False)
     assert stopped.cancelled_caught
     assert (unmounted, cleared) == ([REPO_A], [REPO_B])
+
+
+async def test_a_stop_after_the_last_mounts_last_checkpoint_still_unmounts(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A stop that lands as mount_on_host returns (its cancel finds no checkpoint left):
+    the mounts are taken down and no "ready" follows, as for a stop a moment earlier."""
+    from cvmfsd.config import Config
+    from cvmfsd.daemon import Supervisor
+    from cvmfsd.prepare import prepare
+    from tests.test_mode import facts
+
+    config = Config(payload=("true",), repos=(REPO_A,), dist=tmp_path, mode="1",
+                    environ={"TMPDIR": str(tmp_path)})
+    supervisor = Supervisor(prepare(config, facts(), start=False))
+    unmounted: list[str] = []
+
+    async def mounted_then_stopped(_dist: Dist, repos: list[str], **_: object) -> list[str]:
+        await supervisor._stop_run(session.Stop("received SIGTERM"))  # no checkpoint after
+        return list(repos)
+
+    async def unmount(_dist: Dist, mounted: list[str]) -> None:
+        unmounted.extend(mounted)
+
+    monkeypatch.setattr(session, "mount_on_host", mounted_then_stopped)
+    monkeypatch.setattr(session, "unmount_on_host", unmount)
+    assert await supervisor._mount_on_host(Dist(tmp_path)) is None
+    assert unmounted == [REPO_A]
+    assert supervisor.state.phase == "stopping"
