@@ -123,6 +123,9 @@ class Supervisor:
         if spawned is None or spawned.verified is None:
             self._accepting.set()
         self._first_stop: session.Stop | None = None
+        # mode 3: repositories whose last repair bound /cvmfs/<repo> again and kept
+        # the cvmfs2 serving it, instead of remounting (see Mode3Session.remount)
+        self._rebound: set[str] = set()
         if prepared.early_signal:  # received while cvmfsd started: stop as soon as it can
             name = signal.Signals(prepared.early_signal).name
             log.info("signal received", signal=name)
@@ -265,7 +268,18 @@ class Supervisor:
         before = await self._daemon_pid(repo)
         serving = self.state.repos[repo]
         self.state.repos[repo] = RepoState("remounting")
+        self._rebound.discard(repo)
         problem = await hook(repo)
+        revision = None
+        if problem is None and repo in self._rebound:
+            # Mode 3: /cvmfs/<repo> had lost its bind; bound again, its cvmfs2
+            # serves on, and a repository that works is never unmounted.
+            self._rebound.discard(repo)
+            with contextlib.suppress(OSError, TimeoutError):
+                revision = (await talk.talk(dist.talk_socket(repo), "revision")).strip() or None
+            self.state.repos[repo] = RepoState("ok", revision)
+            return (f"bound again at /cvmfs/{repo}, where its mount had gone; cvmfs2 "
+                    f"pid {before or '?'} serves it, revision {revision} (not remounted)")
         if problem is None and before is not None and await self._daemon_pid(repo) == before:
             # cvmfsexec answers a MOUNTREPO of a repository it still lists with 0,
             # and the old mount verifies: nothing was replaced (an open file or a
@@ -277,7 +291,6 @@ class Supervisor:
         if problem:
             self.state.repos[repo] = RepoState("failed", error=problem)
             raise OSError(f"remount failed: {problem}")
-        revision = None
         with contextlib.suppress(OSError, TimeoutError):
             revision = (await talk.talk(dist.talk_socket(repo), "revision")).strip() or None
         self.state.repos[repo] = RepoState("ok", revision)
@@ -735,6 +748,8 @@ class Supervisor:
                 answer = await runner.remount(repo)
             except LaunchError as exc:  # the namespace is ending: nothing to remount in
                 return str(exc)
+            if answer.get("rebound"):
+                self._rebound.add(repo)  # for _remount_claimed's answer
             return None if answer.get("ok") else str(answer.get("error"))
 
         self._remount_hook = remount_in_namespace

@@ -371,3 +371,35 @@ def fds_of(pid: int) -> list[str]:
             continue
     return found
 
+
+
+async def test_a_user_remount_that_the_rebind_repairs_says_so(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """``cvmfsctl remount`` of a repository whose /cvmfs/<repo> had lost its bind: the rebind
+    repairs it and the same cvmfs2 serves on; the answer says so, and is no "busy" failure."""
+    from cvmfsd import daemon, talk
+    from cvmfsd.config import Config
+    from cvmfsd.launch import Dist
+    from cvmfsd.prepare import prepare
+    from tests.test_mode import facts
+
+    config = Config(payload=("true",), repos=(REPO_A,), dist=tmp_path, mode="3",
+                    environ={"TMPDIR": str(tmp_path)})
+    supervisor = daemon.Supervisor(prepare(config, facts(), start=False))
+
+    async def same_pid(repo: str) -> str:
+        return "42"
+
+    async def talked(socket: object, command: str, **_: object) -> str:
+        return "7\n"
+
+    async def rebound(repo: str) -> None:
+        supervisor._rebound.add(repo)  # what the mode-3 hook records after a rebind
+
+    monkeypatch.setattr(supervisor, "_daemon_pid", same_pid)
+    monkeypatch.setattr(talk, "talk", talked)
+    answer = await supervisor._remount_claimed(Dist(tmp_path), REPO_A, rebound)
+    assert answer == (f"bound again at /cvmfs/{REPO_A}, where its mount had gone; cvmfs2 pid "
+                      "42 serves it, revision 7 (not remounted)")
+    assert (supervisor.state.repos[REPO_A].state,
+            supervisor.state.repos[REPO_A].revision) == ("ok", "7")
