@@ -88,7 +88,7 @@ def _dist(short_tmp: Path, stratum_dir: Path) -> Iterator[Path]:
     """
     target = makedist.make_dist(dist_parent(short_tmp) / "d", stratum=stratum_dir)
     yield target
-    leftovers = cvmfs2_pids(target)
+    leftovers = lasting_cvmfs2_pids(target)
     for pid in leftovers:
         os.kill(pid, signal.SIGKILL)
     mounts = mounts_under(target)
@@ -103,9 +103,23 @@ def mounts_under(path: Path, mountinfo: Path = Path("/proc/self/mountinfo")) -> 
     return [m.mountpoint for m in mountinfo_mod.mounts_under(mountinfo.read_text(), str(path))]
 
 
+#: cvmfs2 ends moments after its unmount, and the shared cache manager once its last
+#: client has gone (cvmfsd's own final sweep waits for that too): a leftover is one
+#: still there after this long.
+CVMFS2_END_GRACE = 2.0
+
+
+def lasting_cvmfs2_pids(dist: Path, grace: float = CVMFS2_END_GRACE) -> list[int]:
+    """The cvmfs2 processes of ``dist`` still alive ``grace`` s from now (or none sooner)."""
+    deadline = time.monotonic() + grace
+    while (pids := cvmfs2_pids(dist)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return pids
+
+
 def assert_nothing_left_under(dist: Path) -> None:
     """No cvmfs2 of ``dist`` runs and nothing is mounted under it; what runs is killed first."""
-    leftovers = cvmfs2_pids(dist)
+    leftovers = lasting_cvmfs2_pids(dist)
     for pid in leftovers:
         os.kill(pid, signal.SIGKILL)
     assert not leftovers, f"cvmfs2 processes left behind: {leftovers}"
