@@ -331,6 +331,7 @@ def test_hang_is_hung_status_answers_at_once_then_cvmfs2_killed_and_remounted(
                  "--hang-timeout", str(hang_timeout))
     cvmfsd.wait_started()
     pid = watched_cvmfs2(cvmfsd, REPO_A)
+    pidfd = os.pidfd_open(pid)  # now: it may be gone by the time the kill is logged
     stratum.set_faults(stratum_dir, REPO_A, hang_after=0)
     hung_at, record = cvmfsd.wait_log(is_event("repository state", REPO_A, new="hung"))
     # The hung cvmfs2 stays hung; the one mounted after it must not hang.
@@ -354,7 +355,7 @@ def test_hang_is_hung_status_answers_at_once_then_cvmfs2_killed_and_remounted(
         is_event("repository hung too long; killing its cvmfs2", REPO_A), timeout=hang_timeout + 5)
     assert record["pid"] == pid
     assert killed_at - hung_at >= hang_timeout - 0.1
-    wait_exit(pid, timeout=5)
+    wait_exit(pid, timeout=5, fd=pidfd)
     cvmfsd.wait_log(is_event("remounted", REPO_A), after=killed_at, timeout=30)
     wait_for(lambda: repo_state(cvmfsctl_status(cvmfsd.socket)[1], REPO_A) == "ok",
              timeout=10, interval=0.1)
