@@ -253,34 +253,33 @@ class Supervisor:
         One remount of a repository at a time (see :mod:`cvmfsd.keeper`): while
         another runs, this is refused at once, with who runs it.
         """
-        dist, hook = self.prepared.dist, self._remount_hook
-        if dist is None or hook is None:
+        hook = self._remount_hook
+        if self.prepared.dist is None or hook is None:
             raise OSError(f"{repo} is not mounted by this cvmfsd")
         if self.state.phase != "running":
             raise OSError(f"not remounted: cvmfsd is {self.state.phase}")
         if self.keeper is None:  # modes 1/2, between "running" and the keeper's start
             raise OSError("not remounted: cvmfsd is starting its watch; try again in a moment")
         with self.keeper.claim(repo, "a cvmfsctl remount"):
-            return await self._remount_claimed(dist, repo, hook)
+            return await self._remount_claimed(repo, hook)
 
-    async def _remount_claimed(self, dist: launch.Dist, repo: str,
+    async def _remount_claimed(self, repo: str,
                                hook: Callable[[str], Awaitable[str | None]]) -> str:
-        before = await self._daemon_pid(repo)
+        before = await self._ask_cvmfs2(repo, "pid", deadline=2.0)
         serving = self.state.repos[repo]
         self.state.repos[repo] = RepoState("remounting")
         self._rebound.discard(repo)
         problem = await hook(repo)
-        revision = None
         if problem is None and repo in self._rebound:
             # Mode 3: /cvmfs/<repo> had lost its bind; bound again, its cvmfs2
             # serves on, and a repository that works is never unmounted.
             self._rebound.discard(repo)
-            with contextlib.suppress(OSError, TimeoutError):
-                revision = (await talk.talk(dist.talk_socket(repo), "revision")).strip() or None
+            revision = await self._ask_cvmfs2(repo, "revision")
             self.state.repos[repo] = RepoState("ok", revision)
             return (f"bound again at /cvmfs/{repo}, where its mount had gone; cvmfs2 "
                     f"pid {before or '?'} serves it, revision {revision} (not remounted)")
-        if problem is None and before is not None and await self._daemon_pid(repo) == before:
+        if (problem is None and before is not None
+                and await self._ask_cvmfs2(repo, "pid", deadline=2.0) == before):
             # cvmfsexec answers a MOUNTREPO of a repository it still lists with 0,
             # and the old mount verifies: nothing was replaced (an open file or a
             # working directory kept the bind at /cvmfs busy, so UMOUNTREPO failed).
@@ -291,18 +290,20 @@ class Supervisor:
         if problem:
             self.state.repos[repo] = RepoState("failed", error=problem)
             raise OSError(f"remount failed: {problem}")
-        with contextlib.suppress(OSError, TimeoutError):
-            revision = (await talk.talk(dist.talk_socket(repo), "revision")).strip() or None
+        revision = await self._ask_cvmfs2(repo, "revision")
         self.state.repos[repo] = RepoState("ok", revision)
         return f"remounted, revision {revision}"
 
-    async def _daemon_pid(self, repo: str) -> str | None:
-        """The pid cvmfs2 reports for itself (in its own pid namespace), if it answers."""
+    async def _ask_cvmfs2(self, repo: str, command: str, *,
+                          deadline: float = talk.TALK_TIMEOUT) -> str | None:
+        """What ``repo``'s cvmfs2 answers ``command`` on its talk socket (``pid``: in its own
+        pid namespace), or None if it does not answer."""
         dist = self.prepared.dist
         if dist is None:
             return None
         try:
-            return (await talk.talk(dist.talk_socket(repo), "pid", deadline=2.0)).strip() or None
+            return (await talk.talk(dist.talk_socket(repo), command,
+                                    deadline=deadline)).strip() or None
         except (OSError, TimeoutError, ValueError):
             return None
 

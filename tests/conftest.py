@@ -126,6 +126,17 @@ def assert_nothing_left_under(dist: Path) -> None:
     assert not mounts_under(dist), "mounts left behind"
 
 
+def fds_of(pid: int) -> list[str]:
+    """What process ``pid``'s descriptors name (those it closes meanwhile left out)."""
+    found = []
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            found.append(str(fd.readlink()))
+        except OSError:
+            continue
+    return found
+
+
 def reap(process: subprocess.Popen[str]) -> None:
     """Kill a test's process if it still runs (by pid), wait for it, close its pipes."""
     if process.poll() is None:

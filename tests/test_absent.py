@@ -34,7 +34,7 @@ from cvmfsd.probing import ProbeResult
 from cvmfsd.sim import _watchdog
 from cvmfsd.state import DaemonState, RepoState
 from cvmfsd.watch import host_pid
-from tests.conftest import REPO_A, cvmfs2_pids, wait_for
+from tests.conftest import REPO_A, cvmfs2_pids, fds_of, wait_for
 from tests.livedaemon import talk, talk_socket
 from tests.test_recovery import (
     CONTENT,
@@ -361,17 +361,6 @@ async def test_one_remount_at_a_time_whoever_asks(autojump_clock: trio.abc.Clock
         nursery.cancel_scope.cancel()
 
 
-def fds_of(pid: int) -> list[str]:
-    """What process ``pid``'s descriptors name."""
-    found = []
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            found.append(str(fd.readlink()))
-        except OSError:
-            continue
-    return found
-
-
 
 async def test_a_user_remount_that_the_rebind_repairs_says_so(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -387,18 +376,15 @@ async def test_a_user_remount_that_the_rebind_repairs_says_so(
                     environ={"TMPDIR": str(tmp_path)})
     supervisor = daemon.Supervisor(prepare(config, facts(), start=False))
 
-    async def same_pid(repo: str) -> str:
-        return "42"
-
     async def talked(socket: object, command: str, **_: object) -> str:
-        return "7\n"
+        return {"pid": "42\n", "revision": "7\n"}[command]  # the same cvmfs2 throughout
 
     async def rebound(repo: str) -> None:
         supervisor._rebound.add(repo)  # what the mode-3 hook records after a rebind
 
-    monkeypatch.setattr(supervisor, "_daemon_pid", same_pid)
     monkeypatch.setattr(talk, "talk", talked)
-    answer = await supervisor._remount_claimed(Dist(tmp_path), REPO_A, rebound)
+    supervisor.prepared.dist = Dist(tmp_path)  # where the talk sockets would be
+    answer = await supervisor._remount_claimed(REPO_A, rebound)
     assert answer == (f"bound again at /cvmfs/{REPO_A}, where its mount had gone; cvmfs2 pid "
                       "42 serves it, revision 7 (not remounted)")
     assert (supervisor.state.repos[REPO_A].state,

@@ -27,6 +27,7 @@ from cvmfsd.sim._settings import make_settings
 from cvmfsd.sim._sockets import SUN_PATH_MAX, make_socket
 from cvmfsd.sim.cvmfs2 import _talk_socket
 from cvmfsd.sim.talk import talk
+from tests.conftest import fds_of
 from tests.test_sim_cvmfs2 import FQRN, Sim, process_gone, sim, wait_for
 
 __all__ = ["sim"]  # the fixture, re-exported for pytest
@@ -37,16 +38,6 @@ OTHER = "other.sim.example"
 
 def cmdline(pid: int) -> list[str]:
     return [a.decode() for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]]
-
-
-def fds(pid: int) -> list[str]:
-    out = []
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            out.append(str(fd.readlink()))
-        except OSError:
-            continue
-    return out
 
 
 def mountinfo_line(path: Path, pid: str = "self") -> str | None:
@@ -292,8 +283,8 @@ def test_watchdog_is_a_separate_forked_process(sim: Sim) -> None:
     main, dog = sim.pids[0], int(sim.talk("pid watchdog"))
     assert dog != main
     assert cmdline(dog) == cmdline(main)
-    assert "/dev/fuse" in fds(main)
-    held = fds(dog)
+    assert "/dev/fuse" in fds_of(main)
+    held = fds_of(dog)
     assert "/dev/fuse" not in held
     assert not any(f.endswith(f"lock.{FQRN}") or f.startswith("socket:") for f in held)
     assert os.getsid(dog) not in (os.getsid(main), os.getsid(0))
@@ -467,7 +458,7 @@ def test_crash_handler_unmounts_whatever_is_on_top_after_its_opendir(
         wait_for(lambda: process_gone(main), 10, "cvmfs2 to die")
         # The handler has looked (2 s) and waits for the lock: the dead mount goes,
         # and a new one takes the mount point.
-        wait_for(lambda: f"{mtab}.cvmfslock" in fds(dog), 10, "the handler to wait for the lock")
+        wait_for(lambda: f"{mtab}.cvmfslock" in fds_of(dog), 10, "the handler to wait for the lock")
         subprocess.run(["umount", str(sim.mnt)], check=True)
         other = sim.root / "other"
         other.mkdir()
@@ -518,7 +509,7 @@ def test_cachemgr_is_shared_and_leaves_with_its_last_client(two: tuple[Sim, Path
     # first client's workspace lock.
     # Upstream the manager probably inherits the starter's workspace lock (inferred:
     # ExecAsDaemon closes nothing); the simulation does not pass it on (_cachemgr).
-    assert not any(f.endswith(f"/lock.{FQRN}") for f in fds(mgr))
+    assert not any(f.endswith(f"/lock.{FQRN}") for f in fds_of(mgr))
     assert mount_other(s, mnt2).returncode == 0
     other = talk(str(workspace(s) / f"cvmfs_io.{OTHER}"), "pid").strip()
     assert talk(str(workspace(s) / f"cvmfs_io.{OTHER}"), "pid cachemgr") == f"{mgr}\n"

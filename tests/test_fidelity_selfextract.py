@@ -123,7 +123,10 @@ def test_refuses_what_makedist_did_not_make(short_tmp: Path) -> None:
 
 def test_an_output_that_cannot_be_written_is_an_error_not_a_traceback(
         stratum_dir: Path, short_tmp: Path) -> None:
-    """``-o`` into a directory that does not exist: a DistError naming the file and why."""
+    """``-o`` into a directory that does not exist: makedist writes FILE by redirection
+    (makedist:221 ``>$2``, :234 ``>>"$2"``), which then fails, and it ends with chmod's
+    failure (:235-236, status 1); the simulation fails too, with a DistError naming the
+    file and why instead of the shell's messages."""
     dist = short_tmp / "dist"
     makedist.make_dist(dist, stratum=stratum_dir)
     with pytest.raises(makedist.DistError, match=r"cannot write the self-extracting file .*"
